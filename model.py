@@ -1,0 +1,573 @@
+"""LeWM: a JEPA world model that learns from pixels, end to end, with two loss terms (LeWM paper, arXiv 2603.19312).
+
+    frames --ViT-Tiny--> CLS --BN-MLP projector--> z_t (192-d)            spec/METHOD.md §1.1-1.2
+    5 raw actions --Conv1d(1x1) + MLP--> a_emb_t                           §1.3
+    z_{t-2..t}, a_emb_{t-2..t} --causal AdaLN-zero transformer--> BN-MLP pred_proj --> z_pred_{t+1}   §1.4-1.5
+    loss = MSE(z_pred, z_next) + lambd * SIGReg(z)                         §2.2, sigreg.py
+
+Deliberately absent: no EMA target, no stop-gradient, no pretrained encoder, no pixel decoder. The targets are the
+encoder's own outputs and the gradient flows through both branches; SIGReg alone prevents collapse.
+
+Dimension letters: B batch, T frames, C/H/W image, P patches (+1 CLS), D embedding, A action block (frameskip x raw
+action dim), S planner samples, N planning horizon in blocks.
+
+The parameter and state-dict layout follow the official model closely; `load_official` maps the released
+checkpoints (Hugging Face ViT names, transformers 4.x or 5.x) onto this module. With PRESETS["paper"] and a 10-d
+action block the model has exactly 18,034,478 parameters.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from sigreg import SIGReg
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# --- configuration
+
+
+@dataclass
+class ModelConfig:
+    img_size: int = 224  # input frames are resized to img_size x img_size
+    patch_size: int = 14  # ViT patch size; (img_size / patch_size)^2 patch tokens + 1 CLS
+    embed_dim: int = 192  # D: ViT width and embedding size
+    enc_depth: int = 12  # ViT layers
+    enc_heads: int = 3  # ViT attention heads
+    enc_mlp: int = 768  # ViT MLP hidden size
+    pred_depth: int = 6  # predictor blocks
+    pred_heads: int = 16  # predictor attention heads
+    pred_dim_head: int = 64  # predictor head dim (inner attention width = heads * dim_head)
+    pred_mlp: int = 2048  # predictor MLP hidden size
+    pred_dropout: float = 0.1  # predictor dropout (attention and MLP), training only
+    proj_hidden: int = 2048  # hidden size of the BN-MLP projector and pred_proj
+    action_dim: int = 10  # A: one action block = frameskip x raw action dim
+    action_smoothed_dim: int = 10  # Conv1d output of the action encoder (official default, also for Cube)
+    action_mlp_scale: int = 4  # action encoder MLP hidden = mlp_scale * embed_dim
+    history: int = 3  # context frames of the predictor (its position table length)
+    num_preds: int = 1  # frames predicted ahead per clip (clip length = history + num_preds)
+    frameskip: int = 5  # raw environment steps between frames (= raw actions per block)
+
+
+PRESETS = {
+    # The official sizes (METHOD.md §1): ViT-Tiny/14 at 224 px, predictor 6 x 16 heads x 64, projectors 2048.
+    "paper": ModelConfig(),
+    # DEVIATION: reduced model for 2-core CPUs (METHOD.md §7.4 config C: 64 px, patch 16, 6 encoder layers,
+    # predictor depth 3 x 8 heads x 32, MLP 768, projectors 512). The method is unchanged: same components,
+    # losses, SIGReg, history and frameskip. Chosen by measured throughput and validation loss (README).
+    "cpu": ModelConfig(
+        img_size=64,
+        patch_size=16,
+        enc_depth=6,
+        pred_depth=3,
+        pred_heads=8,
+        pred_dim_head=32,
+        pred_mlp=768,
+        proj_hidden=512,
+    ),
+    # Tests only: every component present, sizes tiny.
+    "tiny": ModelConfig(
+        img_size=32,
+        patch_size=8,
+        embed_dim=32,
+        enc_depth=2,
+        enc_heads=2,
+        enc_mlp=64,
+        pred_depth=2,
+        pred_heads=2,
+        pred_dim_head=16,
+        pred_mlp=64,
+        proj_hidden=64,
+    ),
+}
+
+# --- image preprocessing (the one place frames are normalised)
+
+
+def preprocess(frames: torch.Tensor, img_size: int) -> torch.Tensor:
+    """uint8 frames (..., H, W, 3) or (..., 3, H, W) -> float (..., 3, img_size, img_size), ImageNet-normalised.
+
+    Official order (METHOD.md §2.1): scale to [0, 1], normalise, then bilinear antialiased resize if needed.
+    """
+    x = torch.as_tensor(frames)
+    if x.dtype != torch.uint8:
+        raise TypeError(f"preprocess expects uint8 frames, got {x.dtype}")
+    if x.dim() < 3 or 3 not in (x.shape[-1], x.shape[-3]):
+        raise ValueError(f"preprocess expects (..., H, W, 3) or (..., 3, H, W) frames, got {tuple(x.shape)}")
+    if x.shape[-1] == 3:
+        x = x.movedim(-1, -3)  # (..., 3, H, W)
+    lead, (c, h, w) = x.shape[:-3], x.shape[-3:]
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    x = (x.float().div(255.0) - mean.to(x.device)) / std.to(x.device)  # (..., 3, H, W), a new tensor
+    if (h, w) != (img_size, img_size):
+        x = F.interpolate(x.reshape(-1, c, h, w), size=(img_size, img_size), mode="bilinear", antialias=True)
+        x = x.reshape(*lead, c, img_size, img_size)
+    return x
+
+
+# --- building blocks
+
+
+class MLPProjector(nn.Module):
+    """Linear -> BatchNorm1d -> GELU -> Linear (METHOD.md §1.2); BN statistics over all rows of the batch."""
+
+    def __init__(self, dim: int, hidden: int, out_dim: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim, hidden), nn.BatchNorm1d(hidden), nn.GELU(), nn.Linear(hidden, out_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)  # (rows, out_dim)
+
+
+class ViTBlock(nn.Module):
+    """Pre-LN ViT layer, Hugging Face ViT maths: LN eps 1e-12, qkv with bias, exact GELU, no dropout."""
+
+    def __init__(self, dim: int, heads: int, mlp_dim: int, eps: float = 1e-12):
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.qkv = nn.Linear(dim, 3 * dim)  # fused query/key/value (HF keeps three Linears; same maths)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.fc1 = nn.Linear(dim, mlp_dim)
+        self.fc2 = nn.Linear(mlp_dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, p, d = x.shape  # (B, P, D)
+        q, k, v = self.qkv(self.norm1(x)).view(b, p, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v)  # (B, heads, P, D/heads)
+        x = x + self.proj(a.transpose(1, 2).reshape(b, p, d))  # (B, P, D)
+        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))  # (B, P, D)
+
+
+class ViT(nn.Module):
+    """ViT encoder returning the CLS token after the final LayerNorm (no pooler), METHOD.md §1.1."""
+
+    def __init__(self, img_size: int, patch_size: int, dim: int, depth: int, heads: int, mlp_dim: int):
+        super().__init__()
+        if img_size % patch_size:
+            raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
+        self.img_size = img_size
+        self.patch_embed = nn.Conv2d(3, dim, kernel_size=patch_size, stride=patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, (img_size // patch_size) ** 2 + 1, dim))
+        self.blocks = nn.ModuleList([ViTBlock(dim, heads, mlp_dim) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim, eps=1e-12)
+        # transformers 4.x ViT init: weights and the two tables ~ N(0, 0.02) truncated at +-2, biases 0, LN (1, 0).
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-2:] != (self.img_size, self.img_size):
+            raise ValueError(f"encoder expects {self.img_size}x{self.img_size} pixels, got {tuple(x.shape[-2:])}")
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, P-1, D)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed  # (B, P, D)
+        for block in self.blocks:
+            x = block(x)  # (B, P, D)
+        return self.norm(x)[:, 0]  # (B, D) CLS token
+
+
+class ActionEncoder(nn.Module):
+    """Official `Embedder`: per-step 1x1 Conv1d to 10 dims (no temporal mixing), then Linear-SiLU-Linear (§1.3)."""
+
+    def __init__(self, action_dim: int, dim: int, smoothed_dim: int = 10, mlp_scale: int = 4):
+        super().__init__()
+        self.conv = nn.Conv1d(action_dim, smoothed_dim, kernel_size=1)
+        self.fc1 = nn.Linear(smoothed_dim, mlp_scale * dim)
+        self.fc2 = nn.Linear(mlp_scale * dim, dim)
+
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        a = self.conv(a.float().transpose(1, 2)).transpose(1, 2)  # (B, T, smoothed_dim)
+        return self.fc2(F.silu(self.fc1(a)))  # (B, T, D)
+
+
+class CausalAttention(nn.Module):
+    """Predictor attention: its own affine pre-LN (eps 1e-5), bias-free qkv, causal SDPA, dropout (§1.4)."""
+
+    def __init__(self, dim: int, heads: int, dim_head: int, dropout: float):
+        super().__init__()
+        self.heads, self.dim_head, self.dropout = heads, dim_head, dropout
+        self.norm = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * heads * dim_head, bias=False)
+        self.proj = nn.Linear(heads * dim_head, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape  # (B, T, D)
+        qkv = self.qkv(self.norm(x)).view(b, t, 3, self.heads, self.dim_head).permute(2, 0, 3, 1, 4)
+        p = self.dropout if self.training else 0.0
+        a = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], is_causal=True, dropout_p=p)  # (B, h, T, dh)
+        a = self.proj(a.transpose(1, 2).reshape(b, t, -1))  # (B, T, D)
+        return F.dropout(a, p, self.training)
+
+
+class FeedForward(nn.Module):
+    """Predictor MLP: its own affine pre-LN (eps 1e-5), Linear-GELU-Dropout-Linear-Dropout (§1.4)."""
+
+    def __init__(self, dim: int, hidden: int, dropout: float):
+        super().__init__()
+        self.dropout = dropout
+        self.norm = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.dropout(F.gelu(self.fc1(self.norm(x))), self.dropout, self.training)  # (B, T, hidden)
+        return F.dropout(self.fc2(h), self.dropout, self.training)  # (B, T, D)
+
+
+class ConditionalBlock(nn.Module):
+    """Transformer block with per-token AdaLN-zero action conditioning (DiT-style), §1.4.
+
+    The modulated input is normalised twice: a non-affine LN (eps 1e-6) before the modulation, then the attention's
+    and MLP's own affine LN, exactly as the official block.
+    """
+
+    def __init__(self, dim: int, heads: int, dim_head: int, mlp_dim: int, dropout: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.attn = CausalAttention(dim, heads, dim_head, dropout)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.mlp = FeedForward(dim, mlp_dim, dropout)
+        self.adaln = nn.Linear(dim, 6 * dim)
+        # AdaLN-zero: the gates start at 0, so every block starts as the identity and ignores the actions.
+        nn.init.zeros_(self.adaln.weight)
+        nn.init.zeros_(self.adaln.bias)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        # Chunk order of the official code: shift, scale, gate for attention, then for the MLP.
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaln(F.silu(c)).chunk(6, dim=-1)  # 6 x (B, T, D)
+        x = x + gate1 * self.attn(self.norm1(x) * (1 + scale1) + shift1)  # (B, T, D)
+        return x + gate2 * self.mlp(self.norm2(x) * (1 + scale2) + shift2)  # (B, T, D)
+
+
+class Predictor(nn.Module):
+    """Causal transformer over at most `num_frames` embeddings, conditioned per token on action embeddings."""
+
+    def __init__(self, dim: int, num_frames: int, depth: int, heads: int, dim_head: int, mlp_dim: int, dropout: float):
+        super().__init__()
+        self.pos_embed = nn.Parameter(torch.randn(1, num_frames, dim))  # official init: std 1, not 0.02
+        self.blocks = nn.ModuleList([ConditionalBlock(dim, heads, dim_head, mlp_dim, dropout) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, z: torch.Tensor, a_emb: torch.Tensor) -> torch.Tensor:
+        t = z.shape[1]
+        if t > self.pos_embed.shape[1]:
+            raise ValueError(f"predictor window holds at most {self.pos_embed.shape[1]} frames, got {t}")
+        x = z + self.pos_embed[:, :t]  # (B, T, D); positions 0..T-1 relative to the window
+        for block in self.blocks:
+            x = block(x, a_emb)  # (B, T, D)
+        return self.norm(x)  # (B, T, D)
+
+
+# --- the world model
+
+
+class LeWM(nn.Module):
+    """Encoder + projector, action encoder, predictor + pred_proj. Tensors in, tensors out; inputs never mutated."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.embed_dim
+        self.encoder = ViT(cfg.img_size, cfg.patch_size, d, cfg.enc_depth, cfg.enc_heads, cfg.enc_mlp)
+        self.projector = MLPProjector(d, cfg.proj_hidden, d)
+        self.action_encoder = ActionEncoder(cfg.action_dim, d, cfg.action_smoothed_dim, cfg.action_mlp_scale)
+        self.predictor = Predictor(
+            d, cfg.history, cfg.pred_depth, cfg.pred_heads, cfg.pred_dim_head, cfg.pred_mlp, cfg.pred_dropout
+        )
+        self.pred_proj = MLPProjector(d, cfg.proj_hidden, d)
+
+    def preprocess(self, frames: torch.Tensor) -> torch.Tensor:
+        """uint8 frames (..., H, W, 3) or (..., 3, H, W) -> normalised float (..., 3, img_size, img_size)."""
+        return preprocess(frames, self.cfg.img_size)
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Normalised pixels (B, T, 3, H, W) -> z (B, T, D)."""
+        b, t = pixels.shape[:2]
+        h = self.encoder(pixels.flatten(0, 1))  # (B*T, D) CLS
+        return self.projector(h).view(b, t, -1)  # (B, T, D); BN statistics over all B*T rows
+
+    def predict(self, z: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """z (B, T, D) and normalised action blocks (B, T, A) -> z_pred (B, T, D), position t predicting t+1."""
+        self._check_actions(actions)
+        a_emb = self.action_encoder(actions)  # (B, T, D)
+        h = self.predictor(z, a_emb)  # (B, T, D)
+        return self.pred_proj(h.flatten(0, 1)).view_as(z)  # (B, T, D)
+
+    @torch.no_grad()
+    def rollout(self, z0: torch.Tensor, actions: torch.Tensor, action_history: torch.Tensor | None = None):
+        """Autoregressive planning rollout (METHOD.md §4.1), batched over S candidate action sequences.
+
+        z0 (B, T0, D) observed context embeddings (T0 >= 1); actions (B, S, N, A) candidate blocks, the first one
+        leaving the last context frame; action_history (B, T0-1, A) the blocks between context frames.
+        Returns (B, S, T0+N, D): the context followed by N predictions. Each step feeds only the last `history`
+        embeddings and their action blocks, with positions re-indexed from 0, and keeps the last output.
+        """
+        b, s, n, _ = actions.shape
+        t0, d = z0.shape[1], z0.shape[2]
+        self._check_actions(actions)
+        acts = actions.reshape(b * s, n, -1)  # (B*S, N, A)
+        if t0 > 1:
+            if action_history is None or action_history.shape[1] != t0 - 1:
+                raise ValueError(f"a context of {t0} frames needs action_history of shape (B, {t0 - 1}, A)")
+            hist = action_history[:, None].expand(b, s, t0 - 1, -1).reshape(b * s, t0 - 1, -1)
+            acts = torch.cat([hist, acts], dim=1)  # (B*S, T0-1+N, A)
+        a_emb = self.action_encoder(acts)  # (B*S, T0-1+N, D), per token, so computed once
+        z = z0[:, None].expand(b, s, t0, d).reshape(b * s, t0, d)  # (B*S, T0, D), no copy of the context
+        zs = [z[:, i] for i in range(t0)]
+        w = self.cfg.history
+        for k in range(t0, t0 + n):
+            lo = max(0, k - w)
+            window = torch.stack(zs[lo:k], dim=1)  # (B*S, <=history, D)
+            h = self.predictor(window, a_emb[:, lo:k])[:, -1]  # (B*S, D) last position only
+            zs.append(self.pred_proj(h))  # (B*S, D); eval-mode BN is per row, so one row at a time is exact
+        return torch.stack(zs, dim=1).view(b, s, t0 + n, d)  # (B, S, T0+N, D)
+
+    def _check_actions(self, actions: torch.Tensor):
+        if actions.shape[-1] != self.cfg.action_dim:
+            raise ValueError(f"action blocks must have {self.cfg.action_dim} dims, got {actions.shape[-1]}")
+
+
+# --- the loss (METHOD.md §2.2)
+
+
+def lewm_loss(model: LeWM, pixels: torch.Tensor, actions: torch.Tensor, sigreg: SIGReg, lambd: float = 0.09):
+    """Normalised clip pixels (B, T, 3, H, W) and action blocks (B, T, A) -> (loss, {"pred_loss", "sigreg_loss"}).
+
+    Teacher forcing: with the causal mask, output position i sees z_0..z_i and a_0..a_i and predicts z_{i+1}.
+    No stop-gradient on the targets. SIGReg sees all T frames, one test per time step, batch on axis 1.
+    """
+    h = model.cfg.history
+    z = model.encode(pixels)  # (B, T, D)
+    z_pred = model.predict(z[:, :h], actions[:, :h])  # (B, h, D)
+    target = z[:, model.cfg.num_preds : model.cfg.num_preds + h]  # (B, h, D)
+    pred_loss = (z_pred - target).pow(2).mean()
+    sigreg_loss = sigreg(z.transpose(0, 1))  # (T, B, D) -> scalar
+    loss = pred_loss + lambd * sigreg_loss
+    return loss, {"pred_loss": pred_loss.detach(), "sigreg_loss": sigreg_loss.detach()}
+
+
+# --- checkpoints of this project's runs
+
+
+def check_state_dict(model: nn.Module, state: dict, source: str):
+    """Raise ValueError naming missing, unexpected and mis-shaped keys instead of loading a wrong model."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [
+        f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in state and state[k].shape != own[k].shape
+    ]
+    if missing or unexpected or shapes:
+        lines = [f"{source} does not match this model configuration:"]
+        for name, items in (("missing keys", missing), ("unexpected keys", unexpected), ("mis-shaped keys", shapes)):
+            if items:
+                lines.append(f"  {name} ({len(items)}): " + ", ".join(items[:8]) + (" ..." if len(items) > 8 else ""))
+        raise ValueError("\n".join(lines))
+
+
+def save_checkpoint(path: str, ckpt: dict):
+    """Write plain data (tensors, numbers, strings, dicts) atomically: a crash never leaves a corrupt file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str) -> dict:
+    """Load a checkpoint written by save_checkpoint; plain data only (weights_only=True)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated or foreign files end here
+        raise ValueError(f"{path} is not a readable checkpoint ({e})") from e
+
+
+def model_from_checkpoint(ckpt: dict, cfg: ModelConfig | None = None) -> LeWM:
+    """Build the model a checkpoint describes (or check it against `cfg`) and load its weights, in eval mode."""
+    saved = ModelConfig(**ckpt["model_config"])
+    if cfg is not None and cfg != saved:
+        diff = {f.name: (getattr(saved, f.name), getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+        diff = {k: v for k, v in diff.items() if v[0] != v[1]}
+        raise ValueError(f"checkpoint was trained with another architecture; (checkpoint, requested): {diff}")
+    model = LeWM(saved)
+    check_state_dict(model, ckpt["model"], "checkpoint")
+    model.load_state_dict(ckpt["model"])
+    return model.eval()
+
+
+# --- the released checkpoints (weights.pt + config.json, METHOD.md §1.8)
+
+# (official key pattern, our key pattern); `{i}` is a layer index. Encoder keys use transformers 4.x ViT names;
+# q/k/v are three Linears there and one fused Linear here.
+_KEY_MAP = [
+    ("encoder.embeddings.cls_token", "encoder.cls_token"),
+    ("encoder.embeddings.position_embeddings", "encoder.pos_embed"),
+    ("encoder.embeddings.patch_embeddings.projection.{p}", "encoder.patch_embed.{p}"),
+    ("encoder.encoder.layer.{i}.layernorm_before.{p}", "encoder.blocks.{i}.norm1.{p}"),
+    ("encoder.encoder.layer.{i}.attention.output.dense.{p}", "encoder.blocks.{i}.proj.{p}"),
+    ("encoder.encoder.layer.{i}.layernorm_after.{p}", "encoder.blocks.{i}.norm2.{p}"),
+    ("encoder.encoder.layer.{i}.intermediate.dense.{p}", "encoder.blocks.{i}.fc1.{p}"),
+    ("encoder.encoder.layer.{i}.output.dense.{p}", "encoder.blocks.{i}.fc2.{p}"),
+    ("encoder.layernorm.{p}", "encoder.norm.{p}"),
+    ("predictor.pos_embedding", "predictor.pos_embed"),
+    ("predictor.transformer.layers.{i}.attn.norm.{p}", "predictor.blocks.{i}.attn.norm.{p}"),
+    ("predictor.transformer.layers.{i}.attn.to_qkv.{p}", "predictor.blocks.{i}.attn.qkv.{p}"),
+    ("predictor.transformer.layers.{i}.attn.to_out.0.{p}", "predictor.blocks.{i}.attn.proj.{p}"),
+    ("predictor.transformer.layers.{i}.mlp.net.0.{p}", "predictor.blocks.{i}.mlp.norm.{p}"),
+    ("predictor.transformer.layers.{i}.mlp.net.1.{p}", "predictor.blocks.{i}.mlp.fc1.{p}"),
+    ("predictor.transformer.layers.{i}.mlp.net.4.{p}", "predictor.blocks.{i}.mlp.fc2.{p}"),
+    ("predictor.transformer.layers.{i}.adaLN_modulation.1.{p}", "predictor.blocks.{i}.adaln.{p}"),
+    ("predictor.transformer.norm.{p}", "predictor.norm.{p}"),
+    ("action_encoder.patch_embed.{p}", "action_encoder.conv.{p}"),
+    ("action_encoder.embed.0.{p}", "action_encoder.fc1.{p}"),
+    ("action_encoder.embed.2.{p}", "action_encoder.fc2.{p}"),
+    ("projector.net.{p}", "projector.net.{p}"),
+    ("pred_proj.net.{p}", "pred_proj.net.{p}"),
+]
+_QKV_4X = "encoder.encoder.layer.{i}.attention.attention.{name}.{p}"
+# transformers 5.x renames inside the encoder layers (METHOD.md §1.8); everything else is unchanged.
+_HF5_TO_HF4 = [
+    (r"^encoder\.layers\.(\d+)\.", r"encoder.encoder.layer.\1."),
+    (r"\.attention\.q_proj\.", ".attention.attention.query."),
+    (r"\.attention\.k_proj\.", ".attention.attention.key."),
+    (r"\.attention\.v_proj\.", ".attention.attention.value."),
+    (r"\.attention\.o_proj\.", ".attention.output.dense."),
+    (r"\.mlp\.fc1\.", ".intermediate.dense."),
+    (r"\.mlp\.fc2\.", ".output.dense."),
+]
+
+
+def _pattern(template: str) -> re.Pattern:
+    esc = re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{p\}", r"(?P<p>[\w.]+)")
+    return re.compile(f"^{esc}$")
+
+
+def official_to_ours(state: dict) -> dict:
+    """Rename an official state dict (transformers 4.x or 5.x encoder names) to this module's names."""
+    state = dict(state)
+    if any(k.startswith("encoder.layers.") for k in state):
+        for pat, rep in _HF5_TO_HF4:
+            state = {re.sub(pat, rep, k) if k.startswith("encoder.") else k: v for k, v in state.items()}
+    out, qkv = {}, {}
+    qkv_pat = _pattern(_QKV_4X.replace("{name}", "QKVNAME")).pattern.replace("QKVNAME", r"(?P<name>query|key|value)")
+    for key, value in state.items():
+        m = re.match(qkv_pat, key)
+        if m:
+            qkv.setdefault((m["i"], m["p"]), {})[m["name"]] = value
+            continue
+        for theirs, ours in _KEY_MAP:
+            m = _pattern(theirs).match(key)
+            if m:
+                out[ours.format(**m.groupdict())] = value
+                break
+        else:
+            out[key] = value  # left unmapped: check_state_dict reports it as unexpected
+    for (i, p), parts in qkv.items():
+        if set(parts) != {"query", "key", "value"}:
+            raise ValueError(f"encoder layer {i} {p}: need query, key and value, found {sorted(parts)}")
+        out[f"encoder.blocks.{i}.qkv.{p}"] = torch.cat([parts["query"], parts["key"], parts["value"]], dim=0)
+    return out
+
+
+def ours_to_official(state: dict) -> dict:
+    """Inverse of official_to_ours, producing transformers 4.x encoder names (the released format)."""
+    out = {}
+    for key, value in state.items():
+        m = _pattern("encoder.blocks.{i}.qkv.{p}").match(key)
+        if m:
+            for name, part in zip(("query", "key", "value"), value.chunk(3, dim=0)):
+                out[_QKV_4X.format(i=m["i"], name=name, p=m["p"])] = part.clone()
+            continue
+        for theirs, ours in _KEY_MAP:
+            m = _pattern(ours).match(key)
+            if m:
+                out[theirs.format(**m.groupdict())] = value
+                break
+        else:
+            raise KeyError(f"no official name for {key}")
+    return out
+
+
+def config_from_official(state: dict, config: dict) -> ModelConfig:
+    """Architecture from the official state dict's shapes; head counts and dropout from config.json."""
+    enc, pred = config.get("encoder", {}), config.get("predictor", {})
+    heads_by_size = {"tiny": 3, "small": 6, "base": 12, "large": 16}
+    patch = state["encoder.patch_embed.weight"].shape[-1]
+    tokens = state["encoder.pos_embed"].shape[1] - 1
+    enc_heads = enc.get("num_attention_heads", heads_by_size.get(enc.get("size", "tiny"), 3))
+    pred_heads = pred.get("heads", 16)
+    inner = state["predictor.blocks.0.attn.qkv.weight"].shape[0] // 3
+    count = lambda prefix: len({k.split(".")[2] for k in state if k.startswith(prefix)})  # noqa: E731
+    return ModelConfig(
+        img_size=int(enc.get("image_size", round(math.sqrt(tokens)) * patch)),
+        patch_size=patch,
+        embed_dim=state["encoder.cls_token"].shape[-1],
+        enc_depth=count("encoder.blocks."),
+        enc_heads=enc_heads,
+        enc_mlp=state["encoder.blocks.0.fc1.weight"].shape[0],
+        pred_depth=count("predictor.blocks."),
+        pred_heads=pred_heads,
+        pred_dim_head=pred.get("dim_head", inner // pred_heads),
+        pred_mlp=state["predictor.blocks.0.mlp.fc1.weight"].shape[0],
+        pred_dropout=float(pred.get("dropout", 0.1)),
+        proj_hidden=state["projector.net.0.weight"].shape[0],
+        action_dim=state["action_encoder.conv.weight"].shape[1],
+        action_smoothed_dim=state["action_encoder.conv.weight"].shape[0],
+        action_mlp_scale=state["action_encoder.fc1.weight"].shape[0] // state["encoder.cls_token"].shape[-1],
+        history=state["predictor.pos_embed"].shape[1],
+    )
+
+
+def load_official(weights_path: str, config_path: str) -> LeWM:
+    """Load a released LeWM checkpoint (weights.pt state dict + config.json) into this module, in eval mode."""
+    for p in (weights_path, config_path):
+        if not os.path.exists(p):
+            raise FileNotFoundError(f"official checkpoint file not found: {p}")
+    with open(config_path) as f:
+        config = json.load(f)
+    missing_sections = [
+        s for s in ("encoder", "predictor", "action_encoder", "projector", "pred_proj") if s not in config
+    ]
+    if missing_sections:
+        raise ValueError(f"{config_path} lacks the sections {missing_sections} of an official LeWM config.json")
+    raw = torch.load(weights_path, map_location="cpu", weights_only=True)
+    if isinstance(raw, dict) and "state_dict" in raw:
+        raw = raw["state_dict"]
+    state = {k.removeprefix("model."): v for k, v in raw.items()}
+    state = official_to_ours(state)
+    needed = [
+        "encoder.patch_embed.weight",
+        "encoder.pos_embed",
+        "encoder.cls_token",
+        "encoder.blocks.0.fc1.weight",
+        "predictor.blocks.0.attn.qkv.weight",
+        "predictor.blocks.0.mlp.fc1.weight",
+        "predictor.pos_embed",
+        "projector.net.0.weight",
+        "action_encoder.conv.weight",
+        "action_encoder.fc1.weight",
+    ]
+    absent = [k for k in needed if k not in state]
+    if absent:
+        raise ValueError(f"{weights_path} is not an official LeWM state dict; missing keys (our names): {absent}")
+    model = LeWM(config_from_official(state, config))
+    check_state_dict(model, state, weights_path)
+    model.load_state_dict(state)
+    return model.eval()
