@@ -24,8 +24,8 @@ import re
 from dataclasses import dataclass
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from sigreg import SIGReg
 
@@ -514,7 +514,10 @@ def config_from_official(state: dict, config: dict) -> ModelConfig:
     enc_heads = enc.get("num_attention_heads", heads_by_size.get(enc.get("size", "tiny"), 3))
     pred_heads = pred.get("heads", 16)
     inner = state["predictor.blocks.0.attn.qkv.weight"].shape[0] // 3
-    count = lambda prefix: len({k.split(".")[2] for k in state if k.startswith(prefix)})  # noqa: E731
+
+    def count(prefix: str) -> int:
+        return len({k.split(".")[2] for k in state if k.startswith(prefix)})
+
     return ModelConfig(
         img_size=int(enc.get("image_size", round(math.sqrt(tokens)) * patch)),
         patch_size=patch,

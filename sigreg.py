@@ -15,7 +15,7 @@ Dimension letters: T time steps, N samples (the batch), D embedding dim, K direc
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
+from torch import nn
 
 
 def _ddp_active() -> bool:
