@@ -5,13 +5,597 @@ Run: python -m pytest -q test_lewm.py
 
 # --- model tests
 
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from model import (  # noqa: E402
+    PRESETS,
+    LeWM,
+    lewm_loss,
+    load_checkpoint,
+    load_official,
+    model_from_checkpoint,
+    ours_to_official,
+    save_checkpoint,
+)
+from sigreg import SIGReg  # noqa: E402
+
+
+def tiny_model(action_dim: int = 10, seed: int = 0) -> LeWM:
+    torch.manual_seed(seed)
+    return LeWM(dataclasses.replace(PRESETS["tiny"], action_dim=action_dim))
+
+
+def randomise(model: LeWM, seed: int = 1) -> LeWM:
+    """Give every parameter (the zero-initialised AdaLN included) and BN buffer a random value."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+        for name, b in model.named_buffers():
+            if name.endswith("running_var"):
+                b.copy_(torch.rand(b.shape, generator=g) + 0.5)
+            elif name.endswith("running_mean"):
+                b.copy_(torch.randn(b.shape, generator=g) * 0.1)
+    return model
+
+
+def test_model_paper_parameter_count():
+    """The paper preset with 10-d action blocks has exactly the official 18,034,478 parameters."""
+    model = LeWM(dataclasses.replace(PRESETS["paper"], action_dim=10))
+    assert sum(p.numel() for p in model.parameters()) == 18_034_478
+    assert sum(p.numel() for p in model.encoder.parameters()) == 5_501_376
+    assert sum(p.numel() for p in model.predictor.parameters()) == 10_791_360
+
+
+def test_model_api_shapes():
+    """preprocess, encode, predict, rollout and the loss return the documented shapes on the tiny preset."""
+    model = tiny_model()
+    frames = torch.randint(0, 256, (2, 4, 48, 48, 3), dtype=torch.uint8)
+    x = model.preprocess(frames)
+    assert x.shape == (2, 4, 3, 32, 32) and x.dtype == torch.float32
+    assert torch.equal(model.preprocess(frames.permute(0, 1, 4, 2, 3)), x)  # channels-first input, same result
+    z = model.encode(x)
+    assert z.shape == (2, 4, 32)
+    a = torch.randn(2, 4, 10)
+    assert model.predict(z[:, :3], a[:, :3]).shape == (2, 3, 32)
+    model.eval()
+    assert model.rollout(z[:, :1], torch.randn(2, 7, 5, 10)).shape == (2, 7, 6, 32)
+    loss, parts = lewm_loss(model.train(), x, a, SIGReg(num_proj=64))
+    assert loss.dim() == 0 and set(parts) == {"pred_loss", "sigreg_loss"}
+    torch.testing.assert_close(loss.detach(), parts["pred_loss"] + 0.09 * parts["sigreg_loss"])
+
+
+def test_model_preprocess_normalises_without_mutating():
+    """preprocess maps 0 and 255 to the ImageNet-normalised extremes and leaves its input untouched."""
+    frames = torch.zeros(1, 32, 32, 3, dtype=torch.uint8)
+    frames[..., 1] = 255
+    before = frames.clone()
+    x = tiny_model().preprocess(frames)
+    assert torch.equal(frames, before)
+    torch.testing.assert_close(x[0, :, 0, 0], torch.tensor([-0.485 / 0.229, (1 - 0.456) / 0.224, -0.406 / 0.225]))
+    with pytest.raises(TypeError, match="uint8"):
+        tiny_model().preprocess(frames.float())
+
+
+def test_model_inputs_not_mutated():
+    """encode, predict and rollout never modify the tensors they are given."""
+    model = randomise(tiny_model()).eval()
+    x, a = torch.randn(2, 4, 3, 32, 32), torch.randn(2, 4, 10)
+    x0, a0 = x.clone(), a.clone()
+    z = model.encode(x)
+    z0 = z.clone()
+    model.predict(z[:, :3], a[:, :3])
+    model.rollout(z[:, :1], a[:, None])
+    assert torch.equal(x, x0) and torch.equal(a, a0) and torch.equal(z, z0)
+
+
+def test_model_predictor_is_causal():
+    """Changing frame t+1 and its action leaves the predictions at positions <= t unchanged."""
+    model = randomise(tiny_model()).eval()
+    z, a = torch.randn(3, 3, 32), torch.randn(3, 3, 10)
+    for t in range(2):
+        z2, a2 = z.clone(), a.clone()
+        z2[:, t + 1] += 1.0
+        a2[:, t + 1] += 1.0
+        p, p2 = model.predict(z, a), model.predict(z2, a2)
+        torch.testing.assert_close(p[:, : t + 1], p2[:, : t + 1])
+        assert not torch.allclose(p[:, t + 1], p2[:, t + 1])
+
+
+def test_model_adaln_zero_ignores_actions_until_trained():
+    """A fresh predictor ignores the actions (AdaLN-zero); after one optimiser step it no longer does."""
+    model = tiny_model()
+    x = torch.randn(8, 4, 3, 32, 32)
+    a1, a2 = torch.randn(8, 4, 10), torch.randn(8, 4, 10)
+    model.eval()
+    with torch.no_grad():
+        z = model.encode(x)
+        torch.testing.assert_close(model.predict(z[:, :3], a1[:, :3]), model.predict(z[:, :3], a2[:, :3]))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    loss, _ = lewm_loss(model.train(), x, a1, SIGReg(num_proj=64))
+    loss.backward()
+    opt.step()
+    model.eval()
+    with torch.no_grad():
+        z = model.encode(x)
+        assert not torch.allclose(model.predict(z[:, :3], a1[:, :3]), model.predict(z[:, :3], a2[:, :3]))
+
+
+def test_model_rollout_truncates_history():
+    """rollout equals step-by-step predict on windows of the last 3 embeddings, positions re-indexed from 0."""
+    model = randomise(tiny_model()).eval()
+    z0, acts = torch.randn(2, 1, 32), torch.randn(2, 4, 5, 10)
+    out = model.rollout(z0, acts)
+    b = 1  # check one candidate by hand
+    zs, a = [z0[:, 0]], acts[:, b]
+    for k in range(5):
+        lo = max(0, k + 1 - 3)
+        zs.append(model.predict(torch.stack(zs[lo:], 1), a[:, lo : k + 1])[:, -1])
+    torch.testing.assert_close(out[:, b], torch.stack(zs, 1))
+
+
+def test_model_loss_has_no_stop_gradient():
+    """The prediction loss sends gradient into the encoder through the target branch as well (no stop-gradient)."""
+    model = randomise(tiny_model()).train()
+    x, a = torch.randn(4, 4, 3, 32, 32), torch.randn(4, 4, 10)
+    loss, _ = lewm_loss(model, x, a, SIGReg(num_proj=16), lambd=0.0)
+    g_full = torch.autograd.grad(loss, model.encoder.cls_token)[0]
+    z = model.encode(x)
+    pred = model.predict(z[:, :3], a[:, :3])
+    g_detached = torch.autograd.grad((pred - z[:, 1:].detach()).pow(2).mean(), model.encoder.cls_token)[0]
+    assert not torch.allclose(g_full, g_detached)
+
+
+def export_official(model: LeWM, folder, hf5: bool = False):
+    """Write the model in the released format: weights.pt (official key names) and config.json."""
+    state = ours_to_official(model.state_dict())
+    if hf5:
+        rename = [(".attention.attention.query.", ".attention.q_proj."), (".attention.attention.key.", ".attention.k_proj."),
+                  (".attention.attention.value.", ".attention.v_proj."), (".attention.output.dense.", ".attention.o_proj."),
+                  (".intermediate.dense.", ".mlp.fc1."), (".output.dense.", ".mlp.fc2.")]
+        new = {}
+        for k, v in state.items():
+            if k.startswith("encoder.encoder.layer."):
+                k = k.replace("encoder.encoder.layer.", "encoder.layers.")
+                for old, rep in rename:
+                    k = k.replace(old, rep)
+            new[k] = v
+        state = new
+    cfg = model.cfg
+    config = {
+        "encoder": {"size": "custom", "num_attention_heads": cfg.enc_heads, "patch_size": cfg.patch_size, "image_size": cfg.img_size},
+        "predictor": {"heads": cfg.pred_heads, "dim_head": cfg.pred_dim_head, "dropout": cfg.pred_dropout, "depth": cfg.pred_depth},
+        "action_encoder": {"input_dim": cfg.action_dim}, "projector": {}, "pred_proj": {},
+    }
+    torch.save(state, os.path.join(folder, "weights.pt"))
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(config, f)
+    return os.path.join(folder, "weights.pt"), os.path.join(folder, "config.json")
+
+
+@pytest.mark.parametrize("hf5", [False, True])
+def test_model_official_format_round_trip(tmp_path, hf5):
+    """A model exported under the official key names (transformers 4.x or 5.x) loads back with identical outputs."""
+    model = randomise(tiny_model(action_dim=25)).eval()
+    weights, config = export_official(model, tmp_path, hf5=hf5)
+    loaded = load_official(weights, config)
+    assert not loaded.training and loaded.cfg == model.cfg
+    x, a = torch.randn(2, 4, 3, 32, 32), torch.randn(2, 3, 25)
+    with torch.no_grad():
+        z = model.encode(x)
+        torch.testing.assert_close(loaded.encode(x), z, rtol=0, atol=1e-6)
+        torch.testing.assert_close(loaded.predict(z[:, :3], a), model.predict(z[:, :3], a), rtol=0, atol=1e-6)
+
+
+def test_model_official_mismatch_names_keys(tmp_path):
+    """A weights file with a missing and a mis-shaped key fails with an error naming both."""
+    weights, config = export_official(randomise(tiny_model()), tmp_path)
+    state = torch.load(weights, weights_only=True)
+    del state["pred_proj.net.3.bias"]
+    state["projector.net.0.bias"] = torch.zeros(7)
+    torch.save(state, weights)
+    with pytest.raises(ValueError, match=r"(?s)missing keys.*pred_proj\.net\.3\.bias.*mis-shaped.*projector\.net\.0\.bias"):
+        load_official(weights, config)
+
+
+def test_model_checkpoint_round_trip(tmp_path):
+    """save_checkpoint/load_checkpoint is plain data (weights_only) and rebuilds an identical model."""
+    model = randomise(tiny_model()).eval()
+    path = str(tmp_path / "ckpt.pt")
+    save_checkpoint(path, {"model": model.state_dict(), "model_config": dataclasses.asdict(model.cfg), "step": 3})
+    assert os.listdir(tmp_path) == ["ckpt.pt"]  # no temporary file left behind
+    ckpt = torch.load(path, weights_only=True)
+    loaded = model_from_checkpoint(load_checkpoint(path))
+    assert ckpt["step"] == 3 and not loaded.training
+    x = torch.randn(2, 4, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encode(x), model.encode(x), rtol=0, atol=0)
+
+
+def test_model_checkpoint_other_architecture_fails(tmp_path):
+    """Loading a checkpoint into another architecture, or a corrupt file, fails with a clear message."""
+    model = tiny_model()
+    ckpt = {"model": model.state_dict(), "model_config": dataclasses.asdict(model.cfg)}
+    other = dataclasses.replace(model.cfg, pred_depth=3)
+    with pytest.raises(ValueError, match="another architecture.*pred_depth"):
+        model_from_checkpoint(ckpt, other)
+    ckpt["model_config"] = dataclasses.asdict(other)
+    with pytest.raises(ValueError, match="missing keys.*predictor.blocks.2"):
+        model_from_checkpoint(ckpt)
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="not a readable checkpoint"):
+        load_checkpoint(str(bad))
+
 # --- sigreg tests
 
-# --- env tests
+import socket  # noqa: E402
+
+import torch.multiprocessing as mp  # noqa: E402
+
+
+def test_sigreg_gaussian_vs_degenerate():
+    """SIGReg is about 1.05 for Gaussian embeddings and far larger for collapsed, shifted or mis-scaled ones."""
+    torch.manual_seed(0)
+    sig = SIGReg()
+    gauss = torch.stack([sig(torch.randn(4, 256, 64)) for _ in range(5)]).mean()
+    assert abs(gauss.item() - 1.0525) < 0.05
+    for bad in (torch.zeros(4, 256, 64), torch.randn(4, 256, 64) + 2.0, 0.1 * torch.randn(4, 256, 64),
+                3.0 * torch.randn(4, 256, 64), torch.randn(4, 256, 1).expand(4, 256, 64)):
+        assert sig(bad).item() > 10 * gauss.item()
+
+
+def test_sigreg_differentiable_and_fp32():
+    """SIGReg runs in fp32 under bf16 autocast and its gradient moves embeddings toward lower statistic."""
+    torch.manual_seed(0)
+    sig = SIGReg(num_proj=256)
+    z = (0.3 * torch.randn(4, 128, 32)).requires_grad_()
+    dirs = torch.nn.functional.normalize(torch.randn(32, 256), dim=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        value = sig(z.to(torch.bfloat16), directions=dirs)
+    assert value.dtype == torch.float32
+    value = sig(z, directions=dirs)
+    (grad,) = torch.autograd.grad(value, z)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+    assert sig(z - 0.01 * grad / grad.norm() * z.norm(), directions=dirs) < value
+
+
+def _ddp_sigreg_worker(rank: int, world: int, port: int, z_all, weight, queue):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    layer = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+    ddp = DistributedDataParallel(layer)
+    torch.manual_seed(123 + rank)  # ranks draw different directions; rank 0's draw must be the one all use
+    n = z_all.shape[1] // world
+    value = SIGReg(num_proj=128)(ddp(z_all[:, rank * n : (rank + 1) * n]))
+    value.backward()
+    queue.put((rank, value.item(), layer.weight.grad.tolist()))  # plain data: the process exits next
+    dist.destroy_process_group()
+
+
+def test_sigreg_ddp_matches_single_process():
+    """Under DDP (2 gloo processes) value and gradient equal single-process SIGReg on the concatenated batch."""
+    torch.manual_seed(0)
+    z_all, weight = torch.randn(2, 64, 16), torch.randn(16, 16) * 0.3
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_ddp_sigreg_worker, args=(r, 2, port, z_all, weight, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = sorted(queue.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+    layer = torch.nn.Linear(16, 16, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+    torch.manual_seed(123)
+    value = SIGReg(num_proj=128)(layer(z_all))
+    value.backward()
+    for _, v, grad in results:
+        assert abs(v - value.item()) < 1e-4
+        torch.testing.assert_close(torch.tensor(grad), layer.weight.grad, rtol=1e-4, atol=1e-6)
+
+# --- env tests (pusht and common)
+
+# --- env tests (tworoom, reacher)
+
+# --- env tests (cube)
 
 # --- data tests
+import os
+import warnings
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+import data
+
+
+def _data_file(path, lens=(25, 30, 22), img=4, index="ep_idx", **edit):
+    """Write a tiny file in the dataset layout whose pixels and actions encode the global row index."""
+    lens = np.asarray(lens)
+    n, rows = int(lens.sum()), np.arange(int(lens.sum()))
+    offset = np.concatenate([[0], np.cumsum(lens)[:-1]]).astype(np.int64)
+    code = np.stack([rows % 256, rows // 256, np.full(n, 7)], -1).astype(np.uint8)  # (N, 3)
+    action = np.stack([rows, 1.0 - 2.0 * rows**0.5], -1).astype(np.float32)  # (N, 2)
+    action[offset + lens - 1] = np.nan
+    cols = {
+        "ep_len": lens.astype(np.int32),
+        "ep_offset": offset,
+        index: np.repeat(np.arange(len(lens)), lens).astype(np.int32),
+        "step_idx": rows - np.repeat(offset, lens),
+        "pixels": np.ascontiguousarray(np.broadcast_to(code[:, None, None], (n, img, img, 3))),
+        "action": action,
+        "state": np.stack([rows, rows * 10], -1).astype(np.float64),
+    }
+    cols.update(edit)
+    with h5py.File(path, "w") as f:
+        for k, v in cols.items():
+            if v is not None:
+                f.create_dataset(k, data=v, chunks=(10, *v.shape[1:]) if k == "pixels" else None)
+    return str(path)
+
+
+def _all_batches(loader):
+    pixels, actions = zip(*loader)
+    return torch.cat(pixels), torch.cat(actions)
+
+
+def test_data_clips_match_hand_computed_rows(tmp_path):
+    """Clips hold frames s, s+5, s+10, s+15 and the 20 z-scored actions from s as (4, 10) row-major blocks."""
+    path = _data_file(tmp_path / "d.h5")
+    with data.Trajectories(path) as traj:
+        stats = data.action_stats(traj, [0, 1, 2])
+        a = traj.rows("action", 0, traj.num_rows).astype(np.float64)
+        a = a[np.isfinite(a).all(1)]
+        np.testing.assert_allclose(stats["mean"], a.mean(0))
+        np.testing.assert_allclose(stats["std"], torch.tensor(a).std(0).numpy())  # ddof=1 as torch.std
+        for cache in (True, False):
+            loader = data.ClipLoader(traj, [0, 1, 2], stats, batch_size=7, shuffle=False, drop_last=False, cache=cache)
+            pixels, actions = _all_batches(loader)
+            starts = np.r_[0:6, 25:36, 55:58]  # len - 20 + 1 starts per episode: 6, 11, 3
+            assert pixels.shape == (20, 4, 4, 4, 3) and pixels.dtype == torch.uint8
+            assert actions.shape == (20, 4, 10) and actions.dtype == torch.float32
+            row = pixels[..., 0, 0, 0].long() + 256 * pixels[..., 0, 0, 1].long()  # (clips, 4)
+            assert (row.numpy() == starts[:, None] + 5 * np.arange(4)).all()
+            raw = traj.rows("action", 0, traj.num_rows)
+            for i, s in enumerate(starts):
+                want = (raw[s : s + 20].astype(np.float64) - stats["mean"]) / stats["std"]  # (20, 2)
+                want = np.nan_to_num(want, nan=0.0).reshape(4, 10)
+                np.testing.assert_allclose(actions[i].numpy(), want, rtol=1e-6, atol=1e-6)
+
+
+def test_data_official_layout_loads(tmp_path):
+    """A file in the official layout (episode_idx, 100-row pixel chunks, extra columns) opens and serves clips."""
+    path = tmp_path / "official.h5"
+    _data_file(path, lens=(120, 90), index="episode_idx")
+    with h5py.File(path, "a") as f:  # rewrite pixels the way the official recorder chunks them (gzip here)
+        pixels = f["pixels"][()]
+        del f["pixels"]
+        f.create_dataset("pixels", data=pixels, chunks=(100, 4, 4, 3), compression="gzip")
+    with data.Trajectories(path) as traj:
+        assert traj.index_column == "episode_idx" and traj.num_episodes == 2 and "state" in traj.columns
+        ep = traj.episode(1, ["state", "pixels"])
+        assert ep["state"].shape == (90, 2) and ep["state"][0, 0] == 120 and ep["pixels"].shape == (90, 4, 4, 3)
+        np.testing.assert_array_equal(traj.read("state", [130, 5, 130])[:, 0], [130, 5, 130])
+        loader = data.ClipLoader(traj, [0, 1], data.action_stats(traj, [0]), batch_size=16, cache=False)
+        pixels, actions = next(iter(loader))
+        assert pixels.shape == (16, 4, 4, 4, 3) and actions.shape == (16, 4, 10)
+
+
+def test_data_split_is_disjoint_and_deterministic():
+    """split_episodes covers every episode exactly once, is seeded, and leaves both sets non-empty."""
+    for num, frac, seed in [(2, 0.1, 0), (10, 0.1, 1), (101, 0.2, 3072), (1000, 0.1, 5)]:
+        train, val = data.split_episodes(num, frac, seed)
+        assert len(np.intersect1d(train, val)) == 0 and len(train) > 0 and len(val) > 0
+        assert np.array_equal(np.sort(np.concatenate([train, val])), np.arange(num))
+        assert all(np.array_equal(x, y) for x, y in zip((train, val), data.split_episodes(num, frac, seed)))
+    assert not np.array_equal(data.split_episodes(1000, 0.1, 0)[1], data.split_episodes(1000, 0.1, 1)[1])
+
+
+def test_data_loader_is_deterministic_and_resumable(tmp_path):
+    """Same seed gives the same batches, epochs differ, drop_last gives full batches, steps() resumes by step."""
+    path = _data_file(tmp_path / "d.h5", lens=(40, 50, 33))
+    with data.Trajectories(path) as traj:
+        stats = data.action_stats(traj, [0, 1, 2])
+        loader = data.ClipLoader(traj, [0, 1, 2], stats, batch_size=8, seed=3)
+        assert len(loader) == (21 + 31 + 14) // 8
+        epoch0 = [p for p, _ in loader.epoch(0)]
+        assert all(p.shape[0] == 8 for p in epoch0) and len(epoch0) == len(loader)
+        assert all(torch.equal(p, q) for p, (q, _) in zip(epoch0, data.ClipLoader(traj, [0, 1, 2], stats, 8, seed=3)))
+        assert not all(torch.equal(p, q) for p, (q, _) in zip(epoch0, loader.epoch(1)))
+        stream = loader.steps()
+        first = [next(stream)[0] for _ in range(3 * len(loader))]
+        stream.close()
+        resumed = loader.steps(start_step=len(loader) + 2)
+        assert all(torch.equal(first[len(loader) + 2 + i], next(resumed)[0]) for i in range(5))
+        resumed.close()
+        halves = [data.ClipLoader(traj, [0, 1, 2], stats, 4, seed=3, rank=r, world_size=2) for r in (0, 1)]
+        rows = [torch.cat([p for p, _ in h.epoch(0)])[:, 0, 0, 0, 0] for h in halves]
+        assert len(np.intersect1d(rows[0].numpy(), rows[1].numpy())) == 0
+
+
+def test_data_short_episodes_are_skipped_with_warning(tmp_path):
+    """Episodes shorter than one clip (20 rows) are skipped with a warning giving their count."""
+    path = _data_file(tmp_path / "d.h5", lens=(25, 19, 12))
+    with data.Trajectories(path) as traj, pytest.warns(UserWarning, match="skipping 2 of 3 episodes"):
+        loader = data.ClipLoader(traj, [0, 1, 2], data.action_stats(traj, [0, 1, 2]), 2, drop_last=False)
+    assert len(loader.starts) == 6
+
+
+def _truncate(path):
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+
+
+def _nan_action(path):
+    with h5py.File(path, "a") as f:
+        f["action"][25 + 3] = [0.5, np.nan]
+
+
+def _blosc_pixels(path):
+    with h5py.File(path, "a") as f:  # raw chunks tagged with the Blosc filter id (32001) of the official files
+        del f["pixels"]
+        ds = f.create_dataset("pixels", (77, 4, 4, 3), "u1", chunks=(77, 4, 4, 3), compression=32001,
+                              allow_unknown_filter=True)
+        ds.id.write_direct_chunk((0, 0, 0, 0), b"\0" * 64)
+
+
+BAD_INPUTS = {
+    "missing file": (lambda p: os.remove(p), FileNotFoundError, "not found"),
+    "not hdf5": (lambda p: open(p, "w").write("ep_len,ep_offset\n3,0\n"), ValueError, "not an HDF5"),
+    "truncated": (_truncate, ValueError, "truncated"),
+    "missing action": ({"action": None}, ValueError, r"missing columns \['action'\]"),
+    "missing ep_idx": ({"ep_idx": None}, ValueError, "missing columns.*ep_idx"),
+    "offsets not cumsum": ({"ep_offset": np.array([0, 25, 56])}, ValueError, "cumulative sum"),
+    "lengths vs rows": ({"ep_len": np.array([25, 30, 21], np.int32), "ep_offset": np.array([0, 25, 55])},
+                        ValueError, "ep_len sums to 76"),
+    "ep_idx mismatch": ({"ep_idx": np.repeat([0, 2, 1], [25, 30, 22]).astype(np.int32)}, ValueError,
+                        "ep_idx does not match"),
+    "pixels dtype": ({"pixels": np.zeros((77, 4, 4, 3), np.float32)}, ValueError, "pixels must be uint8"),
+    "pixels shape": ({"pixels": np.zeros((77, 4, 4), np.uint8)}, ValueError, "pixels must be uint8"),
+    "nan mid-episode": (_nan_action, ValueError, "non-finite action inside episode 1 at step 3"),
+    "all too short": ({"ep_len": np.array([19, 19], np.int32), "ep_offset": np.array([0, 19]),
+                       "ep_idx": np.repeat([0, 1], 19).astype(np.int32), "step_idx": np.r_[0:19, 0:19],
+                       "pixels": np.zeros((38, 4, 4, 3), np.uint8), "action": np.zeros((38, 2), np.float32),
+                       "state": None}, ValueError, "all 2 episodes are shorter than one clip"),
+    "blosc without plugin": (_blosc_pixels, ValueError, "pip install hdf5plugin"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_data_bad_input_gives_clear_error(tmp_path, case):
+    """Each malformed dataset raises an error whose message names the problem."""
+    edit, error, message = BAD_INPUTS[case]
+    if case == "blosc without plugin" and data._import_hdf5plugin():
+        pytest.skip("hdf5plugin is installed")
+    path = tmp_path / "bad.h5"
+    if isinstance(edit, dict):
+        _data_file(path, **edit)
+    else:
+        _data_file(path)
+        edit(path)
+    with pytest.raises(error, match=message):
+        with data.Trajectories(path) as traj:
+            data.ClipLoader(traj, range(traj.num_episodes), {"mean": [0, 0], "std": [1, 1]})
 
 # --- plan tests
+
+import torch  # noqa: E402
+
+from planner import cem, gradient_plan, warm_start  # noqa: E402
+
+
+def _quadratic(target):
+    """Cost (B, S) = squared distance of each candidate (B, S, N, A) to a per-problem target (B, N, A)."""
+    return lambda a: ((a - target[:, None]) ** 2).sum(dim=(-2, -1))
+
+
+def test_plan_cem_finds_quadratic_minimiser():
+    """CEM with the reference settings returns the minimiser of a quadratic cost."""
+    target = torch.rand(2, 5, 4, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    plan = cem(_quadratic(target), 2, 5, 4, generator=torch.Generator().manual_seed(42))
+    assert plan.shape == (2, 5, 4)
+    torch.testing.assert_close(plan, target, atol=1e-3, rtol=0)
+
+
+def test_plan_cem_respects_bounds():
+    """With bounds, every candidate lies in the box and a minimiser outside it ends on the boundary."""
+    target = torch.tensor([[[2.0, -3.0, 0.25]]]).expand(1, 3, 3)
+    low, high = torch.tensor([-1.0, -0.5, -1.0]), torch.tensor([1.0, 0.5, 1.0])
+    seen = []
+    cost = _quadratic(target)
+
+    def cost_fn(a):
+        seen.append(a.clone())
+        return cost(a)
+
+    plan = cem(cost_fn, 1, 3, 3, bounds=(low, high), generator=torch.Generator().manual_seed(0))
+    for a in seen:
+        assert bool((a >= low).all() and (a <= high).all())
+    expected = torch.tensor([1.0, -0.5, 0.25]).expand(1, 3, 3)
+    torch.testing.assert_close(plan, expected, atol=1e-3, rtol=0)
+
+
+def test_plan_cem_batched_equals_one_at_a_time():
+    """Batched CEM with one generator per problem gives the same plans as solving each problem alone."""
+    target = torch.randn(4, 5, 6, generator=torch.Generator().manual_seed(1))
+    cost = _quadratic(target)
+    gens = [torch.Generator().manual_seed(100 + b) for b in range(4)]
+    batched = cem(cost, 4, 5, 6, num_samples=64, iterations=8, topk=8, generator=gens)
+    for b in range(4):
+        gen = [torch.Generator().manual_seed(100 + b)]
+        alone = cem(_quadratic(target[b : b + 1]), 1, 5, 6, num_samples=64, iterations=8, topk=8, generator=gen)
+        torch.testing.assert_close(batched[b : b + 1], alone, atol=0, rtol=0)
+
+
+def test_plan_cem_candidate_zero_is_mean():
+    """At every iteration candidate 0 is the current mean: the warm start first, then the previous elite mean."""
+    target = torch.randn(2, 4, 3, generator=torch.Generator().manual_seed(2))
+    init = torch.randn(2, 4, 3, generator=torch.Generator().manual_seed(3))
+    calls = []
+    cost = _quadratic(target)
+
+    def cost_fn(a):
+        calls.append((a.clone(), cost(a)))
+        return calls[-1][1]
+
+    gen = torch.Generator().manual_seed(4)
+    plan = cem(cost_fn, 2, 4, 3, num_samples=50, iterations=5, topk=5, init_mean=init, generator=gen)
+    mean = init
+    for a, c in calls:
+        torch.testing.assert_close(a[:, 0], mean)
+        idx = c.topk(5, dim=1, largest=False).indices  # (B, K)
+        mean = torch.stack([a[b, idx[b]].mean(dim=0) for b in range(2)])  # (B, N, A)
+    assert len(calls) == 5
+    torch.testing.assert_close(plan, mean)
+
+
+def test_plan_warm_start_shifts_tail():
+    """warm_start moves the unexecuted blocks to the front and zero-pads the rest."""
+    prev = torch.arange(2 * 5 * 3, dtype=torch.float32).reshape(2, 5, 3)
+    init = warm_start(prev, 2)
+    torch.testing.assert_close(init[:, :3], prev[:, 2:])
+    assert bool((init[:, 3:] == 0).all())
+    torch.testing.assert_close(warm_start(prev, 0), prev)
+    assert bool((warm_start(prev, 5) == 0).all())
+
+
+def test_plan_gradient_finds_minimiser_and_returns_best():
+    """The gradient planner reaches a quadratic's minimiser, even under no_grad, and returns its lowest-cost sample."""
+    target = torch.rand(2, 5, 4, generator=torch.Generator().manual_seed(5)) - 0.5
+    calls = []
+    cost = _quadratic(target)
+
+    def cost_fn(a):
+        calls.append((a.detach().clone(), cost(a).detach()))
+        return cost(a)
+
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(6)
+        plan, best_cost = gradient_plan(cost_fn, 2, 5, 4, steps=60, generator=gen, return_costs=True)
+    assert len(calls) == 61  # 60 steps + one re-evaluation after the final update
+    torch.testing.assert_close(plan, target, atol=0.02, rtol=0)
+    last_plans, last_costs = calls[-1]
+    best = last_costs.argmin(dim=1)  # (B,)
+    torch.testing.assert_close(plan, last_plans[torch.arange(2), best])
+    torch.testing.assert_close(best_cost, last_costs.min(dim=1).values)
+    torch.testing.assert_close(calls[0][0][:, 0], torch.zeros(2, 5, 4))  # sample 0 starts at the zero plan
+
 
 # --- train tests
 
