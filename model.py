@@ -307,7 +307,12 @@ class LeWM(nn.Module):
         h = self.predictor(z, a_emb)  # (B, T, D)
         return self.pred_proj(h.flatten(0, 1)).view_as(z)  # (B, T, D)
 
-    @torch.no_grad()
+    def forward(self, pixels: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training forward: pixels (B, T, 3, H, W), blocks (B, T, A) -> z (B, T, D), z_pred (B, history, D)."""
+        z = self.encode(pixels)  # (B, T, D)
+        h = self.cfg.history
+        return z, self.predict(z[:, :h], actions[:, :h])  # (B, T, D), (B, h, D)
+
     def rollout(self, z0: torch.Tensor, actions: torch.Tensor, action_history: torch.Tensor | None = None):
         """Autoregressive planning rollout (METHOD.md §4.1), batched over S candidate action sequences.
 
@@ -315,6 +320,7 @@ class LeWM(nn.Module):
         leaving the last context frame; action_history (B, T0-1, A) the blocks between context frames.
         Returns (B, S, T0+N, D): the context followed by N predictions. Each step feeds only the last `history`
         embeddings and their action blocks, with positions re-indexed from 0, and keeps the last output.
+        Differentiable (the gradient planner needs it); CEM calls it under torch.inference_mode.
         """
         b, s, n, _ = actions.shape
         t0, d = z0.shape[1], z0.shape[2]
@@ -344,16 +350,15 @@ class LeWM(nn.Module):
 # --- the loss (METHOD.md §2.2)
 
 
-def lewm_loss(model: LeWM, pixels: torch.Tensor, actions: torch.Tensor, sigreg: SIGReg, lambd: float = 0.09):
+def lewm_loss(model: nn.Module, pixels: torch.Tensor, actions: torch.Tensor, sigreg: SIGReg, lambd: float = 0.09):
     """Normalised clip pixels (B, T, 3, H, W) and action blocks (B, T, A) -> (loss, {"pred_loss", "sigreg_loss"}).
 
+    `model` is a LeWM or a DDP wrapper of one (it is called, so DDP can synchronise gradients).
     Teacher forcing: with the causal mask, output position i sees z_0..z_i and a_0..a_i and predicts z_{i+1}.
     No stop-gradient on the targets. SIGReg sees all T frames, one test per time step, batch on axis 1.
     """
-    h = model.cfg.history
-    z = model.encode(pixels)  # (B, T, D)
-    z_pred = model.predict(z[:, :h], actions[:, :h])  # (B, h, D)
-    target = z[:, model.cfg.num_preds : model.cfg.num_preds + h]  # (B, h, D)
+    z, z_pred = model(pixels, actions)  # (B, T, D), (B, history, D)
+    target = z[:, z.shape[1] - z_pred.shape[1] :]  # (B, history, D): frames num_preds.. (official emb[:, num_preds:])
     pred_loss = (z_pred - target).pow(2).mean()
     sigreg_loss = sigreg(z.transpose(0, 1))  # (T, B, D) -> scalar
     loss = pred_loss + lambd * sigreg_loss

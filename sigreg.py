@@ -22,7 +22,7 @@ def _ddp_active() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-class _AllReduceSum(torch.autograd.Function):
+class AllReduceSum(torch.autograd.Function):
     """Sum a tensor over ranks; the backward also sums, so each rank's loss carries world_size x its share.
 
     DDP averages parameter gradients over ranks, so that factor cancels: the averaged gradient equals the gradient
@@ -80,7 +80,7 @@ class SIGReg(nn.Module):
             sin_sum = ty.sin().sum(1)  # (T, K, J)
             if _ddp_active():
                 # Global batch: sum the characteristic-function sums and the sample counts over ranks.
-                cos_sum, sin_sum = _AllReduceSum.apply(torch.stack([cos_sum, sin_sum])).unbind(0)
+                cos_sum, sin_sum = AllReduceSum.apply(torch.stack([cos_sum, sin_sum])).unbind(0)
                 n = n.clone()
                 dist.all_reduce(n, op=dist.ReduceOp.SUM)
             cos_mean, sin_mean = cos_sum / n, sin_sum / n  # (T, K, J) empirical characteristic function

@@ -311,6 +311,180 @@ def test_sigreg_ddp_matches_single_process():
 
 # --- env tests (tworoom, reacher)
 
+import math  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+import envs  # noqa: E402
+
+
+def test_env_tworoom_success_threshold():
+    """TwoRoom succeeds strictly inside 16 px of the target, also through reset/step."""
+    assert envs.tworoom_success(np.array([50.0, 100.0]), np.array([50.0, 115.9]))
+    assert not envs.tworoom_success(np.array([50.0, 100.0]), np.array([50.0, 116.0]))
+    env = envs.TwoRoomEnv(img_size=32)
+    _, info = env.reset(seed=0, options={"state": [50.0, 100.0], "goal_state": [61.0, 111.0]})  # 15.56 px
+    assert info["is_success"]
+    _, _, terminated, truncated, info = env.step(np.zeros(2, np.float32))
+    assert terminated and not truncated and info["is_success"]
+    _, info = env.reset(seed=0, options={"state": [50.0, 100.0], "goal_state": [66.0, 100.0]})  # 16 px
+    assert not info["is_success"]
+    _, _, terminated, _, _ = env.step(np.array([-1.0, 0.0], np.float32))
+    assert not terminated
+
+
+def test_env_tworoom_wall_rule():
+    """TwoRoom endpoint-only wall test: snap to 99.5 / 124.5 outside the door band, free passage inside it."""
+    env = envs.TwoRoomEnv(img_size=32)
+    goal = [200.0, 200.0]
+
+    def step_from(pos, action):
+        env.reset(seed=0, options={"state": pos, "goal_state": goal})
+        return env.step(np.asarray(action, np.float32))[4]["pos_agent"]
+
+    np.testing.assert_array_equal(step_from([97.0, 150.0], [1, 0]), [99.5, 150.0])  # blocked from the left
+    np.testing.assert_array_equal(step_from([127.0, 150.0], [-1, 0]), [124.5, 150.0])  # blocked from the right
+    np.testing.assert_array_equal(step_from([99.0, 80.0], [1, 0]), [99.5, 80.0])  # just below the door band
+    np.testing.assert_array_equal(step_from([98.0, 49.0], [1, 0]), [103.0, 49.0])  # passes in the door band
+    np.testing.assert_array_equal(step_from([126.0, 64.0], [-1, 0]), [121.0, 64.0])  # band edge 64.75 is inside
+    np.testing.assert_array_equal(step_from([110.0, 62.0], [0, 1]), [99.5, 67.0])  # leaves the doorway: snapped
+    np.testing.assert_array_equal(step_from([114.0, 62.0], [0, 1]), [124.5, 67.0])
+    np.testing.assert_array_equal(step_from([23.0, 202.0], [-1, 1]), [21.0, 203.0])  # border clamp
+
+
+def test_env_tworoom_reset_sampling():
+    """TwoRoom reset puts agent and target in different rooms, outside the wall zone, >= 125 px apart via the door."""
+    env = envs.TwoRoomEnv(img_size=32)
+    door = np.array([112.0, 49.0])
+    for seed in range(50):
+        _, info = env.reset(seed=seed)
+        agent, target = (
+            info["pos_agent"].astype(np.float64),
+            info["pos_target"].astype(np.float64),
+        )
+        assert np.all((agent >= 14) & (agent <= 209)) and np.all((target >= 14) & (target <= 209))
+        assert not 100 <= agent[0] <= 124 and not 100 <= target[0] <= 124
+        assert (agent[0] < 112) != (target[0] < 112)
+        assert np.linalg.norm(agent - door) + np.linalg.norm(door - target) >= 125.0 - 1e-3
+
+
+def test_env_tworoom_expert_crosses_door():
+    """TwoRoom expert (noise 2.0) goes through the door and reaches the target from a fixed seed."""
+    env = envs.make_env("tworoom", img_size=32)
+    policy = envs.make_policy("tworoom", env, rng=np.random.default_rng(0))  # default: expert, noise 2.0
+    _, info = env.reset(seed=0, options={"state": [40.0, 180.0], "goal_state": [180.0, 180.0]})
+    policy.reset(info)
+    path, terminated = [info["pos_agent"]], False
+    for _ in range(300):
+        _, _, terminated, _, info = env.step(policy(info))
+        path.append(info["pos_agent"])
+        if terminated:
+            break
+    assert terminated and info["is_success"]
+    path = np.array(path)
+    crossing = np.argmax(path[:, 0] >= 112)  # first position in the right room
+    assert crossing > 0 and 33.25 <= path[crossing, 1] <= 64.75  # entered it through the door band
+
+
+def test_env_tworoom_render_geometry():
+    """TwoRoom 224-px frame: black wall columns 107..117 outside the door, border lines, red peak at the agent."""
+    env = envs.TwoRoomEnv(img_size=224)
+    frame, _ = env.reset(seed=0, options={"state": [60.0, 150.0], "goal_state": [180.0, 60.0]})
+    assert frame.shape == (224, 224, 3) and frame.dtype == np.uint8
+    assert np.all(frame[100, 107:118] == 0) and np.all(frame[100, [106, 118]] == 255)
+    assert np.all(frame[35:64, 107:118] == 255) and np.all(frame[[34, 64], 112] == 0)  # door rows 35..63
+    assert np.all(frame[5, [10, 13, 210, 213]] == 0) and np.all(frame[5, [9, 14, 209, 214]] == 255)
+    assert tuple(frame[150, 60]) == (
+        255,
+        0,
+        0,
+    )  # blob peak (alpha = 1) at the agent pixel
+    small = envs.TwoRoomEnv(img_size=64).reset(seed=0)[0]
+    assert small.shape == (64, 64, 3)
+
+
+def test_env_reacher_success_threshold():
+    """Reacher succeeds when both joints are within 0.05 rad of the goal, with no angle wrapping."""
+    goal = np.array([0.3, -0.2])
+    assert envs.reacher_success(goal + [0.049, -0.049], goal)
+    assert not envs.reacher_success(goal + [0.051, 0.0], goal)
+    assert not envs.reacher_success(goal + [0.0, -0.051], goal)
+    assert not envs.reacher_success(goal + [2 * math.pi, 0.0], goal)  # raw angles: a full turn is not success
+    env = envs.ReacherEnv(img_size=32)
+    _, info = env.reset(seed=0, options={"state": [0.3, -0.2, 0.0, 0.0], "goal_state": goal})
+    assert info["is_success"]
+    _, _, terminated, _, _ = env.step(np.zeros(2, np.float32))
+    assert terminated
+    _, info = env.reset(seed=0, options={"state": [0.2, -0.2, 0.0, 0.0], "goal_state": goal})
+    assert not info["is_success"]
+
+
+def test_env_reacher_wrist_limit():
+    """Reacher wrist angle never exceeds +-160 deg and its velocity is zeroed at the limit."""
+    env = envs.ReacherEnv(img_size=32)
+    limit = math.radians(160)
+    for sign in (1.0, -1.0):
+        env.reset(
+            seed=0,
+            options={"state": [0.0, sign * 2.5, 0.0, 0.0], "goal_state": [3.0, 0.0]},
+        )
+        for _ in range(30):
+            info = env.step(np.array([0.0, sign], np.float32))[4]
+            assert abs(info["qpos"][1]) <= limit
+        assert info["qpos"][1] == sign * limit and info["qvel"][1] == 0.0
+
+
+def test_env_tworoom_reacher_options_reproduce_state():
+    """reset(options) from a recorded info reproduces the state, goal, info and frame exactly."""
+    for cls in (envs.TwoRoomEnv, envs.ReacherEnv):
+        env = cls(img_size=64)
+        env.reset(seed=3)
+        for _ in range(7):
+            frame, _, _, _, info = env.step(env.action_space.sample())
+        other = cls(img_size=64)
+        frame2, info2 = other.reset(seed=11, options={"state": info["state"], "goal_state": info["goal_state"]})
+        np.testing.assert_array_equal(frame, frame2)
+        for key in ("state", "goal_state", "proprio", "is_success"):
+            np.testing.assert_array_equal(info[key], info2[key])
+
+
+def test_env_reacher_dynamics():
+    """Reacher: rest stays at rest, damping dissipates energy without torque, random-policy |qdot| matches ENVS.md §8."""
+    env = envs.ReacherEnv(img_size=32)
+    _, info = env.reset(seed=0, options={"state": [0.4, 1.0, 0.0, 0.0], "goal_state": [3.0, 0.0]})
+    info = env.step(np.zeros(2, np.float32))[4]
+    np.testing.assert_array_equal(info["state"], [0.4, 1.0, 0.0, 0.0])
+
+    def kinetic_energy(q, v):
+        c = envs.REACHER_M2 * envs.REACHER_L1 * envs.REACHER_C2 * math.cos(q[1])
+        m = np.array(
+            [
+                [
+                    envs.REACHER_I1 + envs.REACHER_I2 + envs.REACHER_M2 * envs.REACHER_L1**2 + 2 * c,
+                    envs.REACHER_I2 + c,
+                ],
+                [envs.REACHER_I2 + c, envs.REACHER_I2],
+            ]
+        )
+        return 0.5 * v @ m @ v
+
+    env.reset(seed=0, options={"state": [0.0, 0.5, 3.0, -4.0], "goal_state": [3.0, 0.0]})
+    energies = [kinetic_energy(np.array([0.0, 0.5]), np.array([3.0, -4.0]))]
+    for _ in range(10):
+        info = env.step(np.zeros(2, np.float32))[4]
+        energies.append(kinetic_energy(info["qpos"], info["qvel"]))
+    assert np.all(np.diff(energies) < 0) and energies[-1] < 0.1 * energies[0]
+
+    rng = np.random.default_rng(0)
+    speeds = []
+    for episode in range(10):
+        env.reset(seed=episode)
+        for _ in range(200):
+            speeds.append(np.abs(env.step(rng.uniform(-1, 1, 2).astype(np.float32))[4]["qvel"]))
+    mean_speed = np.mean(speeds, axis=0)
+    assert abs(mean_speed[0] - 1.1) < 0.25 and abs(mean_speed[1] - 2.1) < 0.4
+
+
 # --- env tests (cube)
 
 # --- data tests
@@ -598,5 +772,122 @@ def test_plan_gradient_finds_minimiser_and_returns_best():
 
 
 # --- train tests
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import train  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_pusht(tmp_path_factory):
+    """A 6-episode, 32-px PushT dataset collected with the real collector."""
+    import data
+
+    path = str(tmp_path_factory.mktemp("data") / "pusht_tiny.h5")
+    return data.collect("pusht", 6, path, img_size=32, workers=1)
+
+
+def tiny_cfg(tmp_path, data_path, **kw) -> "train.TrainConfig":
+    base = dict(env="pusht", preset="tiny", data=data_path, out_dir=str(tmp_path / "run"), max_steps=8,
+                log_every=1, eval_every=4, ckpt_every=4, val_batches=2, num_proj=128, device="cpu")
+    return train.TrainConfig(**{**base, **kw})
+
+
+def read_metrics(out_dir) -> dict:
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return {r["step"]: r for r in map(json.loads, f)}
+
+
+def test_train_main_lowers_loss_on_fixed_batch(tmp_path, tiny_pusht):
+    """main() trains in-process: the loss of a fixed batch is lower after training than at initialisation."""
+    import data
+
+    cfg = tiny_cfg(tmp_path, tiny_pusht, max_steps=25, lr=3e-3)
+    traj = data.Trajectories(tiny_pusht)
+    train_eps, _ = data.split_episodes(traj.num_episodes, cfg.val_fraction, seed=3072)
+    stats = data.action_stats(traj, train_eps)
+    pixels, actions = next(iter(data.ClipLoader(traj, train_eps, stats, 16, shuffle=False)))
+    torch.manual_seed(cfg.seed)
+    initial = LeWM(dataclasses.replace(PRESETS["tiny"], action_dim=actions.shape[-1])).eval()
+    summary = train.main(cfg)
+    trained = model_from_checkpoint(load_checkpoint(summary["checkpoint"]))
+    sig = SIGReg(num_proj=128)
+    with torch.no_grad():
+        losses = []
+        for model in (initial, trained):
+            torch.manual_seed(0)
+            losses.append(lewm_loss(model, model.preprocess(pixels), actions, sig)[0].item())
+    assert losses[1] < losses[0]
+
+
+def test_train_resume_equals_uninterrupted(tmp_path, tiny_pusht, monkeypatch):
+    """A run killed after its step-4 checkpoint and resumed reaches the same losses as an uninterrupted run."""
+    full = train.main(tiny_cfg(tmp_path / "a", tiny_pusht))
+    calls = {"n": 0}
+    real_loss = train.lewm_loss
+
+    def killed_at_step_7(model, *args, **kw):
+        calls["n"] += model.training
+        if calls["n"] == 7:
+            raise KeyboardInterrupt
+        return real_loss(model, *args, **kw)
+
+    monkeypatch.setattr(train, "lewm_loss", killed_at_step_7)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(tiny_cfg(tmp_path / "b", tiny_pusht))
+    monkeypatch.setattr(train, "lewm_loss", real_loss)
+    assert load_checkpoint(str(tmp_path / "b" / "run" / "ckpt.pt"))["step"] == 4
+    resumed = train.main(tiny_cfg(tmp_path / "b", tiny_pusht, resume=True))
+    a, b = read_metrics(os.path.dirname(full["checkpoint"])), read_metrics(os.path.dirname(resumed["checkpoint"]))
+    assert sorted(a) == sorted(b) == list(range(1, 9))
+    for step in range(5, 9):
+        assert abs(a[step]["loss"] - b[step]["loss"]) < 1e-6, step
+
+
+def test_train_nan_loss_keeps_last_checkpoint(tmp_path, tiny_pusht, monkeypatch):
+    """A NaN loss stops training with a clear error and leaves the last good checkpoint byte-for-byte intact."""
+    train.main(tiny_cfg(tmp_path, tiny_pusht, max_steps=4))
+    ckpt = tmp_path / "run" / "ckpt.pt"
+    before = ckpt.read_bytes()
+    real_loss = train.lewm_loss
+
+    def nan_loss(*args, **kw):
+        loss, parts = real_loss(*args, **kw)
+        return loss * float("nan"), parts
+
+    monkeypatch.setattr(train, "lewm_loss", nan_loss)
+    with pytest.raises(FloatingPointError, match="non-finite loss"):
+        train.main(tiny_cfg(tmp_path, tiny_pusht, max_steps=8, resume=True))
+    assert ckpt.read_bytes() == before
+
+
+def test_train_cli_end_to_end_collects_data(tmp_path):
+    """The real CLI with the tiny preset collects its own dataset, trains, and writes checkpoint and metrics."""
+    repo = os.path.dirname(os.path.abspath(__file__))
+    cmd = [sys.executable, os.path.join(repo, "train.py"), "--env", "tworoom", "--preset", "tiny", "--max_steps", "3",
+           "--log_every", "1", "--num_proj", "64", "--val_batches", "1"]
+    out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert os.path.exists(tmp_path / "data" / "tworoom_32px_6ep.h5")
+    assert load_checkpoint(str(tmp_path / "runs" / "tworoom_tiny" / "ckpt.pt"))["step"] == 3
+    assert "done: 3 steps" in out.stdout
+
+
+def test_train_torchrun_matches_single_process(tmp_path, tiny_pusht):
+    """A 2-process torchrun (gloo) run logs the same losses as one process with the same global batch."""
+    repo = os.path.dirname(os.path.abspath(__file__))
+    args = ["--env", "pusht", "--preset", "tiny", "--data", tiny_pusht, "--max_steps", "3", "--log_every", "1",
+            "--eval_every", "100", "--num_proj", "64", "--dropout", "0", "--device", "cpu"]
+    single = train.main(train.parse_args(args + ["--out_dir", str(tmp_path / "one")]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(repo, "train.py"), *args, "--out_dir", str(tmp_path / "two")]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert sorted(one) == sorted(two) == [1, 2, 3]
+    for step in (1, 2, 3):
+        assert abs(one[step]["loss"] - two[step]["loss"]) < 2e-3 * abs(one[step]["loss"]), (one[step], two[step])
+    assert single["steps"] == 3
 
 # --- eval tests
