@@ -79,6 +79,8 @@ class SIGReg(nn.Module):
             cos_sum = ty.cos().sum(1)  # (T, K, J)
             sin_sum = ty.sin().sum(1)  # (T, K, J)
             if _ddp_active():
+                # DEVIATION: the official SIGReg is single-GPU (each rank tests its local batch with its own
+                # directions); here the statistic is the one of the global batch, as in LeJEPA.
                 # Global batch: sum the characteristic-function sums and the sample counts over ranks.
                 cos_sum, sin_sum = AllReduceSum.apply(torch.stack([cos_sum, sin_sum])).unbind(0)
                 n = n.clone()

@@ -276,6 +276,8 @@ def main(cfg: TrainConfig) -> dict:
 
     raw_model = model  # saved and validated: never the compiled or DDP-wrapped one
     if world > 1:
+        # DEVIATION: BN statistics over the global batch under DDP (Lightning's default is per-GPU statistics), so
+        # a torchrun run computes the same loss as one process with the whole batch.
         for m in model.modules():
             if type(m) is nn.BatchNorm1d:
                 m.__class__ = GlobalBatchNorm1d
