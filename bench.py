@@ -8,30 +8,281 @@ import argparse
 
 # --- simulators
 
+import time  # noqa: E402
 
-def bench_envs() -> list[dict]:
-    return []
+import numpy as np  # noqa: E402
+
+import envs  # noqa: E402
+
+
+def bench_envs(sizes: tuple[int, ...] = (64, 224), seconds: float = 2.0) -> list[dict]:
+    """Env steps/s including rendering the observation frame, uniform random actions, one process."""
+    rows = []
+    for name in envs.ENV_IDS:
+        for size in sizes:
+            try:
+                env = envs.make_env(name, img_size=size)
+            except ValueError:  # simulator not in envs.py (yet)
+                continue
+            rng = np.random.default_rng(0)
+            env.reset(seed=0)
+            steps, start = 0, None
+            while start is None or time.perf_counter() - start < seconds:
+                if steps == 20:  # warm-up (caches, first-step checks) excluded
+                    steps, start = 0, time.perf_counter()
+                _, _, terminated, truncated, _ = env.step(rng.uniform(-1, 1, env.action_space.shape).astype(np.float32))
+                if terminated or truncated:
+                    env.reset()
+                steps += 1
+            rows.append({"env": name, "img_size": size, "steps_per_s": steps / (time.perf_counter() - start)})
+            env.close()
+    print(f"{'env':<10}{'img_size':>10}{'steps/s':>12}")
+    for r in rows:
+        print(f"{r['env']:<10}{r['img_size']:>10}{r['steps_per_s']:>12.0f}")
+    return rows
 
 
 # --- data loading
 
 
-def bench_data() -> list[dict]:
-    return []
+import os
+import tempfile
+
+import data
+
+
+def bench_data(env: str = "pusht", episodes: int = 30, sizes: tuple = (64, 224), batches: int = 20) -> list[dict]:
+    """Collect a small dataset per frame size, then time the clip loader (batch 64) with pixels cached and streamed.
+
+    Streamed reads run with no HDF5 chunk cache, as for a dataset far larger than RAM (the small file itself still
+    sits in the OS page cache, so this measures decompression and assembly, not the disk).
+    """
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for size in sizes:
+            start = time.perf_counter()
+            path = data.collect(env, episodes, os.path.join(tmp, f"{env}_{size}.h5"), img_size=size, workers=2)
+            row = {"env": env, "img_size": size, "episodes": episodes, "collect_s": time.perf_counter() - start}
+            row["file_MB"] = os.path.getsize(path) / 1e6
+            for mode, cache, chunk_cache in (("cached", True, data.READ_CACHE_BYTES), ("streamed", False, 0)):
+                with data.Trajectories(path, chunk_cache_bytes=chunk_cache) as traj:
+                    episodes_all = range(traj.num_episodes)
+                    loader = data.ClipLoader(traj, episodes_all, data.action_stats(traj, episodes_all), cache=cache)
+                    stream = loader.steps()
+                    next(stream)  # warm-up: thread start (and the RAM cache is already filled)
+                    start = time.perf_counter()
+                    for _ in range(batches):
+                        next(stream)
+                    row[f"{mode}_clips_per_s"] = batches * loader.batch_size / (time.perf_counter() - start)
+                    stream.close()
+            rows.append(row)
+    header = ("env", "img", "episodes", "collect s", "file MB", "cached clips/s", "streamed clips/s")
+    print("".join(f"{h:<8}" if i == 0 else f"{h:>{len(h) + 2}}" for i, h in enumerate(header)))
+    for r in rows:
+        print(
+            f"{r['env']:<8}{r['img_size']:>5}{r['episodes']:>10}{r['collect_s']:>11.1f}{r['file_MB']:>9.1f}"
+            f"{r['cached_clips_per_s']:>16.0f}{r['streamed_clips_per_s']:>18.0f}"
+        )
+    return rows
 
 
 # --- training
 
 
-def bench_train() -> list[dict]:
-    return []
+def _train_step_time(preset: str, batch: int, bf16: bool, steps: int) -> tuple[float, float]:
+    """Seconds per training step (after one warm-up step) and FLOPs per step, synthetic clips, CPU."""
+    import time
+
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from model import PRESETS, LeWM, lewm_loss
+    from sigreg import SIGReg
+
+    torch.manual_seed(0)
+    cfg = PRESETS[preset]
+    model, sig = LeWM(cfg).train(), SIGReg()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-3)
+    pixels = torch.randint(0, 256, (batch, 4, cfg.img_size, cfg.img_size, 3), dtype=torch.uint8)
+    actions = torch.randn(batch, 4, cfg.action_dim)
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss, _ = lewm_loss(model, model.preprocess(pixels), actions, sig)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return (time.perf_counter() - t0) / steps, counter.get_total_flops()
+
+
+def bench_train(cases: tuple = (("paper", 8, 2), ("cpu", 64, 5), ("tiny", 64, 5))) -> list[dict]:
+    """Training throughput per preset in fp32 and bf16 autocast: samples/s, ms/step, achieved GFLOP/s."""
+    import torch
+
+    rows = []
+    print(f"training on CPU ({torch.get_num_threads()} threads), synthetic clips of 4 frames")
+    print(f"{'preset':8s} {'batch':>5s} {'dtype':>5s} {'ms/step':>9s} {'samples/s':>10s} {'GFLOP/step':>11s} {'GFLOP/s':>8s}")
+    for preset, batch, steps in cases:
+        for bf16 in (False, True):
+            sec, flops = _train_step_time(preset, batch, bf16, steps)
+            row = {"preset": preset, "batch": batch, "dtype": "bf16" if bf16 else "fp32", "ms_per_step": 1e3 * sec,
+                   "samples_per_s": batch / sec, "gflop_per_step": flops / 1e9, "gflop_per_s": flops / 1e9 / sec}  # fmt: skip
+            rows.append(row)
+            print(f"{preset:8s} {batch:5d} {row['dtype']:>5s} {row['ms_per_step']:9.0f} {row['samples_per_s']:10.1f} "
+                  f"{row['gflop_per_step']:11.1f} {row['gflop_per_s']:8.0f}")  # fmt: skip
+    return rows
 
 
 # --- planning
 
+import time  # noqa: E402
+from dataclasses import replace  # noqa: E402
 
-def bench_plan() -> list[dict]:
-    return []
+import torch  # noqa: E402
+
+from model import PRESETS, LeWM  # noqa: E402
+from planner import cem  # noqa: E402
+
+PLAN_ACTION_DIM = 10  # PushT action block: frameskip 5 x 2-d actions
+PLAN_ITERS = 30  # METHOD.md §4.2: 300 samples x 30 iterations, top 30, horizon 5
+
+
+def _plan_model(preset: str) -> LeWM:
+    """A frozen eval-mode model with random weights whose predictions depend on the actions.
+
+    At initialisation every AdaLN-zero gate is 0, so all candidates would cost the same; all-zero parameters get
+    small random values so the bf16/fp32 ranking comparison is meaningful (timing is unaffected).
+    """
+    torch.manual_seed(0)
+    model = LeWM(replace(PRESETS[preset], action_dim=PLAN_ACTION_DIM)).eval().requires_grad_(False)
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.any():
+                p.normal_(0.0, 0.02)
+    return model
+
+
+def _plan_embeddings(model: LeWM, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """z0 (B, 1, D) and z_goal (B, D) of random current and goal frames, encoded once per plan (newer swm)."""
+    g = torch.Generator().manual_seed(batch)
+    size = model.cfg.img_size
+    frames = torch.randint(0, 256, (batch, 2, size, size, 3), dtype=torch.uint8, generator=g)  # (B, 2, H, W, 3)
+    z = model.encode(model.preprocess(frames))  # (B, 2, D)
+    return z[:, :1], z[:, 1]
+
+
+def _plan_cost(model: LeWM, z0: torch.Tensor, z_goal: torch.Tensor, bf16: bool):
+    """The LeWM planning cost of METHOD.md §4.1: squared error of the last predicted embedding, summed over D."""
+
+    def cost_fn(candidates: torch.Tensor) -> torch.Tensor:  # (B, S, N, A) -> (B, S)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            z_pred = model.rollout(z0, candidates)[:, :, -1]  # (B, S, D)
+        return (z_pred.float() - z_goal[:, None]).pow(2).sum(dim=-1)  # (B, S)
+
+    return cost_fn
+
+
+def _spearman(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Rank correlation of two 1-d cost vectors (no ties expected for continuous costs)."""
+    rx, ry = (v.argsort().argsort().double() for v in (x, y))  # (S,), (S,)
+    rx, ry = rx - rx.mean(), ry - ry.mean()  # (S,), (S,)
+    return float((rx * ry).sum() / (rx.norm() * ry.norm()))
+
+
+def _time_plan(model: LeWM, batch: int, bf16: bool, iterations: int) -> tuple[float, float, torch.Tensor]:
+    """One planning call over `batch` problems (encode once + CEM) -> (wall s, robust s, plan (B, N, A)).
+
+    Both times are extrapolated to 30 iterations; the robust one uses the median iteration, because the 2 shared
+    cores make single iterations vary by up to several times.
+    """
+    gens = [torch.Generator().manual_seed(42 + b) for b in range(batch)]  # per problem: batched == one at a time
+    starts = []
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        z0, z_goal = _plan_embeddings(model, batch)  # (B, 1, D), (B, D)
+        t_encode = time.perf_counter() - t0
+        cost = _plan_cost(model, z0, z_goal, bf16)
+
+        def cost_fn(candidates: torch.Tensor) -> torch.Tensor:  # (B, S, N, A) -> (B, S)
+            starts.append(time.perf_counter())  # one call per iteration
+            return cost(candidates)
+
+        plan = cem(cost_fn, batch, 5, PLAN_ACTION_DIM, iterations=iterations, generator=gens)  # (B, N, A)
+        starts.append(time.perf_counter())
+    per_iter = torch.tensor(starts).diff()  # (iterations,) seconds
+    scale = PLAN_ITERS / iterations
+    return t_encode + float(per_iter.sum()) * scale, t_encode + float(per_iter.median()) * PLAN_ITERS, plan
+
+
+def _bf16_agreement(model: LeWM) -> dict:
+    """Run an fp32 CEM plan and score the bf16 costs of every iteration's 300 candidates against the fp32 ones."""
+    spearman, overlap = [], []
+    with torch.inference_mode():
+        z0, z_goal = _plan_embeddings(model, 1)  # (1, 1, D), (1, D)
+        cost32, cost16 = _plan_cost(model, z0, z_goal, False), _plan_cost(model, z0, z_goal, True)
+
+        def cost_fn(candidates: torch.Tensor) -> torch.Tensor:  # (1, S, N, A) -> (1, S)
+            c32, c16 = cost32(candidates)[0], cost16(candidates)[0]  # (S,), (S,)
+            spearman.append(_spearman(c32, c16))
+            top32, top16 = (set(c.topk(30, largest=False).indices.tolist()) for c in (c32, c16))
+            overlap.append(len(top32 & top16) / 30)
+            return c32[None]  # (1, S)
+
+        cem(cost_fn, 1, 5, PLAN_ACTION_DIM, generator=torch.Generator().manual_seed(42))
+    return {
+        "spearman_first": round(spearman[0], 4),
+        "spearman_last": round(spearman[-1], 4),
+        "spearman_min": round(min(spearman), 4),
+        "top30_shared_first": round(overlap[0], 3),
+        "top30_shared_last": round(overlap[-1], 3),
+        "top30_shared_mean": round(sum(overlap) / len(overlap), 3),
+    }
+
+
+def bench_plan(presets: tuple[str, ...] | None = None, batches: tuple[int, ...] = (1, 50)) -> list[dict]:
+    """Seconds per CEM plan (300 x 30, horizon 5, 10-d action blocks) per preset, fp32 and bf16 autocast rollout.
+
+    Batch 1 runs all 30 iterations; larger batches run 3 and extrapolate (every iteration does identical work:
+    no early stopping). s_per_plan = (encode + 30 x median iteration) / batch; s_per_plan_wall sums the iterations
+    instead, so it includes interference from other jobs on the shared cores. Reference: the official code needs
+    about 16 s per plan at the paper configuration on this 2-core CPU (METHOD.md §7.3); target <= 4 s. A last row
+    per preset scores bf16 against fp32: rank agreement of each iteration's 300 candidate costs, shared top-30
+    elites, and the fp32 cost of the bf16 plan relative to the fp32 plan.
+    """
+    rows = []
+    for preset in presets or tuple(PRESETS):
+        model = _plan_model(preset)
+        _time_plan(model, 2, True, 1)  # warm-up: one-off kernel selection for both precisions
+        _time_plan(model, 2, False, 1)
+        plans = {}
+        for batch in batches:
+            iterations = PLAN_ITERS if batch == 1 else 3
+            for bf16 in (False, True):
+                wall, robust, plan = _time_plan(model, batch, bf16, iterations)  # plan (B, N, A)
+                if batch == 1:
+                    plans[bf16] = plan  # full-length plans, compared below
+                row = {"preset": preset, "rollout": "bf16" if bf16 else "fp32", "batch": batch}
+                row |= {"iterations_timed": iterations, "s_per_plan": round(robust / batch, 3)}
+                row["s_per_plan_wall"] = round(wall / batch, 3)
+                rows.append(row)
+                print(row, flush=True)
+        row = {"preset": preset, "check": "bf16 vs fp32"} | _bf16_agreement(model)
+        if len(plans) == 2:
+            with torch.inference_mode():
+                z0, z_goal = _plan_embeddings(model, 1)  # (1, 1, D), (1, D)
+                cost32 = _plan_cost(model, z0, z_goal, False)
+                c32, c16 = (cost32(plans[bf16][:, None]) for bf16 in (False, True))  # (1, 1) each
+            row["bf16_plan_fp32_cost_ratio"] = round(float(c16 / c32), 4)
+        rows.append(row)
+        print(row, flush=True)
+    return rows
 
 
 # --- main

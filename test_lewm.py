@@ -487,14 +487,149 @@ def test_env_reacher_dynamics():
 
 # --- env tests (cube)
 
-# --- data tests
-import os
-import warnings
 
+def _cube_state(cube=(0.45, 0.1, 0.02), cube_yaw=0.0, ee=(0.45, 0.1, 0.02), ee_yaw=0.0, closure=0.0, grasped=0.0):
+    """A hand-made Cube state: [cube xyz, cube yaw, effector xyz, effector yaw, closure, grasped, cube vz]."""
+    return np.array([*cube, cube_yaw, *ee, ee_yaw, closure, grasped, 0.0])
+
+
+def _cube_act(dx=0.0, dy=0.0, dz=0.0, dyaw=0.0, dgrip=0.0):
+    return np.array([dx, dy, dz, dyaw, dgrip], np.float32)
+
+
+def test_env_cube_success_threshold():
+    """Cube succeeds within 4 cm (3-D) of the target and not beyond, also through reset/step."""
+    env = envs.CubeEnv(img_size=32)
+    direction = np.array([0.6, 0.0, 0.8])  # 3-D offset, part of it vertical
+    state = _cube_state(ee=(0.45, 0.1, 0.3))
+    for dist, expected in ((0.039, True), (0.041, False)):
+        goal = np.array([*(state[:3] + dist * direction), 0.0])
+        assert envs.cube_success(state, goal) == expected
+        _, info = env.reset(seed=0, options={"state": state, "goal_state": goal})
+        assert info["is_success"] == expected
+        _, reward, terminated, truncated, info = env.step(_cube_act())
+        assert terminated == expected and reward == float(expected) and not truncated
+
+
+def test_env_cube_grasp_carry_release():
+    """Closing on the cube grasps it, the cube follows the gripper, opening drops it back onto the table."""
+    env = envs.CubeEnv(img_size=32)
+    env.reset(seed=0, options={"state": _cube_state(ee_yaw=0.3, cube_yaw=0.3 + np.pi / 2)})
+    info = env.step(_cube_act(dgrip=1.0))[4]
+    assert info["proprio_gripper_contact"][0] == 0.0 and abs(info["proprio_gripper_opening"][0] - 0.35) < 1e-12
+    info = env.step(_cube_act(dgrip=1.0))[4]  # finite closing speed: the fingers meet the cube on the 2nd step
+    assert info["proprio_gripper_contact"][0] == 1.0
+    assert abs(info["proprio_gripper_opening"][0] - envs.CUBE_GRIP_CONTACT) < 1e-12  # held open by the cube
+    for _ in range(4):
+        info = env.step(_cube_act(dx=0.5, dz=1.0, dyaw=0.5, dgrip=1.0))[4]
+    state = info["state"]
+    assert state[9] == 1.0 and state[2] > 0.15
+    np.testing.assert_allclose(state[0:3], state[4:7], atol=1e-12)  # carried at the pinch point
+    held_xy = state[0:2].copy()
+    info = env.step(_cube_act(dgrip=-1.0))[4]
+    assert info["state"][9] == 0.0 and info["proprio_gripper_contact"][0] == 0.0
+    for _ in range(6):
+        info = env.step(_cube_act())[4]
+    np.testing.assert_allclose(info["state"][0:3], [*held_xy, envs.CUBE_HALF])  # fell straight down, at rest
+    assert info["state"][10] == 0.0
+
+
+def test_env_cube_no_grasp_when_misplaced():
+    """No grasp when the pinch point is 3 cm off, the yaw is 45 deg off, or an already closed gripper comes down."""
+    env = envs.CubeEnv(img_size=32)
+    cases = [
+        (_cube_state(ee=(0.48, 0.1, 0.02)), _cube_act(dgrip=1.0)),
+        (_cube_state(ee_yaw=np.pi / 4), _cube_act(dgrip=1.0)),
+        (_cube_state(ee=(0.45, 0.1, 0.06), closure=1.0), _cube_act(dz=-1.0, dgrip=1.0)),
+    ]
+    for state, action in cases:
+        env.reset(seed=0, options={"state": state})
+        for _ in range(3):
+            info = env.step(action)[4]
+        assert info["state"][9] == 0.0
+        np.testing.assert_allclose(info["state"][0:3], state[0:3])
+
+
+def test_env_cube_options_reproduce_state():
+    """reset(options) puts state and goal exactly, and continuing from a restored mid-episode state is identical."""
+    env = envs.CubeEnv(img_size=32)
+    obs, info = env.reset(seed=3)
+    policy = envs.CubePlanOracle(env, rng=np.random.default_rng(3))
+    policy.reset(info)
+    for _ in range(30):  # the cube is in the air by now
+        obs, _, _, _, info = env.step(policy(info))
+    assert info["state"][9] == 1.0
+    saved_state, saved_goal = info["state"].copy(), info["goal_state"].copy()
+    actions = [policy(info) for _ in range(10)]
+    other = envs.CubeEnv(img_size=32)
+    obs2, info2 = other.reset(seed=123, options={"state": saved_state, "goal_state": saved_goal})
+    assert np.array_equal(info2["state"], saved_state) and np.array_equal(info2["goal_state"], saved_goal)
+    assert np.array_equal(obs2, obs)
+    for a in actions:
+        obs, _, _, _, info = env.step(a)
+        obs2, _, _, _, info2 = other.step(a)
+    assert np.array_equal(info["state"], info2["state"]) and np.array_equal(obs, obs2)
+    _, info = other.reset(options={"goal_state": saved_state})  # a full state as goal: its cube pose is used
+    assert np.array_equal(info["goal_state"], saved_state[:4])
+
+
+def test_env_cube_oracle_places_cube():
+    """The plan oracle brings the cube within 4 cm of the target (terminated) from a fixed seed."""
+    env = envs.make_env("cube", img_size=32)
+    _, info = env.reset(seed=0)
+    start = np.linalg.norm(info["state"][:3] - info["goal_state"][:3])
+    policy = envs.make_policy("cube", env, rng=np.random.default_rng(0))
+    policy.reset(info)
+    for step in range(120):
+        _, _, terminated, _, info = env.step(policy(info))
+        if terminated:
+            break
+    assert start > 0.1 and terminated and np.linalg.norm(info["state"][:3] - info["goal_state"][:3]) <= 0.04
+
+
+def test_env_cube_static_pair_fraction():
+    """Oracle rollouts keep the cube still over ~38 % of (t, t+25) pairs, as the LeWM data (ENVS.md 8)."""
+    env = envs.CubeEnv(img_size=32, terminate_at_goal=False)
+    still = []
+    for episode in range(6):
+        _, info = env.reset(seed=episode)
+        policy = envs.CubePlanOracle(env, rng=np.random.default_rng(episode))
+        policy.reset(info)
+        cube = [info["state"][:3]]
+        for _ in range(200):
+            _, _, terminated, _, info = env.step(policy(info))
+            cube.append(info["state"][:3])
+            assert not terminated
+        cube = np.array(cube)
+        still.append(np.linalg.norm(cube[25:] - cube[:-25], axis=1) <= 0.04)
+    assert 0.30 < np.mean(still) < 0.46
+
+
+def test_env_cube_camera_projection():
+    """The front camera maps the ENVS.md 7.4 sanity points to their pixels, scaled with img_size."""
+    points = np.array([[0.425, 0, 0.02], [0.3, 0.3, 0.02], [0.3, -0.3, 0.02], [0.55, 0.3, 0.02], [0.55, -0.3, 0.02]])
+    expected = np.array([[116, 139], [199, 114], [33, 114], [221, 169], [13, 169]])
+    for size in (224, 64):
+        uv, _ = envs.cube_project(np.vstack([points, [0.0, 0.0, 0.0]]), size)
+        np.testing.assert_allclose(uv[:-1] * 224 / size, expected, atol=1.0)
+        np.testing.assert_allclose(uv[-1] * 224 / size, [115, 76], atol=1.0)  # robot base
+
+
+def test_env_cube_render():
+    """Frames are uint8 (S, S, 3) at any size >= 32, with the red cube where the camera projects it."""
+    state = _cube_state(cube=(0.5, -0.15, 0.02), ee=(0.4, 0.2, 0.25))
+    for size in (32, 64, 100, 224):
+        env = envs.CubeEnv(img_size=size)
+        obs, _ = env.reset(seed=0, options={"state": state})
+        assert obs.shape == (size, size, 3) and obs.dtype == np.uint8
+        assert np.array_equal(env.render(), obs)
+        (u, v), _ = envs.cube_project(np.array([0.5, -0.15, 0.04]), size)  # centre of the top face
+        r, g, b = obs[int(v), int(u)].astype(int)
+        assert r > 150 and g < 120 and b < 120
+
+
+# --- data tests
 import h5py
-import numpy as np
-import pytest
-import torch
 
 import data
 
@@ -624,29 +759,45 @@ def _nan_action(path):
 def _blosc_pixels(path):
     with h5py.File(path, "a") as f:  # raw chunks tagged with the Blosc filter id (32001) of the official files
         del f["pixels"]
-        ds = f.create_dataset("pixels", (77, 4, 4, 3), "u1", chunks=(77, 4, 4, 3), compression=32001,
-                              allow_unknown_filter=True)
+        ds = f.create_dataset(
+            "pixels", (77, 4, 4, 3), "u1", chunks=(77, 4, 4, 3), compression=32001, allow_unknown_filter=True
+        )
         ds.id.write_direct_chunk((0, 0, 0, 0), b"\0" * 64)
 
 
 BAD_INPUTS = {
     "missing file": (lambda p: os.remove(p), FileNotFoundError, "not found"),
-    "not hdf5": (lambda p: open(p, "w").write("ep_len,ep_offset\n3,0\n"), ValueError, "not an HDF5"),
+    "not hdf5": (lambda p: p.write_text("ep_len,ep_offset\n3,0\n"), ValueError, "not an HDF5"),
     "truncated": (_truncate, ValueError, "truncated"),
     "missing action": ({"action": None}, ValueError, r"missing columns \['action'\]"),
     "missing ep_idx": ({"ep_idx": None}, ValueError, "missing columns.*ep_idx"),
     "offsets not cumsum": ({"ep_offset": np.array([0, 25, 56])}, ValueError, "cumulative sum"),
-    "lengths vs rows": ({"ep_len": np.array([25, 30, 21], np.int32), "ep_offset": np.array([0, 25, 55])},
-                        ValueError, "ep_len sums to 76"),
-    "ep_idx mismatch": ({"ep_idx": np.repeat([0, 2, 1], [25, 30, 22]).astype(np.int32)}, ValueError,
-                        "ep_idx does not match"),
+    "lengths vs rows": (
+        {"ep_len": np.array([25, 30, 21], np.int32), "ep_offset": np.array([0, 25, 55])},
+        ValueError,
+        "ep_len sums to 76",
+    ),
+    "ep_idx mismatch": (
+        {"ep_idx": np.repeat([0, 2, 1], [25, 30, 22]).astype(np.int32)},
+        ValueError,
+        "ep_idx does not match",
+    ),
     "pixels dtype": ({"pixels": np.zeros((77, 4, 4, 3), np.float32)}, ValueError, "pixels must be uint8"),
     "pixels shape": ({"pixels": np.zeros((77, 4, 4), np.uint8)}, ValueError, "pixels must be uint8"),
     "nan mid-episode": (_nan_action, ValueError, "non-finite action inside episode 1 at step 3"),
-    "all too short": ({"ep_len": np.array([19, 19], np.int32), "ep_offset": np.array([0, 19]),
-                       "ep_idx": np.repeat([0, 1], 19).astype(np.int32), "step_idx": np.r_[0:19, 0:19],
-                       "pixels": np.zeros((38, 4, 4, 3), np.uint8), "action": np.zeros((38, 2), np.float32),
-                       "state": None}, ValueError, "all 2 episodes are shorter than one clip"),
+    "all too short": (
+        {
+            "ep_len": np.array([19, 19], np.int32),
+            "ep_offset": np.array([0, 19]),
+            "ep_idx": np.repeat([0, 1], 19).astype(np.int32),
+            "step_idx": np.r_[0:19, 0:19],
+            "pixels": np.zeros((38, 4, 4, 3), np.uint8),
+            "action": np.zeros((38, 2), np.float32),
+            "state": None,
+        },
+        ValueError,
+        "all 2 episodes are shorter than one clip",
+    ),
     "blosc without plugin": (_blosc_pixels, ValueError, "pip install hdf5plugin"),
 }
 
@@ -663,9 +814,87 @@ def test_data_bad_input_gives_clear_error(tmp_path, case):
     else:
         _data_file(path)
         edit(path)
-    with pytest.raises(error, match=message):
-        with data.Trajectories(path) as traj:
-            data.ClipLoader(traj, range(traj.num_episodes), {"mean": [0, 0], "std": [1, 1]})
+    with pytest.raises(error, match=message), data.Trajectories(path) as traj:
+        data.ClipLoader(traj, range(traj.num_episodes), {"mean": [0, 0], "std": [1, 1]})
+
+
+def _collect(path, episodes=3, **kw):
+    kw = {"img_size": 32, "episode_steps": 25, "workers": 1, "seed": 5, **kw}
+    return data.collect("pusht", episodes, str(path), **kw)
+
+
+def _assert_same_file(a, b):
+    with h5py.File(a) as fa, h5py.File(b) as fb:
+        assert set(fa) == set(fb) and dict(fa.attrs) == dict(fb.attrs)
+        for k in fa:
+            assert np.array_equal(fa[k][()], fb[k][()], equal_nan=fa[k].dtype.kind == "f"), k
+
+
+@pytest.fixture(scope="module")
+def pusht_file(tmp_path_factory):
+    """Three PushT episodes at 32 px collected with two worker processes (the uninterrupted reference)."""
+    return _collect(tmp_path_factory.mktemp("collect") / "ref.h5", workers=2)
+
+
+def test_data_collected_file_satisfies_layout(pusht_file):
+    """A collected file has consistent offsets and indices, NaN only on last actions, the layout dtypes, info columns."""
+    assert not os.path.exists(pusht_file + ".tmp")
+    with h5py.File(pusht_file) as f:
+        ep_len, ep_offset = f["ep_len"][()], f["ep_offset"][()]
+        assert ep_len.dtype == np.int32 and ep_offset.dtype == np.int64 and len(ep_len) == 3
+        assert (ep_len >= 2).all() and (ep_len <= 26).all()
+        assert np.array_equal(ep_offset, np.concatenate([[0], np.cumsum(ep_len)[:-1]]))
+        n = int(ep_len.sum())
+        assert f["ep_idx"].dtype == np.int32 and np.array_equal(f["ep_idx"][()], np.repeat(np.arange(3), ep_len))
+        assert f["step_idx"].dtype == np.int64
+        assert np.array_equal(f["step_idx"][()], np.concatenate([np.arange(k) for k in ep_len]))
+        assert f["pixels"].dtype == np.uint8 and f["pixels"].shape == (n, 32, 32, 3)
+        assert f["pixels"].compression is not None and f["pixels"].chunks[1:] == (32, 32, 3)
+        action = f["action"][()]
+        assert action.dtype == np.float32 and action.shape == (n, 2)
+        last = np.zeros(n, bool)
+        last[ep_offset + ep_len - 1] = True
+        assert np.isnan(action[last]).all() and np.isfinite(action[~last]).all()
+        for c in ("state", "goal_state", "proprio", "is_success"):
+            assert f[c].shape[0] == n
+        assert len(np.unique(f["pixels"][:, :, :, 0].reshape(n, -1), axis=0)) > 1
+    with data.Trajectories(pusht_file) as traj:
+        assert traj.num_episodes == 3 and traj.img_shape == (32, 32, 3) and traj.action_dim == 2
+
+
+def test_data_interrupted_collection_resumes_identically(tmp_path, monkeypatch, pusht_file):
+    """An interrupted collection leaves only <out>.tmp; rerunning resumes it to the uninterrupted run's content."""
+    import envs
+
+    out, calls, step = tmp_path / "d.h5", [0], envs.PushTEnv.step
+
+    def failing_step(self, action):
+        calls[0] += 1
+        if calls[0] == 40:  # in the middle of the second episode
+            raise KeyboardInterrupt
+        return step(self, action)
+
+    monkeypatch.setattr(envs.PushTEnv, "step", failing_step)
+    with pytest.raises(KeyboardInterrupt):
+        _collect(out)
+    monkeypatch.undo()
+    assert not out.exists() and os.path.exists(f"{out}.tmp")
+    with h5py.File(f"{out}.tmp", "a") as f:  # also simulate a crash while an episode was being written
+        assert len(f["ep_len"]) == 1
+        f["pixels"].resize(f["pixels"].shape[0] + 3, axis=0)
+    _collect(out)
+    assert not os.path.exists(f"{out}.tmp")
+    _assert_same_file(out, pusht_file)
+
+
+def test_data_append_matches_single_run(tmp_path, pusht_file):
+    """--append adds episodes with the continuing seed stream: 2 + 1 episodes equal one 3-episode run."""
+    out = _collect(tmp_path / "d.h5", episodes=2)
+    with pytest.raises(FileExistsError, match="--append"):
+        _collect(out, episodes=1)
+    _collect(out, episodes=1, append=True)
+    _assert_same_file(out, pusht_file)
+
 
 # --- plan tests
 
@@ -891,3 +1120,227 @@ def test_train_torchrun_matches_single_process(tmp_path, tiny_pusht):
     assert single["steps"] == 3
 
 # --- eval tests
+
+import evaluate  # noqa: E402
+from model import save_checkpoint  # noqa: E402
+
+
+class _CentroidModel(torch.nn.Module):
+    """Hand-built TwoRoom world model: z = the agent's (x, y) in 224-px units (colour-blind chroma centroid) and
+    z_pred = z + 5 px x the block's five clipped raw actions, the env's own motion away from walls."""
+
+    def __init__(self, stats: dict, img_size: int):
+        super().__init__()
+        self.cfg = dataclasses.replace(PRESETS["tiny"], action_dim=10)
+        self.mean, self.std = torch.tensor(stats["mean"]), torch.tensor(stats["std"])
+        self.centres = (torch.arange(img_size) + 0.5) * (224 / img_size) - 0.5  # pixel centres, as the renderer
+
+    def preprocess(self, frames):
+        return torch.as_tensor(frames).float()  # (..., H, W, 3)
+
+    def encode(self, pixels):
+        chroma = pixels.amax(-1) - pixels.amin(-1)  # (B, T, H, W): the blob, red or blue; walls and floor are grey
+        w = chroma / chroma.sum((-2, -1), keepdim=True)
+        return torch.stack([(w * self.centres).sum((-2, -1)), (w * self.centres[:, None]).sum((-2, -1))], -1)
+
+    def predict(self, z, actions):
+        raw = actions.view(*actions.shape[:2], 5, 2).double() * self.std + self.mean  # (B, T, 5, 2) raw actions
+        return z + 5 * raw.clamp(-1, 1).sum(2).float()  # (B, T, 2)
+
+
+def test_eval_surprise_teleport_spikes_on_position_tracking_model(tiny_tworoom):
+    """A model tracking the agent exactly: surprise ~0 on real steps, huge at teleports, blind to recolouring."""
+    import data
+
+    traj = data.Trajectories(tiny_tworoom)
+    eps = np.arange(traj.num_episodes)
+    stats = data.action_stats(traj, eps)
+    world = evaluate.World(model=_CentroidModel(stats, 32), stats=stats, traj=traj, train_eps=eps, val_eps=eps,
+                           env="tworoom", frameskip=5, action_dim=2, img_size=32, device=torch.device("cpu"),
+                           source="hand-built")  # fmt: skip
+    out = evaluate.measure_surprise(world, episodes=6, steps=4, seed=0)
+    res = out["results"]
+    assert out["episodes"] == 6 and out["perturbed_steps"] == 24
+    # Frames, action blocks and targets aligned as in training: the exact dynamics predict real steps to < 1 px.
+    assert np.median(out["example"]["surprise"]) < 1.0
+    assert res["teleport"]["perturbed"] > 100 * res["teleport"]["unperturbed"]
+    assert res["teleport"]["p_value"] == 1 / 64  # exact sign-flip test: all 6 episode differences positive
+    # A colour-blind position model cannot see a colour change; a re-render of the recorded state is the recording.
+    assert abs(res["colour"]["perturbed"] - res["colour"]["original_same_steps"]) < 1.0
+    assert res["colour"]["pixel_change"] > 0 and res["rerender"]["pixel_change"] == 0
+    assert res["rerender"]["perturbed"] == pytest.approx(res["rerender"]["original_same_steps"], rel=1e-6)
+
+
+def test_eval_surprise_cli_reports_finite_numbers(tmp_path, tiny_pusht):
+    """`evaluate.py surprise` runs on a tiny checkpoint and writes finite surprise, ratio and p for every kind."""
+    ckpt = _eval_ckpt(tmp_path / "ckpt.pt", tiny_pusht, "pusht")
+    argv = ["surprise", "--ckpt", ckpt, "--perturb_steps", "2", "--device", "cpu", "--out", str(tmp_path / "s.json")]
+    res = evaluate.main(evaluate.parse_args(argv))
+    with open(tmp_path / "s.json") as f:
+        saved = json.load(f)
+    assert set(saved["results"]) == {"teleport", "colour", "rerender"} and saved["episodes"] == res["episodes"] > 0
+    for r in saved["results"].values():
+        for key in ("perturbed", "original_same_steps", "unperturbed", "ratio", "p_value", "pixel_change"):
+            assert np.isfinite(r[key]), key
+        assert 0 < r["p_value"] <= 1
+    # Re-renders of recorded PushT states match the recordings up to contact-solver nudges of a few grey levels.
+    changes = {k: r["pixel_change"] for k, r in saved["results"].items()}
+    assert changes["teleport"] > changes["colour"] > 10 * changes["rerender"]
+
+
+def test_eval_probe_cli_reports_finite_scores(tmp_path, tiny_pusht):
+    """`evaluate.py probe` scores linear and MLP probes of every PushT quantity, trained model and fresh-init floor."""
+    ckpt = _eval_ckpt(tmp_path / "ckpt.pt", tiny_pusht, "pusht")
+    argv = ["probe", "--ckpt", ckpt, "--frames", "200", "--probe_epochs", "2", "--device", "cpu"]
+    res = evaluate.main(evaluate.parse_args(argv + ["--out", str(tmp_path / "p.json")]))
+    with open(tmp_path / "p.json") as f:
+        saved = json.load(f)
+    assert saved["frames"] == {"train": 200, "val": 50} and saved["quantities"]["block_angle"] == "sin, cos"
+    for label in ("trained", "untrained"):
+        assert set(saved["results"][label]) == {"agent_pos", "block_pos", "block_angle"}
+        for scores in saved["results"][label].values():
+            for probe in ("linear", "mlp"):
+                assert np.isfinite(scores[probe]["mse"]) and -1 <= scores[probe]["r"] <= 1
+    assert res["results"] == saved["results"]
+
+
+def test_eval_probe_linear_recovers_linear_quantity():
+    """The ridge probe recovers a linear function of synthetic embeddings exactly (MSE ~ 0, r ~ 1) on held-out rows."""
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(600, 24)) * rng.uniform(0.1, 10, 24) + rng.normal(size=24)  # (N, D), uneven scales
+    y = z @ rng.normal(size=(24, 3)) + rng.normal(size=3)  # (N, 3)
+    scores = evaluate.probe_model(z[:500], z[500:], {"q": y[:500]}, {"q": y[500:]}, epochs=1, seed=0)["q"]
+    assert scores["linear"]["mse"] < 1e-6 and scores["linear"]["r"] > 1 - 1e-6
+    noise = evaluate.probe_model(z[:500], z[500:], {"q": rng.normal(size=(500, 2))},
+                                 {"q": rng.normal(size=(100, 2))}, epochs=1, seed=0)["q"]  # fmt: skip
+    assert noise["linear"]["mse"] > 0.8 and abs(noise["linear"]["r"]) < 0.3
+
+
+def _eval_ckpt(path, data_path, env, block_dims=None, seed=0) -> str:
+    """A tiny-preset checkpoint in train.py's format (random weights) for the dataset at data_path."""
+    import data
+
+    traj = data.Trajectories(data_path)
+    train_eps, val_eps = data.split_episodes(traj.num_episodes, 0.34, seed=3072)
+    mcfg = dataclasses.replace(PRESETS["tiny"], action_dim=block_dims or data.FRAMESKIP * traj.action_dim)
+    torch.manual_seed(seed)
+    save_checkpoint(str(path), {
+        "model": LeWM(mcfg).state_dict(), "model_config": dataclasses.asdict(mcfg), "env": env,
+        "action_stats": data.action_stats(traj, train_eps), "val_episodes": [int(e) for e in val_eps],
+        "train_config": {"data": data_path}, "step": 0,
+    })  # fmt: skip
+    traj.close()
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_tworoom(tmp_path_factory):
+    """A 6-episode, 32-px TwoRoom dataset collected with the real collector."""
+    import data
+
+    return data.collect("tworoom", 6, str(tmp_path_factory.mktemp("data") / "tworoom_tiny.h5"), img_size=32, workers=1)
+
+
+def _eval_cfg(ckpt, tmp_path, **kw) -> "evaluate.EvalConfig":
+    base = dict(ckpt=ckpt, episodes=4, samples=16, iterations=2, topk=4, device="cpu", out=str(tmp_path / "r.json"))
+    return evaluate.EvalConfig(**{**base, **kw})
+
+
+def test_eval_plan_end_to_end_writes_json(tmp_path, tiny_pusht, capsys):
+    """The default CLI subcommand runs batched CEM MPC from held-out starts and writes every required JSON field."""
+    import data
+
+    ckpt = _eval_ckpt(tmp_path / "ckpt.pt", tiny_pusht, "pusht")
+    argv = ["--ckpt", ckpt, "--episodes", "3", "--samples", "16", "--iterations", "2", "--topk", "4", "--device",
+            "cpu", "--out", str(tmp_path / "r.json"), "--video", str(tmp_path / "gifs")]  # fmt: skip
+    cfg = evaluate.parse_args(argv)
+    assert cfg.command == "plan" and evaluate.parse_args(["plan", *argv]) == cfg
+    res = evaluate.main(cfg)
+    with open(tmp_path / "r.json") as f:
+        saved = json.load(f)
+    for key in ("success_rate", "ci95", "episodes", "successes", "mean_plan_seconds", "seconds_per_call", "planner",
+                "policy", "split", "env", "checkpoint", "per_episode", "solved_at_start"):  # fmt: skip
+        assert key in saved, key
+    assert saved["episodes"] == 3 and saved["policy"] == "planner" and saved["split"] == "val"
+    assert saved["planner"]["solver"] == "cem" and saved["planner"]["samples"] == 16
+    assert 0 <= saved["ci95"][0] <= saved["success_rate"] <= saved["ci95"][1] <= 1
+    assert saved["mean_plan_seconds"] > 0
+    # Budget 50, plans of 25 raw steps: a first call for all episodes at step 0, a second at step 25 for the rest.
+    assert saved["plan_calls"][0] == {**saved["plan_calls"][0], "step": 0, "episodes": 3}
+    assert all(c["step"] in (0, 25) for c in saved["plan_calls"]) and len(saved["plan_calls"]) <= 2
+    traj = data.Trajectories(tiny_pusht)
+    val = set(load_checkpoint(ckpt)["val_episodes"])
+    for r in saved["per_episode"]:
+        assert r["episode"] in val and r["start_step"] + 25 <= traj.ep_len[r["episode"]] - 1
+        assert r["success"] == (r["first_success_step"] > 0) and np.isfinite(r["final_distance"])
+    assert res["successes"] == sum(r["success"] for r in saved["per_episode"])
+    gifs = os.listdir(tmp_path / "gifs") if os.path.isdir(tmp_path / "gifs") else []
+    assert len(gifs) == 3 or "needs Pillow or imageio" in capsys.readouterr().out
+
+
+def test_eval_start_rows_held_out_and_seeded(tiny_pusht):
+    """Start rows come only from the given episodes, leave room for the goal 25 steps later, and follow rng(42)."""
+    import data
+
+    traj = data.Trajectories(tiny_pusht)
+    eps = np.array([1, 4])
+    rows = evaluate.start_rows(traj, eps, 20, 25, seed=42)
+    valid = np.concatenate([traj.ep_offset[e] + np.arange(traj.ep_len[e] - 25) for e in eps])
+    assert np.array_equal(rows, np.sort(valid[np.random.default_rng(42).choice(len(valid), 20, replace=False)]))
+    ep = np.searchsorted(traj.ep_offset, rows, side="right") - 1
+    assert set(ep) <= set(eps) and (rows + 25 < traj.ep_offset[ep] + traj.ep_len[ep]).all()
+    with pytest.raises(ValueError, match="valid start rows"):
+        evaluate.start_rows(traj, eps, len(valid) + 1, 25, seed=42)
+
+
+def test_eval_random_policy_matches_independent_replay(tmp_path, tiny_tworoom):
+    """Random-policy outcomes equal a hand replay of the protocol (dataset start, goal state 25 rows later, freeze)."""
+    import data
+
+    ckpt = _eval_ckpt(tmp_path / "ckpt.pt", tiny_tworoom, "tworoom")
+    res = evaluate.main(_eval_cfg(ckpt, tmp_path, policy="random", episodes=8, split="train", budget=30))
+    traj = data.Trajectories(tiny_tworoom)
+    state = traj.cache("state")
+    for r in res["per_episode"]:
+        row = traj.ep_offset[r["episode"]] + r["start_step"]
+        env = envs.make_env("tworoom", img_size=32)
+        _, info = env.reset(seed=42 + r["index"], options={"state": state[row], "goal_state": state[row + 25]})
+        assert r["solved_at_start"] == envs.success("tworoom", state[row], state[row + 25]) == info["is_success"]
+        rng, first = np.random.default_rng(42 + r["index"]), -1
+        for t in range(30):
+            if env.step(rng.uniform(-1, 1, 2).astype(np.float32))[2]:
+                first = t + 1
+                break
+        assert (r["success"], r["first_success_step"]) == (first > 0, first)
+    assert res["solved_at_start"] == np.mean([r["solved_at_start"] for r in res["per_episode"]])
+    # A zero budget never steps an env: nothing succeeds, whatever is already solved at the start.
+    zero = evaluate.main(_eval_cfg(ckpt, tmp_path, policy="random", episodes=8, split="train", budget=0))
+    assert zero["successes"] == 0 and zero["solved_at_start"] == res["solved_at_start"]
+
+
+def test_eval_load_world_errors(tmp_path, tiny_pusht):
+    """load_world names the problem: missing checkpoint, env mismatch, action dim mismatch, no model source."""
+    with pytest.raises(FileNotFoundError, match="not found"):
+        evaluate.load_world(_eval_cfg(str(tmp_path / "nope.pt"), tmp_path))
+    ckpt = _eval_ckpt(tmp_path / "ckpt.pt", tiny_pusht, "pusht")
+    with pytest.raises(ValueError, match="does not match"):
+        evaluate.load_world(_eval_cfg(ckpt, tmp_path, env="cube"))
+    bad = _eval_ckpt(tmp_path / "bad.pt", tiny_pusht, "pusht", block_dims=25)
+    with pytest.raises(ValueError, match="action blocks"):
+        evaluate.load_world(_eval_cfg(bad, tmp_path))
+    with pytest.raises(ValueError, match="exactly one"):
+        evaluate.load_world(_eval_cfg("", tmp_path))
+    world = evaluate.load_world(_eval_cfg(ckpt, tmp_path))
+    assert not world.model.training and world.action_dim == 2 and world.frameskip == 5 and world.img_size == 32
+    assert set(world.train_eps).isdisjoint(world.val_eps) and len(world.train_eps) + len(world.val_eps) == 6
+
+
+def test_eval_adam_solver_and_wilson(tmp_path, tiny_pusht):
+    """The gradient solver runs under the same protocol; the Wilson interval matches known values."""
+    ckpt = _eval_ckpt(tmp_path / "ckpt.pt", tiny_pusht, "pusht")
+    res = evaluate.main(_eval_cfg(ckpt, tmp_path, solver="adam", episodes=2, samples=4, iterations=2, budget=10))
+    assert res["planner"]["solver"] == "adam" and len(res["plan_calls"]) == 1 and res["episodes"] == 2
+    lo, hi = evaluate.wilson(0, 50)
+    assert lo == 0 and abs(hi - 0.0713) < 1e-3
+    lo, hi = evaluate.wilson(25, 50)
+    assert abs(lo - 0.3664) < 1e-3 and abs(hi - 0.6336) < 1e-3

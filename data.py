@@ -1,0 +1,594 @@
+"""Trajectory datasets for LeWM: collect HDF5 files with a scripted policy, read them (ours and the official ones),
+split them by episode and serve training clips of frames and action blocks.
+
+Layout (spec/ENVS.md §2, stable-worldmodel `HDF5Dataset`): one file, every dataset at the root, axis 0 = global row.
+`ep_len` (E,) int32 and `ep_offset` (E,) int64 describe the episodes, which are stored one after another; every
+other dataset is a per-row column: `ep_idx` (or `episode_idx` in the official files) int32, `step_idx` int64,
+`pixels` (N, H, W, 3) uint8, `action` (N, A) float32 with row t holding the action taken at observation t (so the
+last row of each episode is NaN), and the env's info columns (state, goal_state, proprio, ...).
+
+Clips (spec/METHOD.md §2.1): T = history + num_preds = 3 + 1 frames at raw rows s, s+5, s+10, s+15, for every start
+s = 0..len-20 of every episode, with all 20 raw actions z-scored per raw step, NaN -> 0, and reshaped row-major into
+T blocks of frameskip * A. The model's `preprocess` turns the uint8 frames into floats; this file never does.
+
+Deliberately absent: image transforms, lance/folder formats, clip-level splitting (see the DEVIATION in
+`split_episodes`).
+
+Run (collection; `--workers` processes each roll out whole episodes, seeded by seed + episode index):
+    python data.py --env pusht --episodes 1000 --img_size 64 --out data/pusht_64.h5
+    python data.py --env pusht --episodes 200 --out data/pusht_64.h5 --append   # 200 more, same seed stream
+An interrupted run leaves only `<out>.tmp`; running the same command again resumes it.
+
+Dimension letters: B batch, T frames per clip, H/W image, A raw action dim, E episodes, N rows.
+"""
+
+import argparse
+import multiprocessing as mp
+import os
+import queue
+import shutil
+import threading
+import warnings
+from collections.abc import Iterator, Sequence
+from typing import Self
+
+import h5py
+import numpy as np
+import torch
+from tqdm import tqdm
+
+HISTORY = 3  # context frames (METHOD.md §2.1)
+NUM_PREDS = 1  # predicted frames per clip
+FRAMESKIP = 5  # raw steps between clip frames = raw actions per action block
+INDEX_COLUMNS = ("ep_idx", "episode_idx")  # our name, the official files' name
+EPISODE_COLUMNS = ("ep_len", "ep_offset")  # per-episode datasets; every other dataset is per-row
+REQUIRED_COLUMNS = ("ep_len", "ep_offset", "pixels", "action")
+PIXEL_CHUNK_BYTES = 1 << 18  # ~256 KB of raw pixels per chunk: 21 frames at 64 px, 1 frame at 224 px
+# gzip level 1, measured on PushT frames: 0.5 KB/frame at 64 px (lzf 1.2 KB), 4 KB at 224 px (lzf 5 KB), and
+# uncached clip reads as fast as or faster than lzf; level 4 saves another ~20% but writes at half the speed.
+PIXEL_COMPRESSION = {"compression": "gzip", "compression_opts": 1}
+TABLE_CHUNK_ROWS = 1024  # chunk rows of the small per-row columns (uncompressed, as in the official files)
+CACHE_LIMIT_BYTES = 2 << 30  # ClipLoader keeps pixels in RAM below this size (raw bytes)
+READ_CACHE_BYTES = 64 << 20  # HDF5 chunk cache per open file
+
+
+def _import_hdf5plugin() -> bool:
+    """Register the extra HDF5 filters (Blosc, used by the official files) when the optional package is installed."""
+    try:
+        import hdf5plugin  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# --- reading
+
+
+class Trajectories:
+    """Read-only view of one trajectory file: validated on open, any column readable by rows or by episode.
+
+    `ep_len`, `ep_offset` (int64 numpy arrays), `num_episodes`, `num_rows`, `columns` (per-row column names),
+    `index_column` ("ep_idx" or "episode_idx"). Reads: `rows(col, start, stop)`, `read(col, rows)` for arbitrary
+    row indices (chunk-aware), `episode(e, cols)`. `cache(col)` keeps a column in RAM for all later reads.
+    """
+
+    def __init__(self, path: str | os.PathLike, chunk_cache_bytes: int = READ_CACHE_BYTES):
+        self.path = os.fspath(path)
+        if not os.path.isfile(self.path):
+            raise FileNotFoundError(f"{self.path}: dataset file not found")
+        _import_hdf5plugin()
+        if not h5py.is_hdf5(self.path):
+            raise ValueError(f"{self.path}: not an HDF5 file")
+        try:
+            self.file = h5py.File(self.path, "r", rdcc_nbytes=chunk_cache_bytes, rdcc_nslots=100_003)
+        except OSError as e:
+            raise ValueError(f"{self.path}: cannot open as HDF5, the file is truncated or corrupted ({e})") from e
+        self._cache: dict[str, np.ndarray] = {}
+        try:
+            self._validate()
+        except OSError as e:
+            self.file.close()
+            raise ValueError(f"{self.path}: cannot read, the file is truncated or corrupted ({e})") from e
+        except Exception:
+            self.file.close()
+            raise
+
+    def _validate(self) -> None:
+        f, name = self.file, self.path
+        keys = list(f.keys())
+        index = [c for c in INDEX_COLUMNS if c in f]
+        missing = [c for c in REQUIRED_COLUMNS if c not in f] + ([] if index else ["ep_idx (or episode_idx)"])
+        if missing:
+            raise ValueError(f"{name}: missing columns {missing} (found {sorted(keys)})")
+        self.index_column = index[0]
+        for key in keys:
+            _check_filters(f[key], name)
+        self.ep_len = f["ep_len"][()].astype(np.int64).reshape(-1)
+        self.ep_offset = f["ep_offset"][()].astype(np.int64).reshape(-1)
+        if len(self.ep_len) != len(self.ep_offset) or len(self.ep_len) == 0:
+            raise ValueError(f"{name}: ep_len has {len(self.ep_len)} entries, ep_offset {len(self.ep_offset)}")
+        if (self.ep_len < 1).any():
+            raise ValueError(f"{name}: ep_len has entries < 1 (episode {int(np.argmax(self.ep_len < 1))})")
+        expected = np.concatenate([[0], np.cumsum(self.ep_len)[:-1]])
+        if not np.array_equal(self.ep_offset, expected):
+            e = int(np.argmax(self.ep_offset != expected))
+            raise ValueError(f"{name}: ep_offset is not the cumulative sum of ep_len (first mismatch at episode {e})")
+        self.num_episodes, self.num_rows = len(self.ep_len), int(self.ep_len.sum())
+        self.columns = [k for k in keys if k not in EPISODE_COLUMNS]
+        for c in self.columns:
+            if f[c].shape[:1] != (self.num_rows,):
+                raise ValueError(f"{name}: column {c} has shape {f[c].shape}, but ep_len sums to {self.num_rows} rows")
+        episode_of_row = np.repeat(np.arange(self.num_episodes), self.ep_len)  # (N,)
+        ep_idx = f[self.index_column][()].reshape(-1)
+        if not np.array_equal(ep_idx, episode_of_row):
+            r = int(np.argmax(ep_idx != episode_of_row))
+            raise ValueError(
+                f"{name}: {self.index_column} does not match ep_len/ep_offset (row {r} holds {ep_idx[r]}, "
+                f"expected episode {episode_of_row[r]})"
+            )
+        if "step_idx" in f:
+            step = np.arange(self.num_rows) - np.repeat(self.ep_offset, self.ep_len)  # (N,)
+            got = f["step_idx"][()].reshape(-1)
+            if not np.array_equal(got, step):
+                r = int(np.argmax(got != step))
+                raise ValueError(f"{name}: step_idx does not count 0..ep_len-1 (row {r} holds {got[r]})")
+        pixels = f["pixels"]
+        if pixels.ndim != 4 or pixels.shape[-1] != 3 or pixels.dtype != np.uint8:
+            raise ValueError(f"{name}: pixels must be uint8 (N, H, W, 3), got {pixels.dtype} {pixels.shape}")
+        action = f["action"]
+        if action.ndim != 2 or action.dtype.kind != "f":
+            raise ValueError(f"{name}: action must be float (N, A), got {action.dtype} {action.shape}")
+        action = self.cache("action")
+        bad = ~np.isfinite(action).all(axis=1)  # (N,)
+        bad[self.ep_offset + self.ep_len - 1] = False  # only the last row of an episode may be NaN
+        if bad.any():
+            r = int(np.argmax(bad))
+            e = int(episode_of_row[r])
+            raise ValueError(
+                f"{name}: non-finite action inside episode {e} at step {r - self.ep_offset[e]} "
+                f"(only the last row of an episode may be NaN)"
+            )
+        self.img_shape = tuple(pixels.shape[1:])  # (H, W, 3)
+        self.action_dim = int(action.shape[1])
+
+    def shape(self, column: str) -> tuple:
+        return tuple(self.file[column].shape)
+
+    def cache(self, column: str) -> np.ndarray:
+        """Load a whole column into RAM (once); later reads of it never touch the disk."""
+        if column not in self._cache:
+            self._cache[column] = self.file[column][()]
+        return self._cache[column]
+
+    def rows(self, column: str, start: int, stop: int) -> np.ndarray:
+        """Rows start..stop-1 of a column."""
+        if column in self._cache:
+            return self._cache[column][start:stop]
+        return self.file[column][start:stop]
+
+    def read(self, column: str, rows: np.ndarray) -> np.ndarray:
+        """Rows at arbitrary indices (any order, repeats allowed), reading each touched chunk once."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if column in self._cache:
+            return self._cache[column][rows]
+        ds = self.file[column]
+        uniq, inverse = np.unique(rows, return_inverse=True)  # sorted, so rows in one chunk are neighbours
+        chunk = ds.chunks[0] if ds.chunks else 1
+        out = np.empty((len(uniq),) + ds.shape[1:], ds.dtype)
+        breaks = np.flatnonzero(np.diff(uniq // chunk)) + 1  # start of each run of rows sharing a chunk
+        for group in np.split(np.arange(len(uniq)), breaks):
+            i, j = group[0], group[-1] + 1
+            lo, hi = int(uniq[i]), int(uniq[j - 1]) + 1
+            if hi - lo == j - i:  # a contiguous run: read straight into the output
+                ds.read_direct(out, np.s_[lo:hi], np.s_[i:j])
+            else:  # scattered rows inside one chunk: one read of the span (the chunk is decompressed once anyway)
+                out[i:j] = ds[lo:hi][uniq[i:j] - lo]
+        return out[inverse.reshape(-1)]
+
+    def episode(self, e: int, columns: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """All rows of episode e for the given columns (default: every per-row column)."""
+        if not 0 <= e < self.num_episodes:
+            raise IndexError(f"episode {e} out of range 0..{self.num_episodes - 1}")
+        start, stop = int(self.ep_offset[e]), int(self.ep_offset[e] + self.ep_len[e])
+        return {c: self.rows(c, start, stop) for c in (columns or self.columns)}
+
+    def close(self) -> None:
+        self.file.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _check_filters(ds: h5py.Dataset, name: str) -> None:
+    """Fail on open, not on the first read, when a dataset needs a compression filter this HDF5 lacks."""
+    dcpl = ds.id.get_create_plist()
+    for i in range(dcpl.get_nfilters()):
+        code, _, _, filter_name = dcpl.get_filter(i)
+        if not h5py.h5z.filter_avail(code):
+            hint = "pip install hdf5plugin" if not _import_hdf5plugin() else "update hdf5plugin"
+            raise ValueError(
+                f"{name}: column {ds.name[1:]} is compressed with HDF5 filter {code} "
+                f"({filter_name.decode(errors='replace') or 'unknown'}, e.g. Blosc in the official files), "
+                f"which this HDF5 cannot decode: {hint}"
+            )
+
+
+# --- split and normalisation
+
+
+def split_episodes(num_episodes: int, val_fraction: float = 0.1, seed: int = 3072) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic random split of episode indices into (train, val), each sorted."""
+    # DEVIATION: split by episode, not by clip (the official code splits clips 90/10, so validation clips share
+    # frames with training clips; evaluation and an honest validation loss need held-out episodes).
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    perm = np.random.default_rng(seed).permutation(num_episodes)
+    num_val = min(round(val_fraction * num_episodes), num_episodes - 1)
+    if val_fraction > 0 and num_episodes > 1:
+        num_val = max(num_val, 1)
+    return np.sort(perm[num_val:]), np.sort(perm[:num_val])
+
+
+def action_stats(traj: Trajectories, episodes: Sequence[int]) -> dict[str, list[float]]:
+    """Per-dimension mean and std (ddof=1, as torch.std) of the actions of `episodes`, NaN rows dropped.
+
+    Plain lists, so they can be saved in a checkpoint and loaded with `torch.load(weights_only=True)`.
+    """
+    # DEVIATION: statistics over the training episodes only (the official code uses the whole file, train and val).
+    episodes = np.asarray(episodes, dtype=np.int64)
+    rows = np.concatenate([np.arange(traj.ep_offset[e], traj.ep_offset[e] + traj.ep_len[e]) for e in episodes])
+    action = traj.read("action", rows).astype(np.float64)  # (rows, A)
+    action = action[np.isfinite(action).all(axis=1)]
+    if len(action) < 2:
+        raise ValueError(f"{traj.path}: fewer than 2 finite action rows in the given episodes")
+    mean, std = action.mean(axis=0), action.std(axis=0, ddof=1)
+    # DEVIATION: a constant action dim gets std 1 instead of a division by zero (the official code has no eps).
+    std = np.where(std > 0, std, 1.0)
+    return {"mean": mean.tolist(), "std": std.tolist()}
+
+
+def normalize_actions(action: np.ndarray, stats: dict) -> np.ndarray:
+    """Raw actions (..., A) -> z-scored float32 (..., A); non-finite (the NaN last rows) -> 0 after scaling."""
+    a = (np.asarray(action, np.float64) - np.asarray(stats["mean"])) / np.asarray(stats["std"])
+    return np.where(np.isfinite(a), a, 0.0).astype(np.float32)
+
+
+def denormalize_actions(action: np.ndarray, stats: dict) -> np.ndarray:
+    """z-scored actions (..., A) -> raw float32 actions (..., A); the inverse of `normalize_actions`."""
+    return (np.asarray(action, np.float64) * np.asarray(stats["std"]) + np.asarray(stats["mean"])).astype(np.float32)
+
+
+# --- clip loader
+
+
+class ClipLoader:
+    """Batches of clips from some episodes: (pixels uint8 (B, T, H, W, 3), actions float32 (B, T, frameskip * A)).
+
+    One clip per raw start row s = 0..len - T*frameskip of each episode (METHOD.md §2.1). Iterate one epoch with
+    `for batch in loader` / `loader.epoch(k)`, or forever (resumable by step) with `loader.steps(start_step)`.
+    The order of epoch k is a permutation from `np.random.default_rng([seed, k])`, so it is deterministic and
+    independent of how many epochs were run before. Batches are assembled in a background thread (`prefetch`
+    batches ahead). Pixels are kept in RAM when they fit in `CACHE_LIMIT_BYTES` (`cache=None`), else streamed
+    with chunk-aware reads (rows of a batch sorted, each chunk decompressed once).
+    With `world_size` > 1 each rank gets an equal, disjoint share of every epoch (for torchrun).
+    """
+
+    def __init__(
+        self,
+        traj: Trajectories,
+        episodes: Sequence[int],
+        stats: dict,
+        batch_size: int = 64,
+        history: int = HISTORY,
+        num_preds: int = NUM_PREDS,
+        frameskip: int = FRAMESKIP,
+        shuffle: bool = True,
+        drop_last: bool = True,
+        seed: int = 0,
+        prefetch: int = 4,
+        cache: bool | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        self.traj, self.batch_size, self.frameskip = traj, batch_size, frameskip
+        self.num_frames = history + num_preds
+        self.shuffle, self.drop_last, self.seed, self.prefetch = shuffle, drop_last, seed, prefetch
+        self.rank, self.world_size = rank, world_size
+        span = self.num_frames * frameskip  # raw rows (and raw actions) per clip
+        episodes = np.asarray(episodes, dtype=np.int64).reshape(-1)
+        if len(episodes) == 0:
+            raise ValueError(f"{traj.path}: no episodes to draw clips from")
+        if len(stats["mean"]) != traj.action_dim or len(stats["std"]) != traj.action_dim:
+            raise ValueError(f"action statistics have {len(stats['mean'])} dims, {traj.path} has {traj.action_dim}")
+        lens = traj.ep_len[episodes]
+        short = int((lens < span).sum())
+        if short == len(episodes):
+            raise ValueError(f"{traj.path}: all {len(episodes)} episodes are shorter than one clip ({span} rows)")
+        if short:
+            warnings.warn(
+                f"{traj.path}: skipping {short} of {len(episodes)} episodes shorter than one clip ({span} rows)",
+                stacklevel=2,
+            )
+        self.starts = np.concatenate(
+            [traj.ep_offset[e] + np.arange(traj.ep_len[e] - span + 1) for e in episodes[lens >= span]]
+        )  # (clips,) global row of each clip's first frame
+        self.action = normalize_actions(traj.cache("action"), stats)  # (N, A), normalised once for every clip
+        pixel_bytes = traj.num_rows * int(np.prod(traj.img_shape))
+        if cache or (cache is None and pixel_bytes <= CACHE_LIMIT_BYTES):
+            traj.cache("pixels")
+
+    def __len__(self) -> int:
+        per_rank = len(self.starts) // self.world_size
+        return per_rank // self.batch_size if self.drop_last else -(-per_rank // self.batch_size)
+
+    def _order(self, epoch: int) -> np.ndarray:
+        n = len(self.starts)
+        order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
+        per_rank = n // self.world_size  # equal shares so that every rank runs the same number of steps
+        return order[self.rank :: self.world_size][:per_rank]
+
+    def _batch_starts(self, epoch: int, start_batch: int = 0) -> Iterator[np.ndarray]:
+        order = self._order(epoch)
+        for b in range(start_batch, len(self)):
+            yield self.starts[order[b * self.batch_size : (b + 1) * self.batch_size]]
+
+    def _make_batch(self, starts: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        B, T, f = len(starts), self.num_frames, self.frameskip
+        obs_rows = starts[:, None] + f * np.arange(T)  # (B, T): rows s, s+5, s+10, s+15
+        act_rows = starts[:, None] + np.arange(T * f)  # (B, T*f): rows s..s+19
+        pixels = self.traj.read("pixels", obs_rows.reshape(-1)).reshape(B, T, *self.traj.img_shape)  # (B, T, H, W, 3)
+        actions = self.action[act_rows].reshape(B, T, -1)  # (B, T, f*A): block k = raw actions 5k..5k+4, row-major
+        return torch.from_numpy(pixels), torch.from_numpy(actions)
+
+    def _prefetched(self, batch_starts: Iterator[np.ndarray]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self.prefetch <= 0:
+            yield from map(self._make_batch, batch_starts)
+            return
+        q: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        stop, end = threading.Event(), object()
+
+        def put(item) -> None:
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.1)
+                    return
+                except queue.Full:
+                    continue
+
+        def work() -> None:
+            try:
+                for starts in batch_starts:
+                    if stop.is_set():
+                        return
+                    put(self._make_batch(starts))
+                put(end)
+            except Exception as e:  # noqa: BLE001 (handed to the consumer, which re-raises it)
+                put(e)
+
+        thread = threading.Thread(target=work, daemon=True)
+        thread.start()
+        try:
+            while (item := q.get()) is not end:
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            thread.join()
+
+    def epoch(self, epoch: int = 0, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The batches of one epoch, from batch `start_batch` on."""
+        return self._prefetched(self._batch_starts(epoch, start_batch))
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self.epoch(0)
+
+    def steps(self, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Batches forever, epoch after epoch; batch i of the stream is global step start_step + i."""
+        if len(self) == 0:
+            raise ValueError(f"{self.traj.path}: fewer clips ({len(self.starts)}) than one batch ({self.batch_size})")
+
+        def all_starts() -> Iterator[np.ndarray]:
+            epoch, batch = divmod(start_step, len(self))
+            while True:
+                yield from self._batch_starts(epoch, batch)
+                epoch, batch = epoch + 1, 0
+
+        return self._prefetched(all_starts())
+
+
+# --- collection
+
+_worker_env: tuple | None = None  # ((name, img_size), env): one env per worker process, reused across episodes
+
+
+def _rollout(job: tuple) -> dict[str, np.ndarray]:
+    """Roll out one episode with the env's scripted policy; returns its columns (T steps -> T+1 rows)."""
+    import envs  # imported here so that reading data needs neither envs.py nor its simulators
+
+    global _worker_env
+    name, img_size, policy, noise, episode_steps, episode_seed = job
+    if _worker_env is None or _worker_env[0] != (name, img_size):
+        _worker_env = ((name, img_size), envs.make_env(name, img_size=img_size))
+    env = _worker_env[1]
+    rng = np.random.default_rng(episode_seed)  # the episode's own stream: results do not depend on worker count
+    obs, info = env.reset(seed=int(rng.integers(2**31 - 1)))
+    pi = envs.make_policy(name, env, kind=policy, noise=noise, rng=rng)
+    pi.reset(info)
+    frames, infos, actions = [obs], [info], []
+    for _ in range(episode_steps):
+        a = np.asarray(pi(info), dtype=np.float32)
+        obs, _, terminated, truncated, info = env.step(a)
+        frames.append(obs)
+        infos.append(info)
+        actions.append(a)
+        if terminated or truncated:
+            break
+    nan_row = np.full((1, len(actions[0])), np.nan, dtype=np.float32)  # no action is taken at the last observation
+    episode = {"pixels": np.stack(frames), "action": np.concatenate([np.stack(actions), nan_row])}
+    for key in infos[0]:
+        column = key.replace("/", "_")  # as the official recorder sanitises keys
+        if column not in episode and column not in INDEX_COLUMNS + EPISODE_COLUMNS + ("step_idx",):
+            episode[column] = np.stack([np.asarray(i[key]) for i in infos])
+    return episode
+
+
+def _append_episode(f: h5py.File, episode: dict[str, np.ndarray]) -> None:
+    """Append one episode: the per-row columns first, ep_len/ep_offset last, so a crash leaves a repairable tail."""
+    num = len(episode["pixels"])
+    e = len(f["ep_len"]) if "ep_len" in f else 0
+    columns = dict(episode, ep_idx=np.full(num, e, np.int32), step_idx=np.arange(num, dtype=np.int64))
+    if "ep_len" not in f:
+        for c, x in columns.items():
+            if c == "pixels":
+                rows = max(1, PIXEL_CHUNK_BYTES // x[0].nbytes)
+                opts = {"chunks": (rows, *x.shape[1:]), **PIXEL_COMPRESSION}
+            else:
+                opts = {"chunks": (TABLE_CHUNK_ROWS, *x.shape[1:])}
+            f.create_dataset(c, shape=(0, *x.shape[1:]), maxshape=(None, *x.shape[1:]), dtype=x.dtype, **opts)
+        f.create_dataset("ep_len", shape=(0,), maxshape=(None,), dtype=np.int32, chunks=(TABLE_CHUNK_ROWS,))
+        f.create_dataset("ep_offset", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(TABLE_CHUNK_ROWS,))
+    expected = set(f.keys()) - set(EPISODE_COLUMNS)
+    if set(columns) != expected:
+        raise ValueError(f"{f.filename}: episode columns {sorted(columns)} differ from the file's {sorted(expected)}")
+    start = int(f["ep_offset"][-1] + f["ep_len"][-1]) if e else 0
+    for c, x in columns.items():
+        f[c].resize(start + num, axis=0)
+        f[c][start:] = x
+    for c, value in (("ep_len", num), ("ep_offset", start)):
+        f[c].resize(e + 1, axis=0)
+        f[c][e] = value
+    f.flush()
+
+
+def _repair(f: h5py.File) -> int:
+    """Drop a partly written last episode (rows beyond ep_offset[-1] + ep_len[-1]); returns the episodes kept."""
+    if "ep_len" not in f:
+        return 0
+    num_episodes = min(len(f["ep_len"]), len(f["ep_offset"]))
+    num_rows = int(f["ep_offset"][num_episodes - 1] + f["ep_len"][num_episodes - 1]) if num_episodes else 0
+    for c in f:
+        f[c].resize(num_episodes if c in EPISODE_COLUMNS else num_rows, axis=0)
+    return num_episodes
+
+
+def _episodes(jobs: list[tuple], workers: int) -> Iterator[dict[str, np.ndarray]]:
+    """Episodes in job order, rolled out in this process (workers <= 1) or in a pool of worker processes."""
+    if workers <= 1 or len(jobs) <= 1:
+        yield from map(_rollout, jobs)
+        return
+    # fork where available: workers start instantly and need no importable __main__; they never touch torch.
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    with mp.get_context(method).Pool(min(workers, len(jobs))) as pool:
+        yield from pool.imap(_rollout, jobs)
+
+
+def _check_settings(f: h5py.File, meta: dict) -> None:
+    """Resuming or appending must use the settings the file was collected with (they are its attributes)."""
+    stored = {k: v.item() if isinstance(v, np.generic) else v for k, v in f.attrs.items() if k in meta}
+    if stored != meta:
+        raise ValueError(f"{f.filename}: collected with {stored}, not {meta}; use the same settings or another --out")
+
+
+def default_data_path(env: str, img_size: int, episodes: int) -> str:
+    return os.path.join("data", f"{env}_{img_size}px_{episodes}ep.h5")
+
+
+def collect(
+    env: str,
+    episodes: int,
+    out: str,
+    img_size: int = 64,
+    policy: str | None = None,
+    noise: float | None = None,
+    seed: int = 0,
+    workers: int = 2,
+    episode_steps: int | None = None,
+    append: bool = False,
+) -> str:
+    """Collect `episodes` episodes of `env` into `out` (or add them to it with `append`); returns `out`.
+
+    Episode e (its position in the file) is rolled out with `np.random.default_rng(seed + e)`, so the content
+    depends neither on `workers` nor on interruptions. Work happens in `<out>.tmp`, renamed to `out` when complete;
+    if that tmp file exists (an interrupted run), collection resumes from the episodes it holds.
+    """
+    import envs
+
+    if env not in envs.ENV_DEFAULTS:
+        raise ValueError(f"unknown env {env!r}; valid names: {sorted(envs.ENV_DEFAULTS)}")
+    defaults = envs.ENV_DEFAULTS[env]
+    meta = {
+        "env": env,
+        "img_size": int(img_size),
+        "policy": policy or defaults["policy"],
+        "noise": float(defaults["noise"] if noise is None else noise),
+        "seed": int(seed),
+        "episode_steps": int(episode_steps or defaults["episode_steps"]),
+    }
+    out = os.fspath(out)
+    tmp = out + ".tmp"
+    if append:
+        if not os.path.isfile(out):
+            raise FileNotFoundError(f"{out}: nothing to append to")
+        with Trajectories(out) as traj:
+            _check_settings(traj.file, meta)
+            target = traj.num_episodes + episodes
+        if not os.path.exists(tmp):
+            shutil.copyfile(out, tmp)  # work on a copy: `out` stays valid until the final rename
+    else:
+        if os.path.exists(out):
+            raise FileExistsError(f"{out} already exists: pass --append to add episodes, or delete it")
+        target = episodes
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    try:
+        f = h5py.File(tmp, "a")
+    except OSError as e:  # a hard kill can leave the HDF5 metadata of the tmp file inconsistent
+        raise ValueError(f"{tmp}: cannot resume from this unreadable partial file ({e}); delete it") from e
+    with f:
+        if "ep_len" not in f:
+            f.attrs.update(meta)
+        _check_settings(f, meta)
+        done = _repair(f)
+        jobs = [
+            (env, meta["img_size"], meta["policy"], meta["noise"], meta["episode_steps"], seed + e)
+            for e in range(done, target)
+        ]
+        with tqdm(total=target, initial=done, desc=f"collect {env} {img_size}px", unit="ep") as bar:
+            for episode in _episodes(jobs, workers):
+                _append_episode(f, episode)
+                bar.update(1)
+    Trajectories(tmp).close()  # validate before the file looks finished
+    os.replace(tmp, out)
+    return out
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--env", required=True, help="pusht, tworoom, reacher or cube")
+    parser.add_argument("--episodes", type=int, required=True, help="episodes to collect (to add, with --append)")
+    parser.add_argument("--img_size", type=int, default=64, help="frame side in pixels (224 in the paper)")
+    parser.add_argument("--out", default=None, help="output .h5 (default data/<env>_<img>px_<episodes>ep.h5)")
+    parser.add_argument("--policy", default=None, help="scripted policy kind (default: envs.ENV_DEFAULTS)")
+    parser.add_argument("--noise", type=float, default=None, help="policy noise (default: envs.ENV_DEFAULTS)")
+    parser.add_argument("--episode_steps", type=int, default=None, help="max steps (default: envs.ENV_DEFAULTS)")
+    parser.add_argument("--seed", type=int, default=0, help="episode e uses np.random.default_rng(seed + e)")
+    parser.add_argument("--workers", type=int, default=2, help="worker processes rolling out episodes")
+    parser.add_argument("--append", action="store_true", help="add --episodes episodes to an existing --out")
+    args = parser.parse_args()
+    out = args.out or default_data_path(args.env, args.img_size, args.episodes)
+    collect(
+        args.env,
+        args.episodes,
+        out,
+        args.img_size,
+        args.policy,
+        args.noise,
+        args.seed,
+        args.workers,
+        args.episode_steps,
+        args.append,
+    )
+    print(out)
