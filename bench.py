@@ -28,7 +28,7 @@ def bench_envs(sizes: tuple[int, ...] = (64, 224), seconds: float = 2.0) -> list
             env.reset(seed=0)
             steps, start = 0, None
             while start is None or time.perf_counter() - start < seconds:
-                if steps == 20:  # warm-up (caches, first-step checks) excluded
+                if start is None and steps == 20:  # warm-up (caches, first-step checks) excluded
                     steps, start = 0, time.perf_counter()
                 _, _, terminated, truncated, _ = env.step(rng.uniform(-1, 1, env.action_space.shape).astype(np.float32))
                 if terminated or truncated:
@@ -128,7 +128,9 @@ def bench_train(cases: tuple = (("paper", 8, 2), ("cpu", 64, 5), ("tiny", 64, 5)
 
     rows = []
     print(f"training on CPU ({torch.get_num_threads()} threads), synthetic clips of 4 frames")
-    print(f"{'preset':8s} {'batch':>5s} {'dtype':>5s} {'ms/step':>9s} {'samples/s':>10s} {'GFLOP/step':>11s} {'GFLOP/s':>8s}")
+    print(
+        f"{'preset':8s} {'batch':>5s} {'dtype':>5s} {'ms/step':>9s} {'samples/s':>10s} {'GFLOP/step':>11s} {'GFLOP/s':>8s}"
+    )
     for preset, batch, steps in cases:
         for bf16 in (False, True):
             sec, flops = _train_step_time(preset, batch, bf16, steps)
@@ -142,7 +144,6 @@ def bench_train(cases: tuple = (("paper", 8, 2), ("cpu", 64, 5), ("tiny", 64, 5)
 
 # --- planning
 
-import time  # noqa: E402
 from dataclasses import replace  # noqa: E402
 
 import torch  # noqa: E402

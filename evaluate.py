@@ -508,10 +508,14 @@ def embed_frames(model: LeWM, frames: np.ndarray, device: torch.device) -> np.nd
     return np.concatenate([encode_frames(model, c, device)[:, 0].float().cpu().numpy() for c in chunks])
 
 
-def embed_rows(model: LeWM, traj: data.Trajectories, rows: np.ndarray, device: torch.device) -> np.ndarray:
-    """Embeddings (N, D) of the frames at dataset rows, read one encoder batch at a time."""
-    chunks = [traj.read("pixels", rows[i : i + ENCODE_BATCH]) for i in range(0, len(rows), ENCODE_BATCH)]
-    return np.concatenate([embed_frames(model, c, device) for c in chunks])
+def embed_rows(models: list[LeWM], traj: data.Trajectories, rows: np.ndarray, device: torch.device) -> list:
+    """Embeddings (N, D) of the frames at dataset rows under each model; each batch of frames is read once."""
+    out = [[] for _ in models]
+    for i in range(0, len(rows), ENCODE_BATCH):
+        frames = traj.read("pixels", rows[i : i + ENCODE_BATCH])  # (b, H, W, 3)
+        for z, model in zip(out, models):
+            z.append(embed_frames(model, frames, device))  # (b, D)
+    return [np.concatenate(z) for z in out]
 
 
 def probe_targets(traj: data.Trajectories, env: str, rows: np.ndarray) -> dict[str, np.ndarray]:
@@ -606,11 +610,13 @@ def run_probe(cfg: EvalConfig) -> dict:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         untrained = LeWM(world.model.cfg).to(world.device).eval()  # same architecture, fresh init: the floor
-    results = {}
-    for label, model in (("trained", world.model), ("untrained", untrained)):
-        z_train = embed_rows(model, world.traj, rows_train, world.device)  # (N_train, D)
-        z_val = embed_rows(model, world.traj, rows_val, world.device)  # (N_val, D)
-        results[label] = probe_model(z_train, z_val, targets_train, targets_val, cfg.probe_epochs, cfg.seed)
+    models = {"trained": world.model, "untrained": untrained}
+    z_train = embed_rows(list(models.values()), world.traj, rows_train, world.device)  # per model (N_train, D)
+    z_val = embed_rows(list(models.values()), world.traj, rows_val, world.device)  # per model (N_val, D)
+    results = {
+        label: probe_model(zt, zv, targets_train, targets_val, cfg.probe_epochs, cfg.seed)
+        for label, zt, zv in zip(models, z_train, z_val)
+    }
 
     n_train, n_val = len(rows_train), len(rows_val)
     print(

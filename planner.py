@@ -119,9 +119,8 @@ def cem(
                 candidates = candidates.clamp(*box)  # (B, S, N, A)
             costs = cost_fn(candidates)  # (B, S)
             elite_costs, idx = costs.topk(topk, dim=1, largest=False)  # (B, K), (B, K)  ascending
-            elites = torch.gather(
-                candidates, 1, idx[:, :, None, None].expand(-1, -1, horizon, action_dim)
-            )  # (B, K, N, A)
+            index = idx[:, :, None, None].expand(-1, -1, horizon, action_dim)  # (B, K, N, A)
+            elites = candidates.gather(1, index)  # (B, K, N, A)
             mean = elites.mean(dim=1)  # (B, N, A)  inside the box already: a mean of points in a convex box
             std = elites.std(dim=1)  # (B, N, A)  torch default: unbiased (ddof=1), as the reference
     return (mean, elite_costs) if return_costs else mean

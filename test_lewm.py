@@ -155,9 +155,14 @@ def export_official(model: LeWM, folder, hf5: bool = False):
     """Write the model in the released format: weights.pt (official key names) and config.json."""
     state = ours_to_official(model.state_dict())
     if hf5:
-        rename = [(".attention.attention.query.", ".attention.q_proj."), (".attention.attention.key.", ".attention.k_proj."),
-                  (".attention.attention.value.", ".attention.v_proj."), (".attention.output.dense.", ".attention.o_proj."),
-                  (".intermediate.dense.", ".mlp.fc1."), (".output.dense.", ".mlp.fc2.")]
+        rename = [
+            (".attention.attention.query.", ".attention.q_proj."),
+            (".attention.attention.key.", ".attention.k_proj."),
+            (".attention.attention.value.", ".attention.v_proj."),
+            (".attention.output.dense.", ".attention.o_proj."),
+            (".intermediate.dense.", ".mlp.fc1."),
+            (".output.dense.", ".mlp.fc2."),
+        ]
         new = {}
         for k, v in state.items():
             if k.startswith("encoder.encoder.layer."):
@@ -168,9 +173,21 @@ def export_official(model: LeWM, folder, hf5: bool = False):
         state = new
     cfg = model.cfg
     config = {
-        "encoder": {"size": "custom", "num_attention_heads": cfg.enc_heads, "patch_size": cfg.patch_size, "image_size": cfg.img_size},
-        "predictor": {"heads": cfg.pred_heads, "dim_head": cfg.pred_dim_head, "dropout": cfg.pred_dropout, "depth": cfg.pred_depth},
-        "action_encoder": {"input_dim": cfg.action_dim}, "projector": {}, "pred_proj": {},
+        "encoder": {
+            "size": "custom",
+            "num_attention_heads": cfg.enc_heads,
+            "patch_size": cfg.patch_size,
+            "image_size": cfg.img_size,
+        },
+        "predictor": {
+            "heads": cfg.pred_heads,
+            "dim_head": cfg.pred_dim_head,
+            "dropout": cfg.pred_dropout,
+            "depth": cfg.pred_depth,
+        },
+        "action_encoder": {"input_dim": cfg.action_dim},
+        "projector": {},
+        "pred_proj": {},
     }
     torch.save(state, os.path.join(folder, "weights.pt"))
     with open(os.path.join(folder, "config.json"), "w") as f:
@@ -199,7 +216,9 @@ def test_model_official_mismatch_names_keys(tmp_path):
     del state["pred_proj.net.3.bias"]
     state["projector.net.0.bias"] = torch.zeros(7)
     torch.save(state, weights)
-    with pytest.raises(ValueError, match=r"(?s)missing keys.*pred_proj\.net\.3\.bias.*mis-shaped.*projector\.net\.0\.bias"):
+    with pytest.raises(
+        ValueError, match=r"(?s)missing keys.*pred_proj\.net\.3\.bias.*mis-shaped.*projector\.net\.0\.bias"
+    ):
         load_official(weights, config)
 
 
@@ -232,6 +251,7 @@ def test_model_checkpoint_other_architecture_fails(tmp_path):
     with pytest.raises(ValueError, match="not a readable checkpoint"):
         load_checkpoint(str(bad))
 
+
 # --- sigreg tests
 
 import socket  # noqa: E402
@@ -245,8 +265,13 @@ def test_sigreg_gaussian_vs_degenerate():
     sig = SIGReg()
     gauss = torch.stack([sig(torch.randn(4, 256, 64)) for _ in range(5)]).mean()
     assert abs(gauss.item() - 1.0525) < 0.05
-    for bad in (torch.zeros(4, 256, 64), torch.randn(4, 256, 64) + 2.0, 0.1 * torch.randn(4, 256, 64),
-                3.0 * torch.randn(4, 256, 64), torch.randn(4, 256, 1).expand(4, 256, 64)):
+    for bad in (
+        torch.zeros(4, 256, 64),
+        torch.randn(4, 256, 64) + 2.0,
+        0.1 * torch.randn(4, 256, 64),
+        3.0 * torch.randn(4, 256, 64),
+        torch.randn(4, 256, 1).expand(4, 256, 64),
+    ):
         assert sig(bad).item() > 10 * gauss.item()
 
 
@@ -307,7 +332,153 @@ def test_sigreg_ddp_matches_single_process():
         assert abs(v - value.item()) < 1e-4
         torch.testing.assert_close(torch.tensor(grad), layer.weight.grad, rtol=1e-4, atol=1e-6)
 
+
 # --- env tests (pusht and common)
+
+import gymnasium as gym  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from gymnasium.utils.env_checker import check_env  # noqa: E402
+from pymunk.vec2d import Vec2d  # noqa: E402
+
+import envs  # noqa: E402
+
+REGISTERED_ENVS = [name for name, env_id in envs.ENV_IDS.items() if env_id in gym.registry]
+
+
+def _rollout(env, seed: int, actions) -> tuple[list, list]:
+    obs, info = env.reset(seed=seed)
+    frames, infos = [obs], [info]
+    for a in actions:
+        obs, _, _, _, info = env.step(a)
+        frames.append(obs)
+        infos.append(info)
+    return frames, infos
+
+
+def test_env_pusht_check_env():
+    """PushT passes gymnasium's env checker (spaces, seeding, render)."""
+    check_env(gym.make(envs.ENV_IDS["pusht"], img_size=64).unwrapped, skip_render_check=False)
+
+
+def test_env_pusht_deterministic():
+    """Same seed and actions give identical frames, states and infos."""
+    actions = np.random.default_rng(0).uniform(-1, 1, (40, 2)).astype(np.float32)
+    (f1, i1), (f2, i2) = (_rollout(envs.PushTEnv(img_size=64), 7, actions) for _ in range(2))
+    for a, b in zip(f1, f2):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(i1, i2):
+        assert a.keys() == b.keys()
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_env_pusht_step_matches_reference_arithmetic():
+    """The per-component PD loop is bit-identical to the reference's Vec2d expression, for float32 and float64."""
+
+    def reference_step(env, action):
+        target = env.agent.position + action * env.action_scale
+        for _ in range(10):
+            acceleration = env.k_p * (target - env.agent.position) + env.k_v * (Vec2d(0, 0) - env.agent.velocity)
+            env.agent.velocity += acceleration * env.dt
+            env.space.step(env.dt)
+
+    for dtype in (np.float32, np.float64):
+        ours, ref = envs.PushTEnv(img_size=32), envs.PushTEnv(img_size=32)
+        start = {"state": [230.0, 300.0, 250.0, 250.0, 0.3, 0.0, 0.0], "goal_state": [0, 0, 0, 0, 0, 0, 0]}
+        ours.reset(seed=0, options=start)
+        ref.reset(seed=0, options=start)
+        actions = np.random.default_rng(1).uniform(-1, 1, (60, 2)).astype(dtype)
+        for a in actions:
+            ours.step(a)
+            reference_step(ref, a)
+        np.testing.assert_array_equal(ours._get_state(), ref._get_state())
+        assert ours.block.position != (250.0, 250.0)  # the pusher did touch the block
+
+
+def test_env_pusht_options_set_state():
+    """options["state"] reproduces the state after the setter's one 0.01 s step (agent moves by v * 0.01)."""
+    env = envs.PushTEnv(img_size=32)
+    goal = np.array([400.0, 100.0, 300.0, 320.0, 1.0, 0.0, 0.0])
+    at_rest = np.array([80.0, 90.0, 250.0, 260.0, 2.5, 0.0, 0.0])
+    _, info = env.reset(seed=1, options={"state": at_rest, "goal_state": goal})
+    np.testing.assert_allclose(info["state"], at_rest, rtol=0, atol=1e-9)
+    np.testing.assert_array_equal(info["goal_state"], goal)
+    moving = np.array([80.0, 90.0, 250.0, 260.0, 2.5 + 2 * np.pi, 120.0, -40.0])  # angle is stored mod 2 pi
+    _, info = env.reset(seed=2, options={"state": moving, "goal_state": goal})
+    expected = moving.copy()
+    expected[:2] += 0.01 * moving[5:7]
+    expected[4] = 2.5
+    np.testing.assert_allclose(info["state"], expected, rtol=0, atol=1e-9)
+    np.testing.assert_array_equal(info["proprio"], info["state"][[0, 1, 5, 6]])
+
+
+def test_env_pusht_success_thresholds():
+    """Success needs ||d(agent, block xy)|| < 20 and wrapped angle error < pi/9; terminated follows it."""
+    g = np.array([200.0, 200.0, 300.0, 300.0, 0.05, 0.0, 0.0])
+    shift = lambda dist: g + np.array([dist / 2, 0, 0, dist * np.sqrt(3) / 2, 0, 50, 50])  # noqa: E731
+    assert envs.pusht_success(shift(19.9), g) and not envs.pusht_success(shift(20.1), g)
+    turn = lambda d: g + np.array([0, 0, 0, 0, d, 0, 0])  # noqa: E731
+    assert envs.pusht_success(turn(np.pi / 9 - 0.01), g) and not envs.pusht_success(turn(np.pi / 9 + 0.01), g)
+    assert envs.pusht_success(turn(-0.1 + 2 * np.pi), g)  # wraps around 2 pi
+    env = envs.PushTEnv(img_size=32)
+    _, info = env.reset(seed=0, options={"state": g, "goal_state": g})
+    assert info["is_success"]
+    assert env.step(np.zeros(2, np.float32))[2]
+    env.reset(seed=0, options={"state": shift(25.0), "goal_state": g})
+    assert not env.step(np.zeros(2, np.float32))[2]
+
+
+def test_env_pusht_expert_solves_most_tasks():
+    """The scripted expert reaches the PushT success criterion within 300 steps on most random tasks."""
+    env = envs.make_env("pusht", img_size=32)
+    solved = 0
+    for seed in range(12):
+        _, info = env.reset(seed=seed)
+        policy = envs.make_policy("pusht", env, kind="expert", noise=0.0, rng=np.random.default_rng(seed))
+        policy.reset(info)
+        for _ in range(300):
+            _, _, terminated, _, info = env.step(policy(info))
+            if terminated:
+                solved += 1
+                break
+    assert solved >= 8, f"expert solved {solved}/12"  # about 90 % over seeds 0..199
+
+
+@pytest.mark.parametrize("img_size", [64, 224])
+def test_env_pusht_frames(img_size):
+    """Frames are uint8 (img_size, img_size, 3), render() equals the observation, and the pusher shows up."""
+    env = envs.make_env("pusht", img_size=img_size)
+    obs, _ = env.reset(seed=0, options={"state": [100.0, 100.0, 300.0, 300.0, 0.0, 0.0, 0.0]})
+    assert obs.dtype == np.uint8 and obs.shape == (img_size, img_size, 3)
+    np.testing.assert_array_equal(env.render(), obs)
+    obs2 = env.step(np.array([1.0, 1.0], np.float32))[0]
+    np.testing.assert_array_equal(env.render(), obs2)
+    assert (obs2 != obs).any()
+    x = int(100.5 * img_size / 512)  # the pusher's centre pixel is its inner (light blue) colour
+    np.testing.assert_allclose(obs[x, x], envs.AGENT_FILL, atol=2)
+
+
+def test_env_make_env_rejects_unknown_name():
+    """make_env raises ValueError naming the valid envs."""
+    with pytest.raises(ValueError, match="pusht"):
+        envs.make_env("nope")
+
+
+@pytest.mark.parametrize("name", REGISTERED_ENVS)
+def test_env_registered_check_env_and_determinism(name):
+    """Every registered env passes check_env, and the same seed and actions give the same frames and infos."""
+    env = gym.make(envs.ENV_IDS[name], img_size=64)
+    check_env(env.unwrapped, skip_render_check=False)
+    actions = np.random.default_rng(0).uniform(-1, 1, (10, *env.action_space.shape)).astype(np.float32)
+    (f1, i1), (f2, i2) = (_rollout(gym.make(envs.ENV_IDS[name], img_size=64), 3, actions) for _ in range(2))
+    for a, b in zip(f1, f2):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(i1, i2):
+        assert a.keys() == b.keys()
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k])
+
 
 # --- env tests (tworoom, reacher)
 
@@ -898,8 +1069,6 @@ def test_data_append_matches_single_run(tmp_path, pusht_file):
 
 # --- plan tests
 
-import torch  # noqa: E402
-
 from planner import cem, gradient_plan, warm_start  # noqa: E402
 
 
@@ -1018,8 +1187,19 @@ def tiny_pusht(tmp_path_factory):
 
 
 def tiny_cfg(tmp_path, data_path, **kw) -> "train.TrainConfig":
-    base = dict(env="pusht", preset="tiny", data=data_path, out_dir=str(tmp_path / "run"), max_steps=8,
-                log_every=1, eval_every=4, ckpt_every=4, val_batches=2, num_proj=128, device="cpu")
+    base = dict(
+        env="pusht",
+        preset="tiny",
+        data=data_path,
+        out_dir=str(tmp_path / "run"),
+        max_steps=8,
+        log_every=1,
+        eval_every=4,
+        ckpt_every=4,
+        val_batches=2,
+        num_proj=128,
+        device="cpu",
+    )
     return train.TrainConfig(**{**base, **kw})
 
 
@@ -1094,8 +1274,22 @@ def test_train_nan_loss_keeps_last_checkpoint(tmp_path, tiny_pusht, monkeypatch)
 def test_train_cli_end_to_end_collects_data(tmp_path):
     """The real CLI with the tiny preset collects its own dataset, trains, and writes checkpoint and metrics."""
     repo = os.path.dirname(os.path.abspath(__file__))
-    cmd = [sys.executable, os.path.join(repo, "train.py"), "--env", "tworoom", "--preset", "tiny", "--max_steps", "3",
-           "--log_every", "1", "--num_proj", "64", "--val_batches", "1"]
+    cmd = [
+        sys.executable,
+        os.path.join(repo, "train.py"),
+        "--env",
+        "tworoom",
+        "--preset",
+        "tiny",
+        "--max_steps",
+        "3",
+        "--log_every",
+        "1",
+        "--num_proj",
+        "64",
+        "--val_batches",
+        "1",
+    ]
     out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert os.path.exists(tmp_path / "data" / "tworoom_32px_6ep.h5")
@@ -1106,11 +1300,38 @@ def test_train_cli_end_to_end_collects_data(tmp_path):
 def test_train_torchrun_matches_single_process(tmp_path, tiny_pusht):
     """A 2-process torchrun (gloo) run logs the same losses as one process with the same global batch."""
     repo = os.path.dirname(os.path.abspath(__file__))
-    args = ["--env", "pusht", "--preset", "tiny", "--data", tiny_pusht, "--max_steps", "3", "--log_every", "1",
-            "--eval_every", "100", "--num_proj", "64", "--dropout", "0", "--device", "cpu"]
+    args = [
+        "--env",
+        "pusht",
+        "--preset",
+        "tiny",
+        "--data",
+        tiny_pusht,
+        "--max_steps",
+        "3",
+        "--log_every",
+        "1",
+        "--eval_every",
+        "100",
+        "--num_proj",
+        "64",
+        "--dropout",
+        "0",
+        "--device",
+        "cpu",
+    ]
     single = train.main(train.parse_args(args + ["--out_dir", str(tmp_path / "one")]))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(repo, "train.py"), *args, "--out_dir", str(tmp_path / "two")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        os.path.join(repo, "train.py"),
+        *args,
+        "--out_dir",
+        str(tmp_path / "two"),
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-3000:]
     one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
@@ -1118,6 +1339,7 @@ def test_train_torchrun_matches_single_process(tmp_path, tiny_pusht):
     for step in (1, 2, 3):
         assert abs(one[step]["loss"] - two[step]["loss"]) < 2e-3 * abs(one[step]["loss"]), (one[step], two[step])
     assert single["steps"] == 3
+
 
 # --- eval tests
 
