@@ -27,9 +27,13 @@ import multiprocessing as mp
 import os
 import queue
 import shutil
+import signal
 import threading
 import warnings
+from collections import deque
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from itertools import islice
 from typing import Self
 
 import h5py
@@ -327,8 +331,15 @@ class ClipLoader:
     def _order(self, epoch: int) -> np.ndarray:
         n = len(self.starts)
         order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
-        per_rank = n // self.world_size  # equal shares so that every rank runs the same number of steps
-        return order[self.rank :: self.world_size][:per_rank]
+        if self.world_size == 1:
+            return order
+        # Rank r takes the r-th slice of every global batch, so the ranks' batch b together are exactly batch b of
+        # one process with batch_size * world_size; the last partial global batch is shared out evenly.
+        g = self.batch_size * self.world_size
+        full = n // g * g
+        head = order[:full].reshape(-1, self.world_size, self.batch_size)[:, self.rank].reshape(-1)
+        tail = order[full:]
+        return np.concatenate([head, tail[self.rank :: self.world_size][: len(tail) // self.world_size]])
 
     def _batch_starts(self, epoch: int, start_batch: int = 0) -> Iterator[np.ndarray]:
         order = self._order(epoch)
@@ -425,7 +436,7 @@ def _rollout(job: tuple) -> dict[str, np.ndarray]:
         frames.append(obs)
         infos.append(info)
         actions.append(a)
-        if terminated or truncated:
+        if truncated or (terminated and envs.ENV_DEFAULTS[name]["stop_on_success"]):
             break
     nan_row = np.full((1, len(actions[0])), np.nan, dtype=np.float32)  # no action is taken at the last observation
     episode = {"pixels": np.stack(frames), "action": np.concatenate([np.stack(actions), nan_row])}
@@ -475,15 +486,35 @@ def _repair(f: h5py.File) -> int:
     return num_episodes
 
 
-def _episodes(jobs: list[tuple], workers: int) -> Iterator[dict[str, np.ndarray]]:
-    """Episodes in job order, rolled out in this process (workers <= 1) or in a pool of worker processes."""
-    if workers <= 1 or len(jobs) <= 1:
+def _ignore_sigint() -> None:
+    """Workers leave Ctrl-C to the main process, which stops the pool (a worker killed mid-task can hang a Pool)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _start_pool(workers: int) -> ProcessPoolExecutor:
+    """Worker processes, all started now: before the HDF5 file is opened, so that no worker inherits its handle
+    (a forked copy would keep the file locked after the writer closes it)."""
+    # fork where available: workers start instantly and need no importable __main__; they never touch torch.
+    context = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_ignore_sigint)
+    pool.submit(os.getpid).result()  # a fork pool launches every worker on its first task
+    return pool
+
+
+def _episodes(jobs: list[tuple], pool: ProcessPoolExecutor | None, workers: int) -> Iterator[dict[str, np.ndarray]]:
+    """Episodes in job order, rolled out in this process (no pool) or by the pool's workers.
+
+    At most 2 * workers episodes are in flight, so finished episodes never pile up in memory ahead of the writer.
+    """
+    if pool is None:
         yield from map(_rollout, jobs)
         return
-    # fork where available: workers start instantly and need no importable __main__; they never touch torch.
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    with mp.get_context(method).Pool(min(workers, len(jobs))) as pool:
-        yield from pool.imap(_rollout, jobs)
+    todo, pending = iter(jobs), deque()
+    pending.extend(pool.submit(_rollout, job) for job in islice(todo, 2 * workers))
+    while pending:
+        episode = pending.popleft().result()
+        pending.extend(pool.submit(_rollout, job) for job in islice(todo, 1))
+        yield episode
 
 
 def _check_settings(f: h5py.File, meta: dict) -> None:
@@ -528,6 +559,8 @@ def collect(
         "seed": int(seed),
         "episode_steps": int(episode_steps or defaults["episode_steps"]),
     }
+    if episodes < 1 or meta["episode_steps"] < 1:
+        raise ValueError(f"episodes and episode_steps must be >= 1, got {episodes} and {meta['episode_steps']}")
     out = os.fspath(out)
     tmp = out + ".tmp"
     if append:
@@ -544,22 +577,28 @@ def collect(
         target = episodes
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     try:
-        f = h5py.File(tmp, "a")
+        with h5py.File(tmp, "a") as f:
+            if "ep_len" not in f:
+                f.attrs.update(meta)
+            _check_settings(f, meta)
+            done = _repair(f)
     except OSError as e:  # a hard kill can leave the HDF5 metadata of the tmp file inconsistent
         raise ValueError(f"{tmp}: cannot resume from this unreadable partial file ({e}); delete it") from e
-    with f:
-        if "ep_len" not in f:
-            f.attrs.update(meta)
-        _check_settings(f, meta)
-        done = _repair(f)
-        jobs = [
-            (env, meta["img_size"], meta["policy"], meta["noise"], meta["episode_steps"], seed + e)
-            for e in range(done, target)
-        ]
-        with tqdm(total=target, initial=done, desc=f"collect {env} {img_size}px", unit="ep") as bar:
-            for episode in _episodes(jobs, workers):
+    jobs = [
+        (env, meta["img_size"], meta["policy"], meta["noise"], meta["episode_steps"], seed + e)
+        for e in range(done, target)
+    ]
+    workers = min(workers, len(jobs))
+    pool = _start_pool(workers) if workers > 1 else None
+    try:
+        bar = tqdm(total=target, initial=done, desc=f"collect {env} {img_size}px", unit="ep")
+        with h5py.File(tmp, "a") as f, bar:
+            for episode in _episodes(jobs, pool, workers):
                 _append_episode(f, episode)
                 bar.update(1)
+    finally:
+        if pool is not None:  # on an interruption: drop queued episodes, do not wait for the running ones
+            pool.shutdown(wait=False, cancel_futures=True)
     Trajectories(tmp).close()  # validate before the file looks finished
     os.replace(tmp, out)
     return out

@@ -857,6 +857,9 @@ def test_data_clips_match_hand_computed_rows(tmp_path):
                 want = (raw[s : s + 20].astype(np.float64) - stats["mean"]) / stats["std"]  # (20, 2)
                 want = np.nan_to_num(want, nan=0.0).reshape(4, 10)
                 np.testing.assert_allclose(actions[i].numpy(), want, rtol=1e-6, atol=1e-6)
+        finite = raw[np.isfinite(raw).all(1)]
+        round_trip = data.denormalize_actions(data.normalize_actions(finite, stats), stats)
+        np.testing.assert_allclose(round_trip, finite, rtol=1e-5, atol=1e-5)
 
 
 def test_data_official_layout_loads(tmp_path):
@@ -1317,6 +1320,7 @@ def test_train_torchrun_matches_single_process(tmp_path, tiny_pusht):
         "64",
         "--dropout",
         "0",
+        "--no-bf16",
         "--device",
         "cpu",
     ]
@@ -1337,7 +1341,7 @@ def test_train_torchrun_matches_single_process(tmp_path, tiny_pusht):
     one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
     assert sorted(one) == sorted(two) == [1, 2, 3]
     for step in (1, 2, 3):
-        assert abs(one[step]["loss"] - two[step]["loss"]) < 2e-3 * abs(one[step]["loss"]), (one[step], two[step])
+        assert abs(one[step]["loss"] - two[step]["loss"]) < 1e-4 * abs(one[step]["loss"]), (one[step], two[step])
     assert single["steps"] == 3
 
 
