@@ -5,14 +5,20 @@ Run: python bench.py            (everything)
 """
 
 import argparse
+import os
+import tempfile
+import time
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+import data
+import envs
+from model import PRESETS, LeWM
+from planner import cem
 
 # --- simulators
-
-import time  # noqa: E402
-
-import numpy as np  # noqa: E402
-
-import envs  # noqa: E402
 
 
 def bench_envs(sizes: tuple[int, ...] = (64, 224), seconds: float = 2.0) -> list[dict]:
@@ -43,12 +49,6 @@ def bench_envs(sizes: tuple[int, ...] = (64, 224), seconds: float = 2.0) -> list
 
 
 # --- data loading
-
-
-import os
-import tempfile
-
-import data
 
 
 def bench_data(env: str = "pusht", episodes: int = 30, sizes: tuple = (64, 224), batches: int = 20) -> list[dict]:
@@ -144,12 +144,6 @@ def bench_train(cases: tuple = (("paper", 8, 2), ("cpu", 64, 5), ("tiny", 64, 5)
 
 # --- planning
 
-from dataclasses import replace  # noqa: E402
-
-import torch  # noqa: E402
-
-from model import PRESETS, LeWM  # noqa: E402
-from planner import cem  # noqa: E402
 
 PLAN_ACTION_DIM = 10  # PushT action block: frameskip 5 x 2-d actions
 PLAN_ITERS = 30  # METHOD.md §4.2: 300 samples x 30 iterations, top 30, horizon 5

@@ -3,16 +3,28 @@
 Run: python -m pytest -q test_lewm.py
 """
 
-# --- model tests
+import dataclasses
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
 
-import dataclasses  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
+import gymnasium as gym
+import h5py
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+from gymnasium.utils.env_checker import check_env
+from pymunk.vec2d import Vec2d
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from model import (  # noqa: E402
+import data
+import envs
+import evaluate
+import train
+from model import (
     PRESETS,
     LeWM,
     lewm_loss,
@@ -22,7 +34,10 @@ from model import (  # noqa: E402
     ours_to_official,
     save_checkpoint,
 )
-from sigreg import SIGReg  # noqa: E402
+from planner import cem, gradient_plan, warm_start
+from sigreg import SIGReg
+
+# --- model tests
 
 
 def tiny_model(action_dim: int = 10, seed: int = 0) -> LeWM:
@@ -254,10 +269,6 @@ def test_model_checkpoint_other_architecture_fails(tmp_path):
 
 # --- sigreg tests
 
-import socket  # noqa: E402
-
-import torch.multiprocessing as mp  # noqa: E402
-
 
 def test_sigreg_gaussian_vs_degenerate():
     """SIGReg is about 1.05 for Gaussian embeddings and far larger for collapsed, shifted or mis-scaled ones."""
@@ -335,13 +346,6 @@ def test_sigreg_ddp_matches_single_process():
 
 # --- env tests (pusht and common)
 
-import gymnasium as gym  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-from gymnasium.utils.env_checker import check_env  # noqa: E402
-from pymunk.vec2d import Vec2d  # noqa: E402
-
-import envs  # noqa: E402
 
 REGISTERED_ENVS = [name for name, env_id in envs.ENV_IDS.items() if env_id in gym.registry]
 
@@ -481,12 +485,6 @@ def test_env_registered_check_env_and_determinism(name):
 
 
 # --- env tests (tworoom, reacher)
-
-import math  # noqa: E402
-
-import numpy as np  # noqa: E402
-
-import envs  # noqa: E402
 
 
 def test_env_tworoom_success_threshold():
@@ -800,9 +798,6 @@ def test_env_cube_render():
 
 
 # --- data tests
-import h5py
-
-import data
 
 
 def _data_file(path, lens=(25, 30, 22), img=4, index="ep_idx", **edit):
@@ -1072,8 +1067,6 @@ def test_data_append_matches_single_run(tmp_path, pusht_file):
 
 # --- plan tests
 
-from planner import cem, gradient_plan, warm_start  # noqa: E402
-
 
 def _quadratic(target):
     """Cost (B, S) = squared distance of each candidate (B, S, N, A) to a per-problem target (B, N, A)."""
@@ -1174,17 +1167,10 @@ def test_plan_gradient_finds_minimiser_and_returns_best():
 
 # --- train tests
 
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-
-import train  # noqa: E402
-
 
 @pytest.fixture(scope="module")
 def tiny_pusht(tmp_path_factory):
     """A 6-episode, 32-px PushT dataset collected with the real collector."""
-    import data
-
     path = str(tmp_path_factory.mktemp("data") / "pusht_tiny.h5")
     return data.collect("pusht", 6, path, img_size=32, workers=1)
 
@@ -1213,8 +1199,6 @@ def read_metrics(out_dir) -> dict:
 
 def test_train_main_lowers_loss_on_fixed_batch(tmp_path, tiny_pusht):
     """main() trains in-process: the loss of a fixed batch is lower after training than at initialisation."""
-    import data
-
     cfg = tiny_cfg(tmp_path, tiny_pusht, max_steps=25, lr=3e-3)
     traj = data.Trajectories(tiny_pusht)
     train_eps, _ = data.split_episodes(traj.num_episodes, cfg.val_fraction, seed=3072)
@@ -1347,9 +1331,6 @@ def test_train_torchrun_matches_single_process(tmp_path, tiny_pusht):
 
 # --- eval tests
 
-import evaluate  # noqa: E402
-from model import save_checkpoint  # noqa: E402
-
 
 class _CentroidModel(torch.nn.Module):
     """Hand-built TwoRoom world model: z = the agent's (x, y) in 224-px units (colour-blind chroma centroid) and
@@ -1376,8 +1357,6 @@ class _CentroidModel(torch.nn.Module):
 
 def test_eval_surprise_teleport_spikes_on_position_tracking_model(tiny_tworoom):
     """A model tracking the agent exactly: surprise ~0 on real steps, huge at teleports, blind to recolouring."""
-    import data
-
     traj = data.Trajectories(tiny_tworoom)
     eps = np.arange(traj.num_episodes)
     stats = data.action_stats(traj, eps)
@@ -1444,8 +1423,6 @@ def test_eval_probe_linear_recovers_linear_quantity():
 
 def _eval_ckpt(path, data_path, env, block_dims=None, seed=0) -> str:
     """A tiny-preset checkpoint in train.py's format (random weights) for the dataset at data_path."""
-    import data
-
     traj = data.Trajectories(data_path)
     train_eps, val_eps = data.split_episodes(traj.num_episodes, 0.34, seed=3072)
     mcfg = dataclasses.replace(PRESETS["tiny"], action_dim=block_dims or data.FRAMESKIP * traj.action_dim)
@@ -1462,8 +1439,6 @@ def _eval_ckpt(path, data_path, env, block_dims=None, seed=0) -> str:
 @pytest.fixture(scope="module")
 def tiny_tworoom(tmp_path_factory):
     """A 6-episode, 32-px TwoRoom dataset collected with the real collector."""
-    import data
-
     return data.collect("tworoom", 6, str(tmp_path_factory.mktemp("data") / "tworoom_tiny.h5"), img_size=32, workers=1)
 
 
@@ -1474,8 +1449,6 @@ def _eval_cfg(ckpt, tmp_path, **kw) -> "evaluate.EvalConfig":
 
 def test_eval_plan_end_to_end_writes_json(tmp_path, tiny_pusht, capsys):
     """The default CLI subcommand runs batched CEM MPC from held-out starts and writes every required JSON field."""
-    import data
-
     ckpt = _eval_ckpt(tmp_path / "ckpt.pt", tiny_pusht, "pusht")
     argv = ["--ckpt", ckpt, "--episodes", "3", "--samples", "16", "--iterations", "2", "--topk", "4", "--device",
             "cpu", "--out", str(tmp_path / "r.json"), "--video", str(tmp_path / "gifs")]  # fmt: skip
@@ -1506,8 +1479,6 @@ def test_eval_plan_end_to_end_writes_json(tmp_path, tiny_pusht, capsys):
 
 def test_eval_start_rows_held_out_and_seeded(tiny_pusht):
     """Start rows come only from the given episodes, leave room for the goal 25 steps later, and follow rng(42)."""
-    import data
-
     traj = data.Trajectories(tiny_pusht)
     eps = np.array([1, 4])
     rows = evaluate.start_rows(traj, eps, 20, 25, seed=42)
@@ -1521,8 +1492,6 @@ def test_eval_start_rows_held_out_and_seeded(tiny_pusht):
 
 def test_eval_random_policy_matches_independent_replay(tmp_path, tiny_tworoom):
     """Random-policy outcomes equal a hand replay of the protocol (dataset start, goal state 25 rows later, freeze)."""
-    import data
-
     ckpt = _eval_ckpt(tmp_path / "ckpt.pt", tiny_tworoom, "tworoom")
     res = evaluate.main(_eval_cfg(ckpt, tmp_path, policy="random", episodes=8, split="train", budget=30))
     traj = data.Trajectories(tiny_tworoom)
