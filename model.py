@@ -469,6 +469,16 @@ def _pattern(template: str) -> re.Pattern:
     return re.compile(f"^{esc}$")
 
 
+def _rename(key: str, to_ours: bool) -> str | None:
+    """Map one key through _KEY_MAP (official -> ours, or back); None when no pattern matches."""
+    for theirs, ours in _KEY_MAP:
+        src, dst = (theirs, ours) if to_ours else (ours, theirs)
+        m = _pattern(src).match(key)
+        if m:
+            return dst.format(**m.groupdict())
+    return None
+
+
 def official_to_ours(state: dict) -> dict:
     """Rename an official state dict (transformers 4.x or 5.x encoder names) to this module's names."""
     state = dict(state)
@@ -482,13 +492,7 @@ def official_to_ours(state: dict) -> dict:
         if m:
             qkv.setdefault((m["i"], m["p"]), {})[m["name"]] = value
             continue
-        for theirs, ours in _KEY_MAP:
-            m = _pattern(theirs).match(key)
-            if m:
-                out[ours.format(**m.groupdict())] = value
-                break
-        else:
-            out[key] = value  # left unmapped: check_state_dict reports it as unexpected
+        out[_rename(key, to_ours=True) or key] = value  # unmapped keys: check_state_dict reports them
     for (i, p), parts in qkv.items():
         if set(parts) != {"query", "key", "value"}:
             raise ValueError(f"encoder layer {i} {p}: need query, key and value, found {sorted(parts)}")
@@ -505,13 +509,10 @@ def ours_to_official(state: dict) -> dict:
             for name, part in zip(("query", "key", "value"), value.chunk(3, dim=0)):
                 out[_QKV_4X.format(i=m["i"], name=name, p=m["p"])] = part.clone()
             continue
-        for theirs, ours in _KEY_MAP:
-            m = _pattern(ours).match(key)
-            if m:
-                out[theirs.format(**m.groupdict())] = value
-                break
-        else:
+        name = _rename(key, to_ours=False)
+        if name is None:
             raise KeyError(f"no official name for {key}")
+        out[name] = value
     return out
 
 

@@ -360,6 +360,16 @@ def _rollout(env, seed: int, actions) -> tuple[list, list]:
     return frames, infos
 
 
+def assert_same_rollouts(frames1, infos1, frames2, infos2):
+    """Frames and every info entry of two rollouts are identical."""
+    for a, b in zip(frames1, frames2):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(infos1, infos2):
+        assert a.keys() == b.keys()
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k])
+
+
 def test_env_pusht_check_env():
     """PushT passes gymnasium's env checker (spaces, seeding, render)."""
     check_env(gym.make(envs.ENV_IDS["pusht"], img_size=64).unwrapped, skip_render_check=False)
@@ -369,12 +379,7 @@ def test_env_pusht_deterministic():
     """Same seed and actions give identical frames, states and infos."""
     actions = np.random.default_rng(0).uniform(-1, 1, (40, 2)).astype(np.float32)
     (f1, i1), (f2, i2) = (_rollout(envs.PushTEnv(img_size=64), 7, actions) for _ in range(2))
-    for a, b in zip(f1, f2):
-        np.testing.assert_array_equal(a, b)
-    for a, b in zip(i1, i2):
-        assert a.keys() == b.keys()
-        for k in a:
-            np.testing.assert_array_equal(a[k], b[k])
+    assert_same_rollouts(f1, i1, f2, i2)
 
 
 def test_env_pusht_step_matches_reference_arithmetic():
@@ -476,12 +481,7 @@ def test_env_registered_check_env_and_determinism(name):
     check_env(env.unwrapped, skip_render_check=False)
     actions = np.random.default_rng(0).uniform(-1, 1, (10, *env.action_space.shape)).astype(np.float32)
     (f1, i1), (f2, i2) = (_rollout(gym.make(envs.ENV_IDS[name], img_size=64), 3, actions) for _ in range(2))
-    for a, b in zip(f1, f2):
-        np.testing.assert_array_equal(a, b)
-    for a, b in zip(i1, i2):
-        assert a.keys() == b.keys()
-        for k in a:
-            np.testing.assert_array_equal(a[k], b[k])
+    assert_same_rollouts(f1, i1, f2, i2)
 
 
 # --- env tests (tworoom, reacher)
