@@ -66,7 +66,7 @@ class EvalConfig:
     seed: int = 42  # start-row draw; planner and random policy generators use seed + episode
     device: str = "auto"  # auto (cuda > mps > cpu), cuda, mps or cpu
     out: str = ""  # JSON results ('' = eval_<command>_<env>.json next to the checkpoint, or in the cwd)
-    video: str = ""  # folder for one GIF per episode, observation beside goal ('' = none)
+    video: str = ""  # folder for a filmstrip PNG (and a GIF with Pillow) per episode, observation beside goal
     frames: int = 20000  # probe: frames drawn from training episodes (a quarter as many from held-out ones)
     probe_epochs: int = 20  # probe: epochs of the MLP probe (AdamW, cosine learning rate)
     perturb_steps: int = 5  # surprise: frames per held-out episode replaced by each perturbation
@@ -221,7 +221,7 @@ def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
 
 
 def save_gif(path: str, frames: list[np.ndarray], fps: int = 10) -> bool:
-    """Write frames (H, W, 3) uint8 as a GIF with Pillow or imageio; False (and a message) when neither exists."""
+    """Write frames (H, W, 3) uint8 as a GIF with Pillow or imageio; False when neither is installed."""
     try:
         from PIL import Image
 
@@ -236,8 +236,20 @@ def save_gif(path: str, frames: list[np.ndarray], fps: int = 10) -> bool:
         imageio.mimsave(path, frames, duration=1.0 / fps, loop=0)
         return True
     except ImportError:
-        print("--video needs Pillow or imageio (pip install pillow): no GIFs written")
         return False
+
+
+def filmstrip(frames: list[np.ndarray], every: int = 5, per_row: int = 6, gap: int = 2) -> np.ndarray:
+    """Every `every`-th frame (and the last) of (H, W, 3) uint8 frames tiled in rows on white: (H', W', 3)."""
+    picks = frames[::every] + ([frames[-1]] if (len(frames) - 1) % every else [])
+    h, w = picks[0].shape[:2]
+    rows = -(-len(picks) // per_row)
+    cols = min(per_row, len(picks))
+    sheet = np.full((rows * (h + gap) - gap, cols * (w + gap) - gap, 3), 255, np.uint8)
+    for k, f in enumerate(picks):
+        r, c = divmod(k, per_row)
+        sheet[r * (h + gap) : r * (h + gap) + h, c * (w + gap) : c * (w + gap) + w] = f
+    return sheet
 
 
 # --- MPC evaluation (plan): ENVS.md §3, METHOD.md §4.4
@@ -459,9 +471,13 @@ def run_plan(cfg: EvalConfig) -> dict:
     print(f"results: {out}")
     if videos is not None:
         os.makedirs(cfg.video, exist_ok=True)
+        gifs = True
         for i, frames in enumerate(videos):
-            if not save_gif(os.path.join(cfg.video, f"episode_{i:03d}.gif"), frames):
-                break
+            tag = "ok" if success[i] else "fail"
+            envs.save_png(os.path.join(cfg.video, f"episode_{i:03d}_{tag}.png"), filmstrip(frames))
+            gifs = gifs and save_gif(os.path.join(cfg.video, f"episode_{i:03d}_{tag}.gif"), frames)
+        print(f"episodes: {cfg.video}/episode_*.png (every 5th step, observation beside goal)"
+              + ("" if gifs else "; GIFs need Pillow or imageio (pip install pillow)"))  # fmt: skip
     results["out"] = out
     return results
 

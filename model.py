@@ -209,11 +209,21 @@ class CausalAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * heads * dim_head, bias=False)
         self.proj = nn.Linear(heads * dim_head, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: list | None = None) -> torch.Tensor:
+        """x (B, T, D) -> (B, T, D). With `cache` (a list, [] or [keys, values] of earlier tokens), x holds the
+        newest tokens only (all of them when the cache is empty, else one): they attend to the cached ones too,
+        and the cache is extended in place. Used by the planning rollout while its window still grows."""
         b, t, _ = x.shape  # (B, T, D)
-        qkv = self.qkv(self.norm(x)).view(b, t, 3, self.heads, self.dim_head).permute(2, 0, 3, 1, 4)
+        q, k, v = self.qkv(self.norm(x)).view(b, t, 3, self.heads, self.dim_head).permute(2, 0, 3, 1, 4)
+        if cache:
+            if t != 1:
+                raise ValueError(f"a cached attention step takes one new token, got {t}")
+            k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)  # (B, h, P+1, dh)
+        if cache is not None:
+            cache[:] = [k, v]
         p = self.dropout if self.training else 0.0
-        a = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], is_causal=True, dropout_p=p)  # (B, h, T, dh)
+        # The one new token after cached ones is the last in time and attends to all of them: no mask needed.
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=k.shape[2] == t, dropout_p=p)  # (B, h, T, dh)
         a = self.proj(a.transpose(1, 2).reshape(b, t, -1))  # (B, T, D)
         return F.dropout(a, p, self.training)
 
@@ -251,10 +261,10 @@ class ConditionalBlock(nn.Module):
         nn.init.zeros_(self.adaln.weight)
         nn.init.zeros_(self.adaln.bias)
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c: torch.Tensor, cache: list | None = None) -> torch.Tensor:
         # Chunk order of the official code: shift, scale, gate for attention, then for the MLP.
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaln(F.silu(c)).chunk(6, dim=-1)  # 6 x (B, T, D)
-        x = x + gate1 * self.attn(self.norm1(x) * (1 + scale1) + shift1)  # (B, T, D)
+        x = x + gate1 * self.attn(self.norm1(x) * (1 + scale1) + shift1, cache)  # (B, T, D)
         return x + gate2 * self.mlp(self.norm2(x) * (1 + scale2) + shift2)  # (B, T, D)
 
 
@@ -267,13 +277,15 @@ class Predictor(nn.Module):
         self.blocks = nn.ModuleList([ConditionalBlock(dim, heads, dim_head, mlp_dim, dropout) for _ in range(depth)])
         self.norm = nn.LayerNorm(dim)
 
-    def forward(self, z: torch.Tensor, a_emb: torch.Tensor) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, a_emb: torch.Tensor, caches: list | None = None, start: int = 0):
+        """z, a_emb (B, T, D) -> (B, T, D). `caches` (one list per block) and `start` (the position of z's first
+        token) let the rollout feed only the newest token while earlier ones keep their positions."""
         t = z.shape[1]
-        if t > self.pos_embed.shape[1]:
-            raise ValueError(f"predictor window holds at most {self.pos_embed.shape[1]} frames, got {t}")
-        x = z + self.pos_embed[:, :t]  # (B, T, D); positions 0..T-1 relative to the window
-        for block in self.blocks:
-            x = block(x, a_emb)  # (B, T, D)
+        if start + t > self.pos_embed.shape[1]:
+            raise ValueError(f"predictor window holds at most {self.pos_embed.shape[1]} frames, got {start + t}")
+        x = z + self.pos_embed[:, start : start + t]  # (B, T, D); positions relative to the window
+        for i, block in enumerate(self.blocks):
+            x = block(x, a_emb, None if caches is None else caches[i])  # (B, T, D)
         return self.norm(x)  # (B, T, D)
 
 
@@ -340,10 +352,18 @@ class LeWM(nn.Module):
         z = z0[:, None].expand(b, s, t0, d).reshape(b * s, t0, d)  # (B*S, T0, D), no copy of the context
         zs = [z[:, i] for i in range(t0)]
         w = self.cfg.history
+        caches = [[] for _ in self.predictor.blocks]  # per block: keys/values of the tokens fed so far
         for k in range(t0, t0 + n):
             lo = max(0, k - w)
-            window = torch.stack(zs[lo:k], dim=1)  # (B*S, <=history, D)
-            h = self.predictor(window, a_emb[:, lo:k])[:, -1]  # (B*S, D) last position only
+            if lo == 0:
+                # The window still starts at position 0, so the earlier tokens' keys and values are those of the
+                # previous step (causal attention): feed only the newest token (the whole context the first time).
+                # This saves 3 of the 12 token passes of the official 5-step rollout, with the same result.
+                first = 0 if k == t0 else k - 1
+                h = self.predictor(torch.stack(zs[first:k], dim=1), a_emb[:, first:k], caches, start=first)
+            else:  # the window slides: positions are re-indexed from 0, so every token is recomputed
+                h = self.predictor(torch.stack(zs[lo:k], dim=1), a_emb[:, lo:k])  # (B*S, history, D)
+            h = h[:, -1]  # (B*S, D) last position only
             zs.append(self.pred_proj(h))  # (B*S, D); eval-mode BN is per row, so one row at a time is exact
         return torch.stack(zs, dim=1).view(b, s, t0 + n, d)  # (B, S, T0+N, D)
 

@@ -142,16 +142,19 @@ def test_model_adaln_zero_ignores_actions_until_trained():
 
 
 def test_model_rollout_truncates_history():
-    """rollout equals step-by-step predict on windows of the last 3 embeddings, positions re-indexed from 0."""
+    """rollout equals step-by-step predict on windows of the last 3 embeddings, positions re-indexed from 0, for a
+    1- and a 2-frame context (the rollout reuses cached keys/values while its window grows; predict never does)."""
     model = randomise(tiny_model()).eval()
-    z0, acts = torch.randn(2, 1, 32), torch.randn(2, 4, 5, 10)
-    out = model.rollout(z0, acts)
-    b = 1  # check one candidate by hand
-    zs, a = [z0[:, 0]], acts[:, b]
-    for k in range(5):
-        lo = max(0, k + 1 - 3)
-        zs.append(model.predict(torch.stack(zs[lo:], 1), a[:, lo : k + 1])[:, -1])
-    torch.testing.assert_close(out[:, b], torch.stack(zs, 1))
+    for t0 in (1, 2):
+        z0, acts, hist = torch.randn(2, t0, 32), torch.randn(2, 4, 5, 10), torch.randn(2, t0 - 1, 10)
+        out = model.rollout(z0, acts, hist if t0 > 1 else None)
+        assert out.shape == (2, 4, t0 + 5, 32)
+        b = 1  # check one candidate by hand
+        zs, a = list(z0.unbind(1)), torch.cat([hist, acts[:, b]], dim=1)
+        for k in range(t0, t0 + 5):
+            lo = max(0, k - 3)
+            zs.append(model.predict(torch.stack(zs[lo:], 1), a[:, lo:k])[:, -1])
+        torch.testing.assert_close(out[:, b], torch.stack(zs, 1))
 
 
 def test_model_loss_has_no_stop_gradient():
@@ -1473,6 +1476,18 @@ def test_eval_plan_end_to_end_writes_json(tmp_path, tiny_pusht, capsys):
         assert r["episode"] in val and r["start_step"] + 25 <= traj.ep_len[r["episode"]] - 1
         assert r["success"] == (r["first_success_step"] > 0) and np.isfinite(r["final_distance"])
     assert res["successes"] == sum(r["success"] for r in saved["per_episode"])
+    # One filmstrip per episode, named by outcome: 11 frames (steps 0, 5, ..., 50) of observation|goal, 6 per row.
+    strips = sorted(os.listdir(tmp_path / "gifs"))
+    strips = [f for f in strips if f.endswith(".png")]
+    assert len(strips) == 3
+    for r, name in zip(saved["per_episode"], strips):
+        assert name.endswith("_ok.png" if r["success"] else "_fail.png")
+    with open(tmp_path / "gifs" / strips[0], "rb") as f:
+        head = f.read(24)
+    assert head[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+    if not saved["per_episode"][0]["success"]:  # a full 50-step episode: 2 rows of 6 frames of 32 x 64 px
+        assert (width, height) == (6 * 64 + 5 * 2, 2 * 32 + 2)
     gifs = os.listdir(tmp_path / "gifs") if os.path.isdir(tmp_path / "gifs") else []
     assert len(gifs) == 3 or "needs Pillow or imageio" in capsys.readouterr().out
 
