@@ -1220,6 +1220,33 @@ def test_train_main_lowers_loss_on_fixed_batch(tmp_path, tiny_pusht):
     assert losses[1] < losses[0]
 
 
+def test_train_refresh_bn_stats_matches_train_mode(tmp_path, tiny_pusht):
+    """After refresh_bn_stats on a batch, eval-mode embeddings of that batch equal the train-mode (batch-statistics)
+    ones up to the unbiased/biased variance factor; stale running statistics are far off."""
+    traj = data.Trajectories(tiny_pusht)
+    stats = data.action_stats(traj, range(traj.num_episodes))
+    loader = data.ClipLoader(traj, range(traj.num_episodes), stats, 16, shuffle=False)
+    pixels, actions = next(iter(loader))
+    model = randomise(LeWM(dataclasses.replace(PRESETS["tiny"], action_dim=actions.shape[-1])))
+    for m in model.modules():  # features with a large mean and a small spread, like a trained projector's
+        if isinstance(m, torch.nn.BatchNorm1d):
+            m.running_mean.add_(0.5)
+    x = model.preprocess(pixels)
+
+    def gap() -> float:
+        with torch.no_grad():
+            z_train = model.train()(x, actions)[0]
+            z_eval = model.eval()(x, actions)[0]
+        return ((z_train - z_eval).norm() / z_train.norm()).item()
+
+    with torch.no_grad():
+        stale = gap()
+        cfg = tiny_cfg(tmp_path, tiny_pusht, bf16=False)
+        train.refresh_bn_stats(model, loader, cfg, torch.device("cpu"), max_batches=1)
+    assert stale > 0.2 and gap() < 0.02
+    assert all(m.momentum == 0.1 for m in model.modules() if isinstance(m, torch.nn.BatchNorm1d))
+
+
 def test_train_resume_equals_uninterrupted(tmp_path, tiny_pusht, monkeypatch):
     """A run killed after its step-4 checkpoint and resumed reaches the same losses as an uninterrupted run."""
     full = train.main(tiny_cfg(tmp_path / "a", tiny_pusht))
