@@ -52,7 +52,7 @@ PIXEL_CHUNK_BYTES = 1 << 18  # ~256 KB of raw pixels per chunk: 21 frames at 64 
 # uncached clip reads as fast as or faster than lzf; level 4 saves another ~20% but writes at half the speed.
 PIXEL_COMPRESSION = {"compression": "gzip", "compression_opts": 1}
 TABLE_CHUNK_ROWS = 1024  # chunk rows of the small per-row columns (uncompressed, as in the official files)
-CACHE_LIMIT_BYTES = 2 << 30  # ClipLoader keeps pixels in RAM below this size (raw bytes)
+CACHE_FRACTION = 0.4  # ClipLoader keeps pixels in RAM when they take at most this fraction of the available memory
 READ_CACHE_BYTES = 64 << 20  # HDF5 chunk cache per open file
 
 
@@ -268,6 +268,14 @@ def denormalize_actions(action: np.ndarray, stats: dict) -> np.ndarray:
 # --- clip loader
 
 
+def cache_limit_bytes() -> int:
+    """Largest pixel array the loader keeps in RAM: CACHE_FRACTION of the memory available now (2 GiB if unknown)."""
+    try:
+        return int(CACHE_FRACTION * os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):  # no sysconf (Windows) or the name is unknown
+        return 2 << 30
+
+
 class ClipLoader:
     """Batches of clips from some episodes: (pixels uint8 (B, T, H, W, 3), actions float32 (B, T, frameskip * A)).
 
@@ -275,7 +283,7 @@ class ClipLoader:
     `for batch in loader` / `loader.epoch(k)`, or forever (resumable by step) with `loader.steps(start_step)`.
     The order of epoch k is a permutation from `np.random.default_rng([seed, k])`, so it is deterministic and
     independent of how many epochs were run before. Batches are assembled in a background thread (`prefetch`
-    batches ahead). Pixels are kept in RAM when they fit in `CACHE_LIMIT_BYTES` (`cache=None`), else streamed
+    batches ahead). Pixels are kept in RAM when they fit in `cache_limit_bytes()` (`cache=None`), else streamed
     with chunk-aware reads (rows of a batch sorted, each chunk decompressed once).
     With `world_size` > 1 each rank gets an equal, disjoint share of every epoch (for torchrun).
     """
@@ -321,7 +329,7 @@ class ClipLoader:
         )  # (clips,) global row of each clip's first frame
         self.action = normalize_actions(traj.cache("action"), stats)  # (N, A), normalised once for every clip
         pixel_bytes = traj.num_rows * int(np.prod(traj.img_shape))
-        if cache or (cache is None and pixel_bytes <= CACHE_LIMIT_BYTES):
+        if cache or (cache is None and pixel_bytes <= cache_limit_bytes()):
             traj.cache("pixels")
 
     def __len__(self) -> int:
@@ -432,6 +440,8 @@ def _rollout(job: tuple) -> dict[str, np.ndarray]:
     frames, infos, actions = [obs], [info], []
     for _ in range(episode_steps):
         a = np.asarray(pi(info), dtype=np.float32)
+        if getattr(pi, "done", False):  # the policy's own end of episode (PushT demo: the T is placed)
+            break
         obs, _, terminated, truncated, info = env.step(a)
         frames.append(obs)
         infos.append(info)

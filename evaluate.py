@@ -4,6 +4,8 @@ Subcommands (`plan` is the default):
     plan      MPC success rate over start/goal pairs drawn from the dataset (ENVS.md §3 protocol)
     probe     linear / MLP probes of physical quantities on the frozen embeddings (METHOD.md §5)
     surprise  latent prediction error along trajectories with and without unphysical events (METHOD.md §5)
+    diagnose  cheap checks of a candidate model: do the true actions rank high, do actions move the prediction,
+              what do linear probes read from the embedding (held-out episodes, never the evaluation pairs)
 
 Run:
     python evaluate.py --ckpt runs/pusht_cpu/ckpt.pt --episodes 50 --out results.json
@@ -35,7 +37,7 @@ import envs
 from model import LeWM, load_checkpoint, load_official, model_from_checkpoint
 from planner import cem, gradient_plan, warm_start
 
-COMMANDS = ("plan", "probe", "surprise")
+COMMANDS = ("plan", "probe", "surprise", "diagnose")
 # Flags of the probe and surprise subcommands (plan takes every field of EvalConfig).
 COMMON_FIELDS = ("ckpt", "official", "data", "env", "episodes", "out", "seed", "device")
 
@@ -70,6 +72,7 @@ class EvalConfig:
     frames: int = 20000  # probe: frames drawn from training episodes (a quarter as many from held-out ones)
     probe_epochs: int = 20  # probe: epochs of the MLP probe (AdamW, cosine learning rate)
     perturb_steps: int = 5  # surprise: frames per held-out episode replaced by each perturbation
+    pairs: int = 200  # diagnose: start/goal pairs from held-out episodes that hold no evaluation pair
 
 
 @dataclass
@@ -125,6 +128,10 @@ def parse_args(argv: list[str] | None = None) -> EvalConfig:
     _add_fields(sub.add_parser("probe", help="probes on frozen embeddings"), COMMON_FIELDS + ("frames", "probe_epochs"))
     _add_fields(
         sub.add_parser("surprise", help="latent surprise along trajectories"), COMMON_FIELDS + ("perturb_steps",)
+    )
+    _add_fields(
+        sub.add_parser("diagnose", help="can the model plan? action ranking, sensitivity, probes"),
+        COMMON_FIELDS + ("pairs", "goal_offset", "horizon", "samples", "frames"),
     )
     args = vars(parser.parse_args(argv))
     args["official"] = tuple(args.get("official") or ())
@@ -877,6 +884,121 @@ def run_surprise(cfg: EvalConfig) -> dict:
     return {**summary, "out": out}
 
 
+# --- diagnose: cheap checks of whether a model can plan, on held-out episodes that hold no evaluation pair
+#
+# Run on every candidate model instead of the full MPC evaluation (minutes instead of tens of minutes). All figures
+# come from start/goal pairs of held-out episodes from which the `plan` command's default draw (50 pairs, seed 42)
+# takes nothing, so choosing a model with them never looks at the evaluation pairs.
+
+
+def diagnose_episodes(world: World, goal_offset: int) -> np.ndarray:
+    """Held-out episodes minus every episode that holds a start row of the default evaluation draw."""
+    defaults = EvalConfig()
+    n_eval = min(defaults.episodes, int(np.maximum(world.traj.ep_len[world.val_eps] - goal_offset, 0).sum()))
+    eval_rows = start_rows(world.traj, world.val_eps, n_eval, goal_offset, defaults.seed)
+    eval_eps = np.searchsorted(world.traj.ep_offset, eval_rows, side="right") - 1
+    return np.setdiff1d(world.val_eps, eval_eps)
+
+
+@torch.inference_mode()
+def action_ranking(world: World, rows: np.ndarray, horizon: int, samples: int, seed: int, batch: int = 16) -> dict:
+    """Planning cost of the dataset's own N action blocks against `samples` sequences from CEM's first
+    distribution (standard normal in normalised action space), for start rows whose goal is N blocks later.
+
+    Returns per pair: the fraction of random sequences cheaper than the true one (0 = the true one ranks first), and
+    embedding distances for the action-sensitivity and rollout-error ratios.
+    """
+    model, fs, a_dim = world.model, world.frameskip, world.action_dim
+    g = torch.Generator(world.device).manual_seed(seed)
+    rank, moved, spread, err = [], [], [], []
+    for i in range(0, len(rows), batch):
+        r = rows[i : i + batch]  # (B,)
+        b = len(r)
+        frame_rows = r[:, None] + fs * np.arange(horizon + 1)  # (B, N+1): the start and the frame after each block
+        z = encode_frames(model, world.traj.read("pixels", frame_rows.reshape(-1)), world.device)
+        z = z.view(b, horizon + 1, -1).float()  # (B, N+1, D) true embeddings
+        raw = world.traj.read("action", (r[:, None] + np.arange(horizon * fs)).reshape(-1))  # (B*N*fs, A_raw)
+        true = torch.from_numpy(data.normalize_actions(raw, world.stats).reshape(b, horizon, fs * a_dim))
+        cand = torch.randn((b, samples + 1, horizon, fs * a_dim), generator=g, device=world.device)  # (B, S+1, N, A)
+        cand[:, 0] = true.to(world.device)
+        z_pred = model.rollout(z[:, :1], cand)[:, :, 1:].float()  # (B, S+1, N, D)
+        cost = (z_pred[:, :, -1] - z[:, None, -1]).pow(2).sum(-1)  # (B, S+1) the planning cost (METHOD.md §4.1)
+        rank.append((cost[:, 1:] < cost[:, :1]).float().mean(1))  # (B,)
+        moved.append((z[:, 1:] - z[:, :1]).norm(dim=-1))  # (B, N) true movement after k blocks
+        spread.append((z_pred[:, 1:] - z_pred[:, :1]).norm(dim=-1).mean(1))  # (B, N) random vs true actions
+        err.append((z_pred[:, 0] - z[:, 1:]).norm(dim=-1))  # (B, N) rollout error with the true actions
+    rank, moved, spread, err = (torch.cat(x).cpu().numpy() for x in (rank, moved, spread, err))
+    return {
+        "median_rank": float(np.median(rank)),
+        "top10": float(np.mean(rank < 0.1)),
+        "mean_rank": float(np.mean(rank)),
+        "sensitivity_1": float(spread[:, 0].mean() / moved[:, 0].mean()),
+        "sensitivity_n": float(spread[:, -1].mean() / moved[:, -1].mean()),
+        "rollout_error_1": float(err[:, 0].mean() / moved[:, 0].mean()),
+        "rollout_error_n": float(err[:, -1].mean() / moved[:, -1].mean()),
+        "ranks": rank.tolist(),
+    }
+
+
+def diagnose_probes(world: World, episodes: np.ndarray, frames: int, seed: int) -> dict:
+    """Linear probe r of each physical quantity: ridge fitted on frames of half of `episodes`, scored on the rest."""
+    rng = np.random.default_rng(seed)
+    shuffled = rng.permutation(episodes)
+    fit_eps, test_eps = np.sort(shuffled[: len(shuffled) // 2]), np.sort(shuffled[len(shuffled) // 2 :])
+    rows_fit = sample_rows(world.traj, fit_eps, frames, rng)
+    rows_test = sample_rows(world.traj, test_eps, frames, rng)
+    z_fit = embed_rows([world.model], world.traj, rows_fit, world.device)[0]
+    z_test = embed_rows([world.model], world.traj, rows_test, world.device)[0]
+    mu, sd = z_fit.mean(0), z_fit.std(0) + 1e-8  # (D,)
+    y_fit, y_test = probe_targets(world.traj, world.env, rows_fit), probe_targets(world.traj, world.env, rows_test)
+    return {
+        name: probe_scores(fit_ridge((z_fit - mu) / sd, y_fit[name])((z_test - mu) / sd), y_test[name])["r"]
+        for name in y_fit
+    }
+
+
+def run_diagnose(cfg: EvalConfig) -> dict:
+    """Action ranking, action sensitivity and linear probes on held-out episodes (never the evaluation pairs)."""
+    t0 = time.time()
+    world = load_world(cfg)
+    if len(world.val_eps) == 0:
+        raise ValueError("diagnose needs held-out episodes, and this model has no validation split")
+    if cfg.goal_offset != cfg.horizon * world.frameskip:
+        raise ValueError(f"diagnose needs goal_offset = horizon x frameskip = {cfg.horizon * world.frameskip}, "
+                         f"got {cfg.goal_offset}")  # fmt: skip
+    episodes = diagnose_episodes(world, cfg.goal_offset)
+    rows = start_rows(world.traj, episodes, cfg.pairs, cfg.goal_offset, cfg.seed)
+    samples = cfg.samples or 300
+    ranking = action_ranking(world, rows, cfg.horizon, samples, cfg.seed)
+    probes = diagnose_probes(world, episodes, cfg.frames // 4, cfg.seed)
+    summary = {
+        "command": "diagnose",
+        "env": world.env,
+        "source": world.source,
+        "pairs": len(rows),
+        "episodes": len(episodes),
+        "samples": samples,
+        "goal_offset": cfg.goal_offset,
+        "ranking": {k: v for k, v in ranking.items() if k != "ranks"},
+        "probe_linear_r": probes,
+        "seconds": time.time() - t0,
+        "ranks": ranking["ranks"],
+        "config": dataclasses.asdict(cfg),
+    }
+    rk = summary["ranking"]
+    print(f"diagnose {world.env} | {world.source} | {len(rows)} pairs from {len(episodes)} held-out episodes "
+          f"without evaluation pairs | {samples} random sequences per pair")  # fmt: skip
+    print(f"(a) true actions: median rank {100 * rk['median_rank']:.1f} % (0 = cheapest), "
+          f"in the top 10 % for {100 * rk['top10']:.0f} % of pairs")  # fmt: skip
+    print(f"(b) action sensitivity: {rk['sensitivity_1']:.2f} after one block, {rk['sensitivity_n']:.2f} after "
+          f"{cfg.horizon} (random-vs-true prediction gap / true embedding movement); rollout error "
+          f"{rk['rollout_error_1']:.2f} / {rk['rollout_error_n']:.2f} of the movement")  # fmt: skip
+    print("(c) linear probe r: " + ", ".join(f"{k} {v:.3f}" for k, v in probes.items()))
+    out = default_out(cfg, world, "diagnose")
+    save_json(summary, out)
+    return {**summary, "out": out}
+
+
 # --- main
 
 
@@ -889,6 +1011,8 @@ def main(cfg: EvalConfig) -> dict:
         return run_probe(cfg)
     if cfg.command == "surprise":
         return run_surprise(cfg)
+    if cfg.command == "diagnose":
+        return run_diagnose(cfg)
     raise ValueError(f"unknown command {cfg.command!r}; valid: {COMMANDS}")
 
 

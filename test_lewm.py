@@ -457,6 +457,23 @@ def test_env_pusht_expert_solves_most_tasks():
     assert solved >= 8, f"expert solved {solved}/12"  # about 90 % over seeds 0..199
 
 
+def test_env_pusht_demo_data_match_reference_statistics():
+    """The default PushT data policy's episodes match the reference data's statistics within 25 % (few solved pairs)."""
+    eps = [data._rollout(("pusht", 32, None, None, 300, e)) for e in range(80)]  # the defaults: demo, noise 0.1
+    act = np.concatenate([e["action"][:-1] for e in eps])  # (N, 2), the NaN last row dropped
+    state = np.concatenate([e["state"] for e in eps])  # (N, 7)
+    lengths = np.array([len(e["state"]) for e in eps])
+    ref = {"action std": (act.std(0), 0.20), "agent velocity std": (state[:, 5:7].std(0), 75.0),
+           "block position std": (state[:, 2:4].std(0), np.array([53.0, 57.0])),
+           "mean episode length": (lengths.mean(), 125.0)}  # fmt: skip
+    for name, (ours, theirs) in ref.items():
+        assert np.all(np.abs(np.asarray(ours) / theirs - 1) <= 0.25), f"{name}: {ours} vs reference {theirs}"
+    assert np.all(np.abs(act.mean(0)) < 0.03), act.mean(0)
+    pairs = [(s[t], s[t + 25]) for s in (e["state"] for e in eps) for t in range(len(s) - 25)]
+    solved = np.mean([envs.pusht_success(a, b) for a, b in pairs])
+    assert solved <= 0.005, f"{100 * solved:.2f} % of (t, t + 25) pairs already solved"
+
+
 @pytest.mark.parametrize("img_size", [64, 224])
 def test_env_pusht_frames(img_size):
     """Frames are uint8 (img_size, img_size, 3), render() equals the observation, and the pusher shows up."""

@@ -20,6 +20,7 @@ import inspect
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -44,6 +45,8 @@ class TrainConfig:
     preset: str = ""  # model and recipe preset: paper, cpu or tiny ('' = paper with CUDA, else cpu)
     data: str = ""  # HDF5 dataset ('' = the preset's default file, collected first if missing)
     episodes: int = 0  # episodes to collect when the dataset is missing (0 = preset's)
+    img_size: int = 0  # frame side the model sees, and of collected data (0 = preset's: 224 paper, 64 cpu)
+    patch_size: int = 0  # ViT patch side; img_size must be a multiple (0 = preset's: 14 paper, 16 cpu)
     out_dir: str = ""  # run folder for checkpoints and metrics ('' = runs/<env>_<preset>)
     max_steps: int = 0  # optimiser steps to run (0 = preset's; paper: 10 epochs)
     schedule_steps: int = 0  # length of the warmup + cosine schedule (0 = preset's; paper: 100 epochs)
@@ -61,6 +64,7 @@ class TrainConfig:
     log_every: int = 50  # steps between log lines
     eval_every: int = 500  # steps between validation passes
     ckpt_every: int = 500  # steps between checkpoints
+    keep_every: int = 0  # also keep a copy ckpt_<step>.pt every this many steps, for curves (0 = latest only)
     device: str = "auto"  # auto (cuda > mps > cpu), cuda, mps or cpu
     bf16: bool = True  # bf16 autocast (AMX on recent CPUs); SIGReg always runs in fp32
     compile: bool = False  # torch.compile the model (the uncompiled model is what gets saved)
@@ -74,7 +78,16 @@ RECIPES = {
     "paper": dict(batch_size=128, lr=5e-5, epochs=10, schedule_epochs=100, img_size=224, episodes=10000),
     # DEVIATION: 2-core CPU recipe: a few thousand steps instead of ~100k, so a larger peak lr and a full cosine
     # over the run (chosen on validation loss, README). Batch 64: SIGReg tests the batch, keep it >= 64.
-    "cpu": dict(batch_size=64, lr=3e-4, max_steps=3000, img_size=64, episodes=2000),
+    # DEVIATION (PushT): 3000 demo episodes and 6000 steps. Chosen on validation loss and `evaluate.py diagnose`
+    # against patch 8 at equal wall time (README, "Choosing the PushT recipe"); about 65 min with collection.
+    "cpu": dict(
+        batch_size=64,
+        lr=3e-4,
+        max_steps=3000,
+        img_size=64,
+        episodes=2000,
+        env={"pusht": dict(max_steps=6000, episodes=3000)},
+    ),
     # Tests and smoke runs: seconds.
     "tiny": dict(batch_size=16, lr=1e-3, max_steps=20, img_size=32, episodes=6),
 }
@@ -252,7 +265,16 @@ def main(cfg: TrainConfig) -> dict:
         say(f"--preset not given: using '{cfg.preset}' ({'CUDA found' if device.type == 'cuda' else 'no CUDA'})")
     if cfg.preset not in RECIPES:
         raise ValueError(f"unknown preset {cfg.preset!r}; valid: {sorted(RECIPES)}")
-    recipe = RECIPES[cfg.preset]
+    if cfg.keep_every % cfg.eval_every:
+        raise ValueError(f"--keep_every {cfg.keep_every} must be a multiple of --eval_every {cfg.eval_every}, so that "
+                         "each kept checkpoint holds BatchNorm statistics refreshed at its step")  # fmt: skip
+    recipe = dict(RECIPES[cfg.preset])
+    if cfg.env in recipe.get("env", {}):  # per-environment recipe overrides
+        recipe.update(recipe["env"][cfg.env])
+    recipe["img_size"] = cfg.img_size or recipe["img_size"]
+    recipe["patch_size"] = cfg.patch_size or recipe.get("patch_size", PRESETS[cfg.preset].patch_size)
+    if recipe["img_size"] % recipe["patch_size"]:
+        raise ValueError(f"img_size {recipe['img_size']} is not a multiple of patch_size {recipe['patch_size']}")
     out_dir = cfg.out_dir or os.path.join("runs", f"{cfg.env}_{cfg.preset}")
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
     cfg = dataclasses.replace(
@@ -288,7 +310,12 @@ def main(cfg: TrainConfig) -> dict:
 
     # Model. The action block is frameskip x the dataset's raw action dim.
     torch.manual_seed(cfg.seed)
-    mcfg = dataclasses.replace(PRESETS[cfg.preset], action_dim=data.FRAMESKIP * traj.shape("action")[-1])
+    mcfg = dataclasses.replace(
+        PRESETS[cfg.preset],
+        action_dim=data.FRAMESKIP * traj.shape("action")[-1],
+        img_size=recipe["img_size"],
+        patch_size=recipe["patch_size"],
+    )
     if cfg.dropout >= 0:
         mcfg = dataclasses.replace(mcfg, pred_dropout=cfg.dropout)
     model = LeWM(mcfg).to(device)
@@ -398,6 +425,10 @@ def main(cfg: TrainConfig) -> dict:
                 f.write(json.dumps(last) + "\n")
         if step % cfg.ckpt_every == 0 or step == max_steps:
             checkpoint()
+        if rank == 0 and cfg.keep_every and step % cfg.keep_every == 0 and step < max_steps:
+            if step % cfg.ckpt_every:
+                checkpoint()
+            shutil.copyfile(ckpt_path, os.path.join(out_dir, f"ckpt_{step}.pt"))
     bar.close()
 
     summary = {"checkpoint": ckpt_path, "steps": step, "minutes": (time.time() - t_start) / 60, **last}
