@@ -73,6 +73,7 @@ class EvalConfig:
     probe_epochs: int = 20  # probe: epochs of the MLP probe (AdamW, cosine learning rate)
     perturb_steps: int = 5  # surprise: frames per held-out episode replaced by each perturbation
     pairs: int = 200  # diagnose: start/goal pairs from held-out episodes that hold no evaluation pair
+    eval_pairs: int = 50  # diagnose: episodes holding any of this many evaluation pairs (seed 42 draw) are excluded
 
 
 @dataclass
@@ -131,7 +132,7 @@ def parse_args(argv: list[str] | None = None) -> EvalConfig:
     )
     _add_fields(
         sub.add_parser("diagnose", help="can the model plan? action ranking, sensitivity, probes"),
-        COMMON_FIELDS + ("pairs", "goal_offset", "horizon", "samples", "frames"),
+        COMMON_FIELDS + ("pairs", "eval_pairs", "goal_offset", "horizon", "samples", "frames"),
     )
     args = vars(parser.parse_args(argv))
     args["official"] = tuple(args.get("official") or ())
@@ -891,13 +892,17 @@ def run_surprise(cfg: EvalConfig) -> dict:
 # takes nothing, so choosing a model with them never looks at the evaluation pairs.
 
 
-def diagnose_episodes(world: World, goal_offset: int) -> np.ndarray:
-    """Held-out episodes minus every episode that holds a start row of the default evaluation draw."""
-    defaults = EvalConfig()
-    n_eval = min(defaults.episodes, int(np.maximum(world.traj.ep_len[world.val_eps] - goal_offset, 0).sum()))
-    eval_rows = start_rows(world.traj, world.val_eps, n_eval, goal_offset, defaults.seed)
+def diagnose_episodes(world: World, eval_pairs: int, goal_offset: int) -> np.ndarray:
+    """Held-out episodes minus every episode holding one of the first `eval_pairs` evaluation pairs (the `plan`
+    command's draw with its default seed)."""
+    n_valid = int(np.maximum(world.traj.ep_len[world.val_eps] - goal_offset, 0).sum())
+    eval_rows = start_rows(world.traj, world.val_eps, min(eval_pairs, n_valid), goal_offset, EvalConfig.seed)
     eval_eps = np.searchsorted(world.traj.ep_offset, eval_rows, side="right") - 1
-    return np.setdiff1d(world.val_eps, eval_eps)
+    episodes = np.setdiff1d(world.val_eps, eval_eps)
+    if len(episodes) == 0:
+        raise ValueError(f"every held-out episode holds one of the {eval_pairs} evaluation pairs: nothing left to "
+                         "diagnose on; collect more episodes or lower --eval_pairs")  # fmt: skip
+    return episodes
 
 
 @torch.inference_mode()
@@ -905,8 +910,9 @@ def action_ranking(world: World, rows: np.ndarray, horizon: int, samples: int, s
     """Planning cost of the dataset's own N action blocks against `samples` sequences from CEM's first
     distribution (standard normal in normalised action space), for start rows whose goal is N blocks later.
 
-    Returns per pair: the fraction of random sequences cheaper than the true one (0 = the true one ranks first), and
-    embedding distances for the action-sensitivity and rollout-error ratios.
+    Returns per pair the rank of the true sequence: the fraction of random sequences cheaper than it, ties counted
+    half (0 = it ranks first; 0.5 = no better than chance, as for a model that ignores actions), and embedding
+    distances for the action-sensitivity and rollout-error ratios.
     """
     model, fs, a_dim = world.model, world.frameskip, world.action_dim
     g = torch.Generator(world.device).manual_seed(seed)
@@ -923,7 +929,7 @@ def action_ranking(world: World, rows: np.ndarray, horizon: int, samples: int, s
         cand[:, 0] = true.to(world.device)
         z_pred = model.rollout(z[:, :1], cand)[:, :, 1:].float()  # (B, S+1, N, D)
         cost = (z_pred[:, :, -1] - z[:, None, -1]).pow(2).sum(-1)  # (B, S+1) the planning cost (METHOD.md §4.1)
-        rank.append((cost[:, 1:] < cost[:, :1]).float().mean(1))  # (B,)
+        rank.append(((cost[:, 1:] < cost[:, :1]).float() + 0.5 * (cost[:, 1:] == cost[:, :1]).float()).mean(1))
         moved.append((z[:, 1:] - z[:, :1]).norm(dim=-1))  # (B, N) true movement after k blocks
         spread.append((z_pred[:, 1:] - z_pred[:, :1]).norm(dim=-1).mean(1))  # (B, N) random vs true actions
         err.append((z_pred[:, 0] - z[:, 1:]).norm(dim=-1))  # (B, N) rollout error with the true actions
@@ -966,7 +972,7 @@ def run_diagnose(cfg: EvalConfig) -> dict:
     if cfg.goal_offset != cfg.horizon * world.frameskip:
         raise ValueError(f"diagnose needs goal_offset = horizon x frameskip = {cfg.horizon * world.frameskip}, "
                          f"got {cfg.goal_offset}")  # fmt: skip
-    episodes = diagnose_episodes(world, cfg.goal_offset)
+    episodes = diagnose_episodes(world, cfg.eval_pairs, cfg.goal_offset)
     rows = start_rows(world.traj, episodes, cfg.pairs, cfg.goal_offset, cfg.seed)
     samples = cfg.samples or 300
     ranking = action_ranking(world, rows, cfg.horizon, samples, cfg.seed)

@@ -1401,6 +1401,21 @@ class _CentroidModel(torch.nn.Module):
         raw = actions.view(*actions.shape[:2], 5, 2).double() * self.std + self.mean  # (B, T, 5, 2) raw actions
         return z + 5 * raw.clamp(-1, 1).sum(2).float()  # (B, T, 2)
 
+    def rollout(self, z0, actions):
+        b, s, n, a = actions.shape  # z0 (B, 1, 2) -> (B, S, 1 + N, 2): start, then one prediction per block
+        z = z0.expand(b, s, 2).reshape(b * s, 1, 2)
+        zs = [z]
+        for k in range(n):
+            zs.append(self.predict(zs[-1], actions[:, :, k].reshape(b * s, 1, a)))
+        return torch.cat(zs, 1).view(b, s, n + 1, 2)
+
+
+class _BlindModel(_CentroidModel):
+    """The same encoder with a predictor that ignores the actions: the next embedding is the current one."""
+
+    def predict(self, z, actions):
+        return z.clone()
+
 
 def test_eval_surprise_teleport_spikes_on_position_tracking_model(tiny_tworoom):
     """A model tracking the agent exactly: surprise ~0 on real steps, huge at teleports, blind to recolouring."""
@@ -1421,6 +1436,52 @@ def test_eval_surprise_teleport_spikes_on_position_tracking_model(tiny_tworoom):
     assert abs(res["colour"]["perturbed"] - res["colour"]["original_same_steps"]) < 1.0
     assert res["colour"]["pixel_change"] > 0 and res["rerender"]["pixel_change"] == 0
     assert res["rerender"]["perturbed"] == pytest.approx(res["rerender"]["original_same_steps"], rel=1e-6)
+
+
+def _centroid_world(path, model_cls=_CentroidModel) -> "evaluate.World":
+    traj = data.Trajectories(path)
+    eps = np.arange(traj.num_episodes)
+    stats = data.action_stats(traj, eps)
+    return evaluate.World(model=model_cls(stats, 32), stats=stats, traj=traj, train_eps=eps, val_eps=eps,
+                          env="tworoom", frameskip=5, action_dim=2, img_size=32, device=torch.device("cpu"),
+                          source="hand-built")  # fmt: skip
+
+
+def test_eval_diagnose_ranks_true_actions_first_for_exact_model(tiny_tworoom):
+    """diagnose: an exact model ranks the recorded actions near the top and moves with them; a blind one is at chance."""
+    world = _centroid_world(tiny_tworoom)
+    rows = evaluate.start_rows(world.traj, world.val_eps, 24, 25, seed=0)
+    exact = evaluate.action_ranking(world, rows, horizon=5, samples=64, seed=0)
+    assert exact["median_rank"] < 0.05 and exact["top10"] >= 0.8, exact
+    assert exact["sensitivity_1"] > 0.5 and exact["rollout_error_1"] < 0.3, exact
+    blind = evaluate.action_ranking(_centroid_world(tiny_tworoom, _BlindModel), rows, horizon=5, samples=64, seed=0)
+    assert blind["median_rank"] == 0.5 and blind["top10"] == 0.0 and blind["sensitivity_1"] == 0.0, blind
+
+
+def test_eval_diagnose_never_uses_evaluation_episodes(tiny_tworoom):
+    """diagnose draws from held-out episodes minus those holding an evaluation start row (the plan command's draw)."""
+    world = _centroid_world(tiny_tworoom)
+    kept = evaluate.diagnose_episodes(world, eval_pairs=2, goal_offset=25)
+    eval_rows = evaluate.start_rows(world.traj, world.val_eps, 2, 25, evaluate.EvalConfig.seed)
+    eval_eps = np.searchsorted(world.traj.ep_offset, eval_rows, side="right") - 1
+    assert len(kept) > 0 and not set(kept) & set(eval_eps) and set(kept) | set(eval_eps) == set(world.val_eps)
+    with pytest.raises(ValueError, match="evaluation pairs"):
+        evaluate.diagnose_episodes(world, eval_pairs=50, goal_offset=25)
+
+
+def test_eval_diagnose_cli_writes_json(tmp_path, tiny_pusht):
+    """`evaluate.py diagnose` on a tiny checkpoint writes ranks in [0, 1], finite ratios and a probe r per quantity."""
+    ckpt = _eval_ckpt(tmp_path / "ckpt.pt", tiny_pusht, "pusht")
+    argv = ["diagnose", "--ckpt", ckpt, "--pairs", "6", "--samples", "16", "--frames", "400", "--eval_pairs", "0",
+            "--device", "cpu", "--out", str(tmp_path / "d.json")]  # fmt: skip
+    res = evaluate.main(evaluate.parse_args(argv))
+    with open(tmp_path / "d.json") as f:
+        saved = json.load(f)
+    assert saved["pairs"] == len(saved["ranks"]) == 6 and saved["samples"] == 16
+    assert 0 <= saved["ranking"]["median_rank"] <= 1 and 0 <= saved["ranking"]["top10"] <= 1
+    assert all(np.isfinite(v) for v in saved["ranking"].values())
+    assert set(saved["probe_linear_r"]) == {"agent_pos", "block_pos", "block_angle"}
+    assert res["ranking"] == saved["ranking"]
 
 
 def test_eval_surprise_cli_reports_finite_numbers(tmp_path, tiny_pusht):
