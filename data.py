@@ -614,6 +614,32 @@ def collect(
     return out
 
 
+def describe(path: str, goal_offset: int = 25) -> dict:
+    """Summary statistics of a dataset: episode lengths, action and state mean/std per dim, and the fraction of
+    (t, t + goal_offset) pairs whose start already satisfies the env's success test for that goal."""
+    import envs
+
+    with Trajectories(path) as traj:
+        env = str(traj.file.attrs.get("env", ""))
+        action = traj.cache("action")
+        finite = np.isfinite(action).all(1)
+        out = {"path": path, "env": env, "episodes": traj.num_episodes, "rows": traj.num_rows,
+               "episode_length": {"mean": float(traj.ep_len.mean()), "min": int(traj.ep_len.min()),
+                                  "max": int(traj.ep_len.max())},
+               "action_mean": action[finite].mean(0).tolist(), "action_std": action[finite].std(0).tolist()}  # fmt: skip
+        if "state" in traj.columns and env in envs.ENV_IDS:
+            state = traj.cache("state").astype(np.float64)
+            out["state_mean"], out["state_std"] = state.mean(0).tolist(), state.std(0).tolist()
+            solved = total = 0
+            for e in range(traj.num_episodes):
+                s = state[traj.ep_offset[e] : traj.ep_offset[e] + traj.ep_len[e]]
+                for t in range(len(s) - goal_offset):
+                    solved += envs.success(env, s[t], envs.goal_from_state(env, s[t + goal_offset]))
+                    total += 1
+            out["solved_pairs"] = solved / max(total, 1)
+    return out
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--env", required=True, help="pusht, tworoom, reacher or cube")
