@@ -1034,8 +1034,9 @@ def test_data_collected_file_satisfies_layout(pusht_file):
         assert traj.num_episodes == 3 and traj.img_shape == (32, 32, 3) and traj.action_dim == 2
 
 
-def test_data_interrupted_collection_resumes_identically(tmp_path, monkeypatch, pusht_file):
-    """An interrupted collection leaves only <out>.tmp; rerunning resumes it to the uninterrupted run's content."""
+def test_data_interrupted_collection_resumes_identically(tmp_path, monkeypatch, pusht_file, capsys):
+    """An interrupted collection leaves its finished episodes as part files; rerunning resumes to the uninterrupted
+    run's content, rebuilding a torn partial file and re-collecting an unreadable part with a message."""
     import envs
 
     out, calls, step = tmp_path / "d.h5", [0], envs.PushTEnv.step
@@ -1050,19 +1051,26 @@ def test_data_interrupted_collection_resumes_identically(tmp_path, monkeypatch, 
     with pytest.raises(KeyboardInterrupt):
         _collect(out)
     monkeypatch.undo()
-    assert not out.exists() and os.path.exists(f"{out}.tmp")
-    with h5py.File(f"{out}.tmp", "a") as f:  # also simulate a crash while an episode was being written
-        assert len(f["ep_len"]) == 1
-        f["pixels"].resize(f["pixels"].shape[0] + 3, axis=0)
+    assert "run the same command again" in capsys.readouterr().out
+    parts = sorted(os.listdir(f"{out}.parts"))
+    assert not out.exists() and parts == ["episode_0000000.h5", "progress.json"]
+    with open(f"{out}.tmp", "wb") as f:  # a merge torn by a crash: unreadable HDF5
+        f.write(b"\x89HDF\r\n\x1a\n" + b"\0" * 100)
+    with open(f"{out}.parts/episode_0000001.h5", "wb") as f:  # a damaged part (a disk error, say)
+        f.write(b"garbage")
+    with open(f"{out}.parts/episode_0000002.h5.tmp123", "wb") as f:  # a part being written at the kill
+        f.write(b"half")
     _collect(out)
-    assert not os.path.exists(f"{out}.tmp")
+    printed = capsys.readouterr().out
+    assert "rebuilding" in printed and "collecting them again" in printed
+    assert not os.path.exists(f"{out}.tmp") and not os.path.exists(f"{out}.parts")
     _assert_same_file(out, pusht_file)
 
 
 def test_data_append_matches_single_run(tmp_path, pusht_file):
     """--append adds episodes with the continuing seed stream: 2 + 1 episodes equal one 3-episode run."""
     out = _collect(tmp_path / "d.h5", episodes=2)
-    with pytest.raises(FileExistsError, match="--append"):
+    with pytest.raises(data.UsageError, match="--append"):
         _collect(out, episodes=1)
     _collect(out, episodes=1, append=True)
     _assert_same_file(out, pusht_file)
@@ -1557,7 +1565,7 @@ def test_eval_random_policy_matches_independent_replay(tmp_path, tiny_tworoom):
 
 def test_eval_load_world_errors(tmp_path, tiny_pusht):
     """load_world names the problem: missing checkpoint, env mismatch, action dim mismatch, no model source."""
-    with pytest.raises(FileNotFoundError, match="not found"):
+    with pytest.raises(data.UsageError, match="not found"):
         evaluate.load_world(_eval_cfg(str(tmp_path / "nope.pt"), tmp_path))
     ckpt = _eval_ckpt(tmp_path / "ckpt.pt", tiny_pusht, "pusht")
     with pytest.raises(ValueError, match="does not match"):
