@@ -1719,7 +1719,7 @@ def test_fail_eval_bad_arguments_before_loading(tmp_path, tiny_pusht):
                      ({"ckpt": str(tmp_path / "x.pt")}, "no such file"),
                      ({"official": (ckpt, ckpt)}, "exactly one")):  # fmt: skip
         with pytest.raises(data.UsageError, match=re.escape(text)):
-            evaluate.main(_eval_cfg(ckpt, tmp_path, **kw))
+            evaluate.main(dataclasses.replace(_eval_cfg(ckpt, tmp_path), **kw))
     with pytest.raises(SystemExit):
         evaluate.parse_args(["probe", "--ckpt", ckpt, "--budget", "3"])  # a plan flag
     assert evaluate.parse_args(["surprise", "--ckpt", ckpt]).perturb_steps == 5
