@@ -24,6 +24,7 @@ import argparse
 import dataclasses
 import inspect
 import json
+import math
 import os
 import sys
 import time
@@ -31,22 +32,32 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 import data
 import envs
+from data import UsageError
 from model import LeWM, load_checkpoint, load_official, model_from_checkpoint
 from planner import cem, gradient_plan, warm_start
 
-COMMANDS = ("plan", "probe", "surprise", "diagnose")
-# Flags of the probe and surprise subcommands (plan takes every field of EvalConfig).
+# Flags every subcommand takes; COMMANDS: subcommand -> (help, its flags). A new subcommand is one entry.
 COMMON_FIELDS = ("ckpt", "official", "data", "env", "episodes", "out", "seed", "device")
+COMMANDS = {
+    "plan": ("MPC success rate (default)", COMMON_FIELDS + ("split", "goal_offset", "budget", "horizon",
+             "receding_horizon", "policy", "solver", "samples", "iterations", "topk", "lr", "warm_start", "bf16",
+             "video")),
+    "probe": ("probes on frozen embeddings", COMMON_FIELDS + ("frames", "probe_epochs")),
+    "surprise": ("latent surprise along trajectories", COMMON_FIELDS + ("perturb_steps",)),
+    "diagnose": ("can the model plan? action ranking, sensitivity, probes", COMMON_FIELDS + ("pairs", "eval_pairs",
+                 "goal_offset", "horizon", "samples", "frames")),
+}  # fmt: skip
 
 # --- configuration
 
 
 @dataclass
 class EvalConfig:
-    command: str = "plan"  # plan, probe or surprise (set by the subcommand)
+    command: str = "plan"  # plan, probe, surprise or diagnose (set by the subcommand)
     ckpt: str = ""  # our checkpoint (train.py): model, action stats, env, dataset path and held-out episodes
     official: tuple = ()  # WEIGHTS CONFIG of a released LeWM checkpoint (needs --data and --env)
     data: str = ""  # HDF5 dataset ('' = the one the checkpoint was trained on)
@@ -93,7 +104,31 @@ class World:
     source: str  # the checkpoint path, or "WEIGHTS CONFIG" of an official model
 
 
+# Valid values, checked before any work: choices, and (rule, test) for the fields with a range.
+CHOICES = {"env": ["", *envs.ENV_IDS], "split": ["val", "train"], "policy": ["planner", "random"],
+           "solver": ["cem", "adam"], "device": ["auto", "cuda", "mps", "cpu"]}  # fmt: skip
+RANGES = {
+    "episodes": (">= 1", lambda v: v >= 1),
+    "goal_offset": (">= 1", lambda v: v >= 1),
+    "budget": (">= 1", lambda v: v >= 1),
+    "horizon": (">= 1", lambda v: v >= 1),
+    "samples": (">= 0", lambda v: v >= 0),
+    "iterations": (">= 1", lambda v: v >= 1),
+    "topk": (">= 1", lambda v: v >= 1),
+    "lr": ("> 0", lambda v: v > 0),
+    "seed": (">= 0", lambda v: v >= 0),
+    "frames": (">= 2", lambda v: v >= 2),
+    "probe_epochs": (">= 1", lambda v: v >= 1),
+    "perturb_steps": (">= 1", lambda v: v >= 1),
+    "pairs": (">= 1", lambda v: v >= 1),
+    "eval_pairs": (">= 0", lambda v: v >= 0),
+}
+
 # --- helpers
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and every flag's default after its help text."""
 
 
 def _comments(cls) -> dict[str, str]:
@@ -112,7 +147,7 @@ def _add_fields(parser: argparse.ArgumentParser, names) -> None:
         elif isinstance(f.default, tuple):
             kind = {"nargs": 2, "metavar": ("WEIGHTS", "CONFIG")}
         else:
-            kind = {"type": type(f.default)}
+            kind = {"type": type(f.default), "choices": CHOICES.get(f.name)}
         parser.add_argument(f"--{f.name}", default=f.default, help=helps.get(f.name), **kind)
 
 
@@ -121,22 +156,52 @@ def parse_args(argv: list[str] | None = None) -> EvalConfig:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help")):
         argv = ["plan", *argv]
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    _add_fields(
-        sub.add_parser("plan", help="MPC success rate (default)"), [f.name for f in dataclasses.fields(EvalConfig)]
-    )
-    _add_fields(sub.add_parser("probe", help="probes on frozen embeddings"), COMMON_FIELDS + ("frames", "probe_epochs"))
-    _add_fields(
-        sub.add_parser("surprise", help="latent surprise along trajectories"), COMMON_FIELDS + ("perturb_steps",)
-    )
-    _add_fields(
-        sub.add_parser("diagnose", help="can the model plan? action ranking, sensitivity, probes"),
-        COMMON_FIELDS + ("pairs", "eval_pairs", "goal_offset", "horizon", "samples", "frames"),
-    )
+    for command, (text, fields) in COMMANDS.items():
+        _add_fields(sub.add_parser(command, help=text, description=text, formatter_class=HelpFormatter), fields)
     args = vars(parser.parse_args(argv))
     args["official"] = tuple(args.get("official") or ())
     return EvalConfig(**args)
+
+
+def check_config(cfg: EvalConfig) -> None:
+    """Raise UsageError, naming the flag and its value, for any argument outside its valid values or a file that
+    is missing or cannot be written."""
+    if cfg.command not in COMMANDS:
+        raise UsageError(f"unknown command {cfg.command!r}; valid: {', '.join(COMMANDS)}")
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UsageError(f"--{f.name} {value}: must be a finite number")
+        if f.name in CHOICES and value not in CHOICES[f.name]:
+            raise UsageError(f"--{f.name} {value!r}: invalid choice; valid: {', '.join(map(repr, CHOICES[f.name]))}")
+        if f.name in RANGES and not RANGES[f.name][1](value):
+            raise UsageError(f"--{f.name} {value}: must be {RANGES[f.name][0]}")
+    if not 1 <= cfg.receding_horizon <= cfg.horizon:
+        raise UsageError(f"--receding_horizon {cfg.receding_horizon}: must be in [1, --horizon {cfg.horizon}]")
+    if cfg.samples and cfg.topk > cfg.samples and cfg.solver == "cem":
+        raise UsageError(f"--topk {cfg.topk}: must be <= --samples {cfg.samples}")
+    if bool(cfg.ckpt) == bool(cfg.official):
+        raise UsageError("give exactly one of --ckpt PATH or --official WEIGHTS CONFIG")
+    if cfg.official and not (cfg.data and cfg.env):
+        raise UsageError("--official needs --data (the dataset) and --env (its environment)")
+    for flag, path in [("--ckpt", cfg.ckpt), ("--data", cfg.data)] + [("--official", p) for p in cfg.official]:
+        if path and not os.path.isfile(path):
+            raise UsageError(f"{flag} {path}: no such file")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available (use --device auto or cpu)")
+    if cfg.device == "mps" and not torch.backends.mps.is_available():
+        raise UsageError("--device mps: MPS is not available (use --device auto or cpu)")
+    if cfg.out:
+        data.check_writable_file(cfg.out, "--out")
+    else:
+        folder = os.path.dirname(os.path.abspath(cfg.ckpt)) if cfg.ckpt else "."
+        data.check_writable_file(os.path.join(folder, "eval.json"), "--out (default: next to the checkpoint)")
+    if cfg.video:
+        if os.path.exists(cfg.video) and not os.path.isdir(cfg.video):
+            raise UsageError(f"--video {cfg.video}: is a file, expected a folder")
+        data.check_writable_file(os.path.join(cfg.video, "episode.png"), "--video")
 
 
 def pick_device(name: str) -> torch.device:
@@ -149,45 +214,61 @@ def pick_device(name: str) -> torch.device:
     return torch.device("cpu")
 
 
+def open_dataset(path: str) -> data.Trajectories:
+    try:
+        return data.Trajectories(path)
+    except (ValueError, FileNotFoundError) as e:
+        raise UsageError(f"--data: {e}") from e
+
+
 def load_world(cfg: EvalConfig) -> World:
     """The frozen model and its dataset from `--ckpt` (everything travels with it) or `--official` + `--data --env`."""
     if bool(cfg.ckpt) == bool(cfg.official):
-        raise ValueError("give exactly one of --ckpt PATH or --official WEIGHTS CONFIG")
+        raise UsageError("give exactly one of --ckpt PATH or --official WEIGHTS CONFIG")
     device = pick_device(cfg.device)
     if cfg.ckpt:
-        ckpt = load_checkpoint(cfg.ckpt)  # FileNotFoundError / ValueError with the path in the message
-        missing = [k for k in ("model", "model_config", "action_stats", "env") if k not in ckpt]
-        if missing:
-            raise ValueError(f"{cfg.ckpt} lacks {missing}: not a checkpoint written by train.py")
+        try:
+            ckpt = load_checkpoint(cfg.ckpt)  # FileNotFoundError / ValueError with the path in the message
+            missing = [k for k in ("model", "model_config", "action_stats", "env") if k not in ckpt]
+            if missing:
+                raise ValueError(f"{cfg.ckpt} lacks {missing}: not a checkpoint written by train.py")
+            model = model_from_checkpoint(ckpt)
+        except (ValueError, FileNotFoundError, TypeError) as e:
+            raise UsageError(f"--ckpt {cfg.ckpt}: {e}") from e
         env = ckpt["env"]
         if cfg.env and cfg.env != env:
-            raise ValueError(f"--env {cfg.env} does not match the checkpoint, which was trained on {env}")
-        model = model_from_checkpoint(ckpt)
+            raise UsageError(f"--env {cfg.env}: does not match the checkpoint, which was trained on {env}")
         path = cfg.data or ckpt.get("train_config", {}).get("data", "")
         if not path:
-            raise ValueError(f"{cfg.ckpt} names no dataset: pass --data")
-        traj = data.Trajectories(path)
+            raise UsageError(f"--ckpt {cfg.ckpt}: names no dataset; pass --data")
+        if not os.path.isfile(path):
+            raise UsageError(f"--ckpt {cfg.ckpt}: its dataset {path} is not found from {os.getcwd()}; pass --data")
+        traj = open_dataset(path)
         stats = {k: [float(x) for x in v] for k, v in ckpt["action_stats"].items()}
         val_eps = np.sort(np.asarray(ckpt.get("val_episodes", []), dtype=np.int64))
         if len(val_eps) and val_eps.max() >= traj.num_episodes:
-            raise ValueError(f"{path} has {traj.num_episodes} episodes but the checkpoint holds out episode "
+            raise UsageError(f"{path} has {traj.num_episodes} episodes but the checkpoint holds out episode "
                              f"{val_eps.max()}: not the dataset it was trained on")  # fmt: skip
         train_eps = np.setdiff1d(np.arange(traj.num_episodes), val_eps)
         source = cfg.ckpt
     else:
         if not (cfg.data and cfg.env):
-            raise ValueError("--official needs --data (the dataset) and --env (its environment)")
-        model = load_official(*cfg.official)
+            raise UsageError("--official needs --data (the dataset) and --env (its environment)")
+        try:
+            model = load_official(*cfg.official)
+        except (ValueError, FileNotFoundError) as e:
+            raise UsageError(f"--official: {e}") from e
         env = cfg.env
-        traj = data.Trajectories(cfg.data)
+        traj = open_dataset(cfg.data)
         train_eps, val_eps = data.split_episodes(traj.num_episodes)
         stats = data.action_stats(traj, train_eps)
         source = " ".join(cfg.official)
     if env not in envs.ENV_IDS:
-        raise ValueError(f"unknown env {env!r}; valid names: {sorted(envs.ENV_IDS)}")
+        raise UsageError(f"--env {env}: unknown environment; valid: {', '.join(envs.ENV_IDS)}")
+    data.check_env(traj, env)
     frameskip = model.cfg.frameskip
     if traj.action_dim * frameskip != model.cfg.action_dim:
-        raise ValueError(
+        raise UsageError(
             f"{traj.path} has {traj.action_dim}-d actions, so {frameskip}-step blocks of {traj.action_dim * frameskip}"
             f" dims, but the model takes {model.cfg.action_dim}-d action blocks: wrong dataset or env"
         )
@@ -392,8 +473,10 @@ def run_plan(cfg: EvalConfig) -> dict:
             z_goal = encode_frames(world.model, goal_frames, world.device)[:, 0]  # (B, D) once per episode
     plan_calls = []
 
-    for t in range(cfg.budget):
+    bar = tqdm(range(cfg.budget), desc=f"plan {name} ({b} episodes)", unit="step", dynamic_ncols=True)
+    for t in bar:
         active = np.flatnonzero(~success)  # an env is frozen once it has succeeded (swm HEAD)
+        bar.set_postfix(success=f"{int(success.sum())}/{b}", refresh=False)
         if len(active) == 0:
             break
         need = [i for i in active if len(queues[i]) == 0]
@@ -426,6 +509,7 @@ def run_plan(cfg: EvalConfig) -> dict:
                 success[i], first_step[i] = True, t + 1
             if videos is not None:
                 videos[i].append(np.concatenate([obs[i], goal_frames[i]], axis=1))
+    bar.close()
     for env in env_list:
         env.close()
 
@@ -535,7 +619,7 @@ def embed_frames(model: LeWM, frames: np.ndarray, device: torch.device) -> np.nd
 def embed_rows(models: list[LeWM], traj: data.Trajectories, rows: np.ndarray, device: torch.device) -> list:
     """Embeddings (N, D) of the frames at dataset rows under each model; each batch of frames is read once."""
     out = [[] for _ in models]
-    for i in range(0, len(rows), ENCODE_BATCH):
+    for i in tqdm(range(0, len(rows), ENCODE_BATCH), desc=f"embed {len(rows)} frames", unit="batch", leave=False):
         frames = traj.read("pixels", rows[i : i + ENCODE_BATCH])  # (b, H, W, 3)
         for z, model in zip(out, models):
             z.append(embed_frames(model, frames, device))  # (b, D)
@@ -639,7 +723,7 @@ def run_probe(cfg: EvalConfig) -> dict:
     z_val = embed_rows(list(models.values()), world.traj, rows_val, world.device)  # per model (N_val, D)
     results = {
         label: probe_model(zt, zv, targets_train, targets_val, cfg.probe_epochs, cfg.seed)
-        for label, zt, zv in zip(models, z_train, z_val)
+        for label, zt, zv in tqdm(list(zip(models, z_train, z_val)), desc="probe", unit="model")
     }
 
     n_train, n_val = len(rows_train), len(rows_val)
@@ -786,7 +870,7 @@ def measure_surprise(world: World, episodes: int, steps: int, seed: int, n_perm:
         raise ValueError(f"no held-out episode has the {h * world.frameskip + 1} rows one prediction needs")
     unperturbed, original, example = [], [], None  # per episode: (n-h,) and (steps,) surprises
     perturbed, pixel_change = {k: [] for k in PERTURBATIONS}, {k: [] for k in PERTURBATIONS}
-    for e in eps:
+    for e in tqdm(eps, desc=f"surprise {world.env}", unit="episode", dynamic_ncols=True):
         frames, rows, blocks = episode_blocks(world, e)
         z = embed_frames(model, frames, world.device)  # (n, D)
         z_pred = predict_next(model, z, blocks, world.device)  # (n-h, D) for frames h..n-1
@@ -900,7 +984,7 @@ def diagnose_episodes(world: World, eval_pairs: int, goal_offset: int) -> np.nda
     eval_eps = np.searchsorted(world.traj.ep_offset, eval_rows, side="right") - 1
     episodes = np.setdiff1d(world.val_eps, eval_eps)
     if len(episodes) == 0:
-        raise ValueError(f"every held-out episode holds one of the {eval_pairs} evaluation pairs: nothing left to "
+        raise UsageError(f"every held-out episode holds one of the {eval_pairs} evaluation pairs: nothing left to "
                          "diagnose on; collect more episodes or lower --eval_pairs")  # fmt: skip
     return episodes
 
@@ -968,9 +1052,9 @@ def run_diagnose(cfg: EvalConfig) -> dict:
     t0 = time.time()
     world = load_world(cfg)
     if len(world.val_eps) == 0:
-        raise ValueError("diagnose needs held-out episodes, and this model has no validation split")
+        raise UsageError("diagnose needs held-out episodes, and this model has no validation split")
     if cfg.goal_offset != cfg.horizon * world.frameskip:
-        raise ValueError(f"diagnose needs goal_offset = horizon x frameskip = {cfg.horizon * world.frameskip}, "
+        raise UsageError(f"diagnose needs goal_offset = horizon x frameskip = {cfg.horizon * world.frameskip}, "
                          f"got {cfg.goal_offset}")  # fmt: skip
     episodes = diagnose_episodes(world, cfg.eval_pairs, cfg.goal_offset)
     rows = start_rows(world.traj, episodes, cfg.pairs, cfg.goal_offset, cfg.seed)
@@ -1010,6 +1094,7 @@ def run_diagnose(cfg: EvalConfig) -> dict:
 
 def main(cfg: EvalConfig) -> dict:
     """Run the configured subcommand and return its results."""
+    check_config(cfg)
     print(json.dumps(dataclasses.asdict(cfg)))
     if cfg.command == "plan":
         return run_plan(cfg)
@@ -1023,4 +1108,8 @@ def main(cfg: EvalConfig) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    try:
+        main(parse_args())
+    except UsageError as e:
+        print(f"evaluate.py: error: {e}", file=sys.stderr)
+        sys.exit(2)

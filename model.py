@@ -394,7 +394,9 @@ def lewm_loss(model: nn.Module, pixels: torch.Tensor, actions: torch.Tensor, sig
 
 
 def check_state_dict(model: nn.Module, state: dict, source: str):
-    """Raise ValueError naming missing, unexpected and mis-shaped keys instead of loading a wrong model."""
+    """Raise ValueError naming missing, unexpected, mis-shaped and non-finite keys instead of loading a wrong model."""
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{source} does not hold a state dict (a dict of tensors), but a {type(state).__name__}")
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -409,6 +411,10 @@ def check_state_dict(model: nn.Module, state: dict, source: str):
             if items:
                 lines.append(f"  {name} ({len(items)}): " + ", ".join(items[:8]) + (" ..." if len(items) > 8 else ""))
         raise ValueError("\n".join(lines))
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ValueError(f"{source} holds non-finite weights (NaN or inf) in {len(bad)} tensors: "
+                         + ", ".join(bad[:4]) + (" ..." if len(bad) > 4 else ""))  # fmt: skip
 
 
 def save_checkpoint(path: str, ckpt: dict):
@@ -574,16 +580,26 @@ def load_official(weights_path: str, config_path: str) -> LeWM:
     for p in (weights_path, config_path):
         if not os.path.exists(p):
             raise FileNotFoundError(f"official checkpoint file not found: {p}")
-    with open(config_path) as f:
-        config = json.load(f)
+    try:
+        with open(config_path) as f:
+            config = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{config_path} is not a JSON config file ({e})") from e
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path} holds a JSON {type(config).__name__}, not an official LeWM config object")
     missing_sections = [
         s for s in ("encoder", "predictor", "action_encoder", "projector", "pred_proj") if s not in config
     ]
     if missing_sections:
         raise ValueError(f"{config_path} lacks the sections {missing_sections} of an official LeWM config.json")
-    raw = torch.load(weights_path, map_location="cpu", weights_only=True)
+    try:
+        raw = torch.load(weights_path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated or foreign files end here
+        raise ValueError(f"{weights_path} is not a readable weights file ({type(e).__name__}: {e})") from e
     if isinstance(raw, dict) and "state_dict" in raw:
         raw = raw["state_dict"]
+    if not isinstance(raw, dict) or not all(isinstance(k, str) for k in raw):
+        raise ValueError(f"{weights_path} holds a {type(raw).__name__}, not a state dict of named tensors")
     state = {k.removeprefix("model."): v for k, v in raw.items()}
     state = official_to_ours(state)
     needed = [
