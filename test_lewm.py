@@ -29,11 +29,12 @@ import train
 from model import (
     PRESETS,
     LeWM,
+    export_official,
     lewm_loss,
     load_checkpoint,
     load_official,
+    load_pretrained,
     model_from_checkpoint,
-    ours_to_official,
     save_checkpoint,
 )
 from planner import cem, gradient_plan, warm_start
@@ -171,62 +172,100 @@ def test_model_loss_has_no_stop_gradient():
     assert not torch.allclose(g_full, g_detached)
 
 
-def export_official(model: LeWM, folder, hf5: bool = False):
-    """Write the model in the released format: weights.pt (official key names) and config.json."""
-    state = ours_to_official(model.state_dict())
-    if hf5:
-        rename = [
-            (".attention.attention.query.", ".attention.q_proj."),
-            (".attention.attention.key.", ".attention.k_proj."),
-            (".attention.attention.value.", ".attention.v_proj."),
-            (".attention.output.dense.", ".attention.o_proj."),
-            (".intermediate.dense.", ".mlp.fc1."),
-            (".output.dense.", ".mlp.fc2."),
-        ]
-        new = {}
-        for k, v in state.items():
-            if k.startswith("encoder.encoder.layer."):
-                k = k.replace("encoder.encoder.layer.", "encoder.layers.")
-                for old, rep in rename:
-                    k = k.replace(old, rep)
-            new[k] = v
-        state = new
-    cfg = model.cfg
-    config = {
-        "encoder": {
-            "size": "custom",
-            "num_attention_heads": cfg.enc_heads,
-            "patch_size": cfg.patch_size,
-            "image_size": cfg.img_size,
-        },
-        "predictor": {
-            "heads": cfg.pred_heads,
-            "dim_head": cfg.pred_dim_head,
-            "dropout": cfg.pred_dropout,
-            "depth": cfg.pred_depth,
-        },
-        "action_encoder": {"input_dim": cfg.action_dim},
-        "projector": {},
-        "pred_proj": {},
-    }
-    torch.save(state, os.path.join(folder, "weights.pt"))
-    with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(config, f)
-    return os.path.join(folder, "weights.pt"), os.path.join(folder, "config.json")
-
-
 @pytest.mark.parametrize("hf5", [False, True])
 def test_model_official_format_round_trip(tmp_path, hf5):
     """A model exported under the official key names (transformers 4.x or 5.x) loads back with identical outputs."""
     model = randomise(tiny_model(action_dim=25)).eval()
-    weights, config = export_official(model, tmp_path, hf5=hf5)
+    weights, config = export_official(model, str(tmp_path), hf5=hf5)
+    keys = torch.load(weights, weights_only=True).keys()
+    layer = (
+        "encoder.layers.0.attention.q_proj.weight"
+        if hf5
+        else "encoder.encoder.layer.0.attention.attention.query.weight"
+    )
+    assert layer in keys and "predictor.transformer.layers.1.adaLN_modulation.1.weight" in keys
     loaded = load_official(weights, config)
     assert not loaded.training and loaded.cfg == model.cfg
     x, a = torch.randn(2, 4, 3, 32, 32), torch.randn(2, 3, 25)
     with torch.no_grad():
         z = model.encode(x)
-        torch.testing.assert_close(loaded.encode(x), z, rtol=0, atol=1e-6)
-        torch.testing.assert_close(loaded.predict(z[:, :3], a), model.predict(z[:, :3], a), rtol=0, atol=1e-6)
+        torch.testing.assert_close(loaded.encode(x), z, rtol=0, atol=0)
+        torch.testing.assert_close(loaded.predict(z[:, :3], a), model.predict(z[:, :3], a), rtol=0, atol=0)
+
+
+def _train_ckpt(tmp_path, model: LeWM) -> str:
+    """A checkpoint laid out as train.py writes it, optimizer and RNG state included."""
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 4, 3, 32, 32), torch.randn(2, 4, 10))[1].sum().backward()
+    opt.step()
+    ckpt = {"model": model.state_dict(), "model_config": dataclasses.asdict(model.cfg), "optimizer": opt.state_dict(),
+            "rng": {"torch": torch.get_rng_state()}, "step": 7, "env": "pusht",
+            "action_stats": {"mean": [0.0, 0.0], "std": [1.0, 1.0]}}  # fmt: skip
+    path = str(tmp_path / "ckpt.pt")
+    save_checkpoint(path, ckpt)
+    return path
+
+
+def test_model_export_cli_writes_weights_only_files(tmp_path):
+    """`model.py export` writes three weights-only files; each rebuilds the model with identical outputs."""
+    model = randomise(tiny_model()).eval()
+    ckpt = _train_ckpt(tmp_path, model)
+    out = tmp_path / "export"
+    subprocess.run([sys.executable, "model.py", "export", "--ckpt", ckpt, "--out", str(out)], check=True,
+                   cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True)  # fmt: skip
+    assert sorted(os.listdir(out)) == ["config.json", "model.pt", "weights.pt"]
+    shared = torch.load(out / "model.pt", weights_only=True)
+    assert "optimizer" not in shared and "rng" not in shared and shared["step"] == 7 and shared["env"] == "pusht"
+    assert os.path.getsize(out / "model.pt") < 0.6 * os.path.getsize(ckpt)
+    assert isinstance(torch.load(out / "weights.pt", weights_only=True), dict)
+    x = torch.randint(0, 256, (2, 4, 32, 32, 3), dtype=torch.uint8)
+    want = model.embed(x)
+    for loaded in (load_pretrained(str(out)), load_pretrained(str(out / "model.pt"))):
+        torch.testing.assert_close(loaded.embed(x), want, rtol=0, atol=0)
+    assert json.loads((out / "config.json").read_text())["action_encoder"]["input_dim"] == 10
+
+
+def _no_network(*args, **kwargs):
+    raise OSError("network access in a test")
+
+
+def test_model_hub_name_served_from_offline_cache(tmp_path, monkeypatch):
+    """load_pretrained("owner/name") reads a hub-cache folder with the network off; an uncached name fails clearly."""
+    pytest.importorskip("huggingface_hub")
+    model = randomise(tiny_model()).eval()
+    snap = tmp_path / "hub" / "models--someone--lewm-tiny" / "snapshots" / ("ab" * 20)
+    export_official(model, str(snap))
+    (snap.parents[1] / "refs").mkdir()
+    (snap.parents[1] / "refs" / "main").write_text("ab" * 20)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(socket, "socket", _no_network)
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    x = torch.randint(0, 256, (3, 32, 32, 3), dtype=torch.uint8)
+    for name in ("someone/lewm-tiny", "hf:someone/lewm-tiny"):
+        torch.testing.assert_close(load_pretrained(name).embed(x), model.embed(x), rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="cannot get 'someone/other'"):
+        load_pretrained("someone/other")
+
+
+def test_model_embed_accepts_frame_shapes():
+    """embed maps (H, W, 3), (T, H, W, 3), (B, T, H, W, 3) uint8 frames to matching embeddings; others fail clearly."""
+    model = randomise(tiny_model()).eval()
+    frames = torch.randint(0, 256, (2, 3, 48, 48, 3), dtype=torch.uint8)
+    z = model.embed(frames)
+    assert z.shape == (2, 3, 32)
+    torch.testing.assert_close(model.embed(frames[1]), z[1], rtol=0, atol=1e-6)
+    torch.testing.assert_close(model.embed(frames[1, 2].numpy()), z[1, 2], rtol=0, atol=1e-6)
+    torch.testing.assert_close(z, model.encode(model.preprocess(frames)), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match=r"embed expects uint8 frames.*\(1, 2, 3, 48, 48, 3\)"):
+        model.embed(frames[None])
+    with pytest.raises(ValueError, match="embed expects uint8"):
+        model.embed(frames.float())
+    with pytest.raises(ValueError, match=r"encode expects normalised pixels \(B, T, 3, H, W\).*model.embed"):
+        model.encode(model.preprocess(frames[0, 0]))
 
 
 def test_model_official_mismatch_names_keys(tmp_path):
