@@ -1272,7 +1272,9 @@ def test_train_main_lowers_loss_on_fixed_batch(tmp_path, tiny_pusht):
     traj = data.Trajectories(tiny_pusht)
     train_eps, _ = data.split_episodes(traj.num_episodes, cfg.val_fraction, seed=3072)
     stats = data.action_stats(traj, train_eps)
-    pixels, actions = next(iter(data.ClipLoader(traj, train_eps, stats, 16, shuffle=False)))
+    # A random draw of training clips: consecutive clips of one slow PushT episode are near-identical frames, on
+    # which SIGReg (a test of the batch's spread) says little about the model.
+    pixels, actions = next(iter(data.ClipLoader(traj, train_eps, stats, 16, seed=1)))
     torch.manual_seed(cfg.seed)
     initial = LeWM(dataclasses.replace(PRESETS["tiny"], action_dim=actions.shape[-1])).eval()
     summary = train.main(cfg)
