@@ -180,7 +180,7 @@ def check_config(cfg: EvalConfig) -> None:
             raise UsageError(f"--{f.name} {value}: must be {RANGES[f.name][0]}")
     if not 1 <= cfg.receding_horizon <= cfg.horizon:
         raise UsageError(f"--receding_horizon {cfg.receding_horizon}: must be in [1, --horizon {cfg.horizon}]")
-    if cfg.samples and cfg.topk > cfg.samples and cfg.solver == "cem":
+    if cfg.command == "plan" and cfg.samples and cfg.topk > cfg.samples and cfg.solver == "cem":
         raise UsageError(f"--topk {cfg.topk}: must be <= --samples {cfg.samples}")
     if bool(cfg.ckpt) == bool(cfg.official):
         raise UsageError("give exactly one of --ckpt PATH or --official WEIGHTS CONFIG")

@@ -1679,9 +1679,9 @@ def test_eval_random_policy_matches_independent_replay(tmp_path, tiny_tworoom):
                 break
         assert (r["success"], r["first_success_step"]) == (first > 0, first)
     assert res["solved_at_start"] == np.mean([r["solved_at_start"] for r in res["per_episode"]])
-    # A zero budget never steps an env: nothing succeeds, whatever is already solved at the start.
-    zero = evaluate.main(_eval_cfg(ckpt, tmp_path, policy="random", episodes=8, split="train", budget=0))
-    assert zero["successes"] == 0 and zero["solved_at_start"] == res["solved_at_start"]
+    # A zero budget would never step an env, so every episode would fail: it is refused before any work.
+    with pytest.raises(data.UsageError, match="--budget 0"):
+        evaluate.main(_eval_cfg(ckpt, tmp_path, policy="random", episodes=8, split="train", budget=0))
 
 
 def test_eval_load_world_errors(tmp_path, tiny_pusht):
