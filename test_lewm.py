@@ -1468,6 +1468,53 @@ class _BlindModel(_CentroidModel):
         return z.clone()
 
 
+def test_eval_line_chart_png_size_colours_and_direction(tmp_path):
+    """line_chart writes a PNG of the requested size, draws every series in its colour, and a rising line rises."""
+    xs = list(range(11))  # the x axis then spans exactly 0..10
+    series = {"up": (xs, [x * x for x in xs]), "down": (xs, [100.0 - 8 * x for x in xs[:-1]] + [float("nan")])}
+    series["one"] = ([5.0], [60.0])
+    out = tmp_path / "charts" / "chart.png"
+    img = evaluate.line_chart(series, title="T", xlabel="x", ylabel="y", out_png=str(out), width=500, height=300)
+    raw = out.read_bytes()
+    assert raw[:8] == b"\x89PNG\r\n\x1a\n" and raw[12:16] == b"IHDR" and img.shape == (300, 500, 3)
+    assert int.from_bytes(raw[16:20], "big") == 500 and int.from_bytes(raw[20:24], "big") == 300
+    for i, name in enumerate(series):
+        assert (img == evaluate.PALETTE[i]).all(-1).sum() > (20 if name == "one" else 200), name
+    for i, sign in ((0, 1), (1, -1)):  # the median row (robust to the legend swatch) of each third of the plot
+        rows, cols = np.nonzero((img == evaluate.PALETTE[i]).all(-1))
+        left, right = np.median(rows[cols < 64 + 140]), np.median(rows[cols > 500 - 16 - 140])
+        assert sign * (left - right) > 50  # row indices grow downwards: rising means a smaller row on the right
+    log = evaluate.line_chart(
+        {"a": ([1, 2, 3], [0.01, 0.1, 1.0])}, title="", xlabel="", ylabel="", out_png="", log_y=True
+    )
+    assert log.shape == (400, 640, 3) and (log == evaluate.PALETTE[0]).all(-1).any()
+
+
+def test_eval_draw_text_distinct_glyphs_and_unknown_chars():
+    """draw_text gives different characters different pixels, scales them, and draws unknown ones as a box."""
+
+    def render(text, scale=1):
+        return evaluate.draw_text(np.zeros((20, 60, 3), np.uint8), 1, 1, text, 255, scale)
+
+    assert not np.array_equal(render("0"), render("8")) and not np.array_equal(render("a"), render("A"))
+    assert render("0").any() and not render(" ").any()
+    assert (render("8", 2) > 0).sum() == 4 * (render("8") > 0).sum()
+    assert np.array_equal(render("\u2603"), render("\u00e9")) and render("\u2603").any()
+    evaluate.draw_text(np.zeros((5, 5, 3), np.uint8), -3, 2, "clipped ×", (1, 2, 3))  # off the canvas: no error
+
+
+def test_eval_plot_metrics_png_skips_torn_lines(tmp_path):
+    """plot_metrics_png writes a PNG of both loss charts side by side from a metrics.jsonl with a torn last line."""
+    path = tmp_path / "metrics.jsonl"
+    rows = [{"step": s, "pred_loss": 1.0 / s, "sigreg_loss": 5.0 / s, "lr": 1e-3} for s in range(1, 30)]
+    rows[-1].update(val_pred_loss=0.05, val_sigreg_loss=0.2)
+    path.write_text("\n".join(json.dumps(r) for r in rows) + '\n\n{"step": 30, "pred_lo')
+    img = evaluate.plot_metrics_png(str(path), str(tmp_path / "out" / "metrics.png"))
+    raw = (tmp_path / "out" / "metrics.png").read_bytes()
+    assert raw[:8] == b"\x89PNG\r\n\x1a\n" and img.shape == (400, 1280, 3)
+    assert all((half == evaluate.PALETTE[0]).all(-1).sum() > 100 for half in (img[:, :640], img[:, 640:]))
+
+
 def test_eval_surprise_teleport_spikes_on_position_tracking_model(tiny_tworoom):
     """A model tracking the agent exactly: surprise ~0 on real steps, huge at teleports, blind to recolouring."""
     traj = data.Trajectories(tiny_tworoom)
