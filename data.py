@@ -17,23 +17,25 @@ Deliberately absent: image transforms, lance/folder formats, clip-level splittin
 Run (collection; `--workers` processes each roll out whole episodes, seeded by seed + episode index):
     python data.py --env pusht --episodes 1000 --img_size 64 --out data/pusht_64.h5
     python data.py --env pusht --episodes 200 --out data/pusht_64.h5 --append   # 200 more, same seed stream
-An interrupted run leaves only `<out>.tmp`; running the same command again resumes it.
+Each finished episode is saved at once in `<out>.parts/`; after an interruption (Ctrl-C, SIGTERM, kill -9, a crash)
+running the same command again collects only the missing episodes and writes the same file.
 
 Dimension letters: B batch, T frames per clip, H/W image, A raw action dim, E episodes, N rows.
 """
 
 import argparse
+import json
+import math
 import multiprocessing as mp
 import os
 import queue
 import shutil
 import signal
+import sys
 import threading
+import time
 import warnings
-from collections import deque
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
-from itertools import islice
 from typing import Self
 
 import h5py
@@ -54,6 +56,10 @@ PIXEL_COMPRESSION = {"compression": "gzip", "compression_opts": 1}
 TABLE_CHUNK_ROWS = 1024  # chunk rows of the small per-row columns (uncompressed, as in the official files)
 CACHE_FRACTION = 0.4  # ClipLoader keeps pixels in RAM when they take at most this fraction of the available memory
 READ_CACHE_BYTES = 64 << 20  # HDF5 chunk cache per open file
+
+
+class UsageError(ValueError):
+    """A mistake in what the user asked for (a flag, a file): the scripts print it as one line and exit with code 2."""
 
 
 def _import_hdf5plugin() -> bool:
@@ -206,6 +212,13 @@ class Trajectories:
         self.close()
 
 
+def check_env(traj: Trajectories, env: str) -> None:
+    """The environment a file records (ours record it; official files do not) must be `env`."""
+    recorded = traj.file.attrs.get("env")
+    if recorded is not None and str(recorded) != env:
+        raise UsageError(f"--data {traj.path}: holds {recorded} episodes, but the environment is {env} (--env)")
+
+
 def _check_filters(ds: h5py.Dataset, name: str) -> None:
     """Fail on open, not on the first read, when a dataset needs a compression filter this HDF5 lacks."""
     dcpl = ds.id.get_create_plist()
@@ -249,6 +262,14 @@ def action_stats(traj: Trajectories, episodes: Sequence[int]) -> dict[str, list[
     if len(action) < 2:
         raise ValueError(f"{traj.path}: fewer than 2 finite action rows in the given episodes")
     mean, std = action.mean(axis=0), action.std(axis=0, ddof=1)
+    # One row holding most of a dimension's variance (an outlier such as 3e38) would z-score every other row of
+    # that dimension to ~0: a constant input the model cannot learn from.
+    share = ((action - mean) ** 2 / np.maximum((len(action) - 1) * std**2, 1e-300)).max(axis=0)  # (A,)
+    if not np.isfinite(std).all() or ((share > 0.5) & (std > 0)).any():
+        d = int(np.argmax(np.where(np.isfinite(share), share, np.inf)))
+        r = int(np.argmax(np.abs(action[:, d] - mean[d])))
+        raise UsageError(f"{traj.path}: action dimension {d} is dominated by one outlier ({action[r, d]:.3g}); "
+                         "z-scored, it would be constant: fix or drop that episode")  # fmt: skip
     # DEVIATION: a constant action dim gets std 1 instead of a division by zero (the official code has no eps).
     std = np.where(std > 0, std, 1.0)
     return {"mean": mean.tolist(), "std": std.tolist()}
@@ -485,57 +506,148 @@ def _append_episode(f: h5py.File, episode: dict[str, np.ndarray]) -> None:
     f.flush()
 
 
-def _repair(f: h5py.File) -> int:
-    """Drop a partly written last episode (rows beyond ep_offset[-1] + ep_len[-1]); returns the episodes kept."""
-    if "ep_len" not in f:
-        return 0
-    num_episodes = min(len(f["ep_len"]), len(f["ep_offset"]))
-    num_rows = int(f["ep_offset"][num_episodes - 1] + f["ep_len"][num_episodes - 1]) if num_episodes else 0
-    for c in f:
-        f[c].resize(num_episodes if c in EPISODE_COLUMNS else num_rows, axis=0)
-    return num_episodes
-
-
-def _ignore_sigint() -> None:
-    """Workers leave Ctrl-C to the main process, which stops the pool (a worker killed mid-task can hang a Pool)."""
+def _init_worker() -> None:
+    """Workers leave Ctrl-C to the main process, which stops them; they also die with it, however it ends."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    parent = os.getppid()
+
+    def watch() -> None:  # a worker whose parent was killed (kill -9 included) exits within 0.2 s
+        while os.getppid() == parent:
+            time.sleep(0.2)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
 
 
-def _start_pool(workers: int) -> ProcessPoolExecutor:
-    """Worker processes, all started now: before the HDF5 file is opened, so that no worker inherits its handle
-    (a forked copy would keep the file locked after the writer closes it)."""
+def _start_pool(workers: int):
+    """Worker processes, all started now; `terminate()` stops them at once, mid-episode."""
     # fork where available: workers start instantly and need no importable __main__; they never touch torch.
     context = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_ignore_sigint)
-    pool.submit(os.getpid).result()  # a fork pool launches every worker on its first task
-    return pool
+    return context.Pool(workers, initializer=_init_worker)
 
 
-def _episodes(jobs: list[tuple], pool: ProcessPoolExecutor | None, workers: int) -> Iterator[dict[str, np.ndarray]]:
-    """Episodes in job order, rolled out in this process (no pool) or by the pool's workers.
+def _part_path(parts: str, e: int) -> str:
+    return os.path.join(parts, f"episode_{e:07d}.h5")
 
-    At most 2 * workers episodes are in flight, so finished episodes never pile up in memory ahead of the writer.
-    """
-    if pool is None:
-        yield from map(_rollout, jobs)
-        return
-    todo, pending = iter(jobs), deque()
-    pending.extend(pool.submit(_rollout, job) for job in islice(todo, 2 * workers))
-    while pending:
-        episode = pending.popleft().result()
-        pending.extend(pool.submit(_rollout, job) for job in islice(todo, 1))
-        yield episode
+
+def _write_part(path: str, episode: dict[str, np.ndarray]) -> None:
+    """One finished episode in its own file, written under a temporary name, synced, then renamed: a part file that
+    exists is complete, whenever the collection was killed."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with h5py.File(tmp, "w") as f:
+        for c, x in episode.items():
+            f.create_dataset(c, data=x, **(PIXEL_COMPRESSION if c == "pixels" else {}))
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _collect_part(job: tuple) -> int:
+    """Roll out one episode and save it as a part file; returns its index."""
+    path, rollout_job = job
+    _write_part(path, _rollout(rollout_job))
+    return int(path.rsplit("_", 1)[1].split(".")[0])
 
 
 def _check_settings(f: h5py.File, meta: dict) -> None:
-    """Resuming or appending must use the settings the file was collected with (they are its attributes)."""
+    """Appending must use the settings the file was collected with (they are its attributes)."""
     stored = {k: v.item() if isinstance(v, np.generic) else v for k, v in f.attrs.items() if k in meta}
     if stored != meta:
-        raise ValueError(f"{f.filename}: collected with {stored}, not {meta}; use the same settings or another --out")
+        raise UsageError(f"{f.filename}: collected with {stored}, not {meta}; use the same settings or another --out")
+
+
+def _read_meta(path: str) -> dict | None:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+    except ValueError:  # torn by a kill: it is rewritten below
+        return None
+
+
+def _write_json(path: str, obj: dict) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _merge(parts: str, base: str | None, first: int, target: int, tmp: str, meta: dict) -> list[int]:
+    """Write `tmp`: the episodes of `base` (appending) then the parts first..target-1, in order. Returns the indices
+    of unreadable part files (deleted, to be collected again); empty when `tmp` is complete."""
+    if base:
+        shutil.copyfile(base, tmp)
+    bad = []
+    with h5py.File(tmp, "a" if base else "w") as f:
+        if not base:
+            f.attrs.update(meta)
+        for e in range(first, target):
+            try:
+                with h5py.File(_part_path(parts, e), "r") as p:
+                    episode = {c: p[c][()] for c in p}
+            except OSError:
+                bad.append(e)
+                os.remove(_part_path(parts, e))
+                continue
+            if not bad:
+                _append_episode(f, episode)
+    return bad
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM received; `signum` says which (exit code 128 + signum, the shell convention)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_interrupted(signum, frame) -> None:
+    raise Interrupted(signum)
 
 
 def default_data_path(env: str, img_size: int, episodes: int) -> str:
     return os.path.join("data", f"{env}_{img_size}px_{episodes}ep.h5")
+
+
+def check_collect_args(env: str, episodes: int, out: str, img_size: int, policy: str | None, noise: float | None,
+                       workers: int, episode_steps: int | None) -> None:  # fmt: skip
+    """Every collection argument checked before any work: a UsageError naming the flag and its value."""
+    import envs
+
+    if env not in envs.ENV_DEFAULTS:
+        raise UsageError(f"--env {env}: unknown environment; valid: {', '.join(envs.ENV_DEFAULTS)}")
+    if policy is not None and policy not in envs.POLICIES[env]:
+        raise UsageError(f"--policy {policy}: not a policy of {env}; valid: {', '.join(envs.POLICIES[env])}")
+    for flag, value, ok, rule in (
+        ("--episodes", episodes, episodes >= 1, ">= 1"),
+        ("--workers", workers, workers >= 1, ">= 1"),
+        ("--episode_steps", episode_steps, episode_steps is None or episode_steps >= 1, ">= 1"),
+        ("--noise", noise, noise is None or (math.isfinite(noise) and noise >= 0), "finite and >= 0"),
+    ):
+        if not ok:
+            raise UsageError(f"{flag} {value}: must be {rule}")
+    try:
+        envs.make_env(env, img_size=img_size).close()
+    except ValueError as e:
+        raise UsageError(f"--img_size {img_size}: {e}") from e
+    check_writable_file(out, "--out")
+
+
+def check_writable_file(path: str, flag: str) -> None:
+    """`path` can be created or replaced: not a folder, and its nearest existing parent folder is writable."""
+    if os.path.isdir(path):
+        raise UsageError(f"{flag} {path}: is a folder, expected a file path")
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.isdir(parent):
+        if os.path.exists(parent):
+            raise UsageError(f"{flag} {path}: {parent} is a file, not a folder")
+        parent = os.path.dirname(parent)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {path}: folder {parent} is not writable")
 
 
 def collect(
@@ -553,13 +665,15 @@ def collect(
     """Collect `episodes` episodes of `env` into `out` (or add them to it with `append`); returns `out`.
 
     Episode e (its position in the file) is rolled out with `np.random.default_rng(seed + e)`, so the content
-    depends neither on `workers` nor on interruptions. Work happens in `<out>.tmp`, renamed to `out` when complete;
-    if that tmp file exists (an interrupted run), collection resumes from the episodes it holds.
+    depends neither on `workers` nor on interruptions. Each finished episode is saved at once as its own part file
+    in `<out>.parts/` (written under a temporary name, then renamed, so a part is complete whenever the process is
+    killed); when all are there they are merged in order into `<out>.tmp`, renamed to `out`. Running the same
+    command again after any interruption, `kill -9` included, collects only the missing parts.
     """
     import envs
 
-    if env not in envs.ENV_DEFAULTS:
-        raise ValueError(f"unknown env {env!r}; valid names: {sorted(envs.ENV_DEFAULTS)}")
+    out = os.fspath(out)
+    check_collect_args(env, episodes, out, img_size, policy, noise, workers, episode_steps)
     defaults = envs.ENV_DEFAULTS[env]
     meta = {
         "env": env,
@@ -569,48 +683,76 @@ def collect(
         "seed": int(seed),
         "episode_steps": int(episode_steps or defaults["episode_steps"]),
     }
-    if episodes < 1 or meta["episode_steps"] < 1:
-        raise ValueError(f"episodes and episode_steps must be >= 1, got {episodes} and {meta['episode_steps']}")
-    out = os.fspath(out)
-    tmp = out + ".tmp"
+    tmp, parts = out + ".tmp", out + ".parts"
+    progress = _read_meta(os.path.join(parts, "progress.json"))
+    if progress and progress.get("merged") and os.path.isfile(out) and not os.path.exists(tmp):
+        shutil.rmtree(parts)  # the previous run finished; it was killed while cleaning up
+        print(f"{out}: complete (removed the leftover {parts})")
+        return out
+    first = 0
     if append:
         if not os.path.isfile(out):
-            raise FileNotFoundError(f"{out}: nothing to append to")
+            raise UsageError(f"--out {out}: nothing to append to (--append needs an existing file)")
         with Trajectories(out) as traj:
             _check_settings(traj.file, meta)
-            target = traj.num_episodes + episodes
-        if not os.path.exists(tmp):
-            shutil.copyfile(out, tmp)  # work on a copy: `out` stays valid until the final rename
-    else:
-        if os.path.exists(out):
-            raise FileExistsError(f"{out} already exists: pass --append to add episodes, or delete it")
-        target = episodes
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+            first = traj.num_episodes
+    elif os.path.exists(out):
+        raise UsageError(f"--out {out}: already exists; pass --append to add episodes, or delete it")
+    target = first + episodes
+    state = {**meta, "first": first, "target": target}
+    if progress is not None and {k: progress.get(k) for k in state} != state:
+        raise UsageError(f"{parts} holds an interrupted collection with {progress}, not {state}: rerun that "
+                         "command to finish it, or delete the folder")  # fmt: skip
+    os.makedirs(parts, exist_ok=True)
+    _write_json(os.path.join(parts, "progress.json"), state)
+    for name in os.listdir(parts):  # parts being written when the last run was killed
+        if ".tmp" in name:
+            os.remove(os.path.join(parts, name))
+    if os.path.exists(tmp):
+        print(f"{tmp}: partial file of an interrupted run; rebuilding it from {parts}")
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        handlers = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
+    pool, done = None, 0
     try:
-        with h5py.File(tmp, "a") as f:
-            if "ep_len" not in f:
-                f.attrs.update(meta)
-            _check_settings(f, meta)
-            done = _repair(f)
-    except OSError as e:  # a hard kill can leave the HDF5 metadata of the tmp file inconsistent
-        raise ValueError(f"{tmp}: cannot resume from this unreadable partial file ({e}); delete it") from e
-    jobs = [
-        (env, meta["img_size"], meta["policy"], meta["noise"], meta["episode_steps"], seed + e)
-        for e in range(done, target)
-    ]
-    workers = min(workers, len(jobs))
-    pool = _start_pool(workers) if workers > 1 else None
-    try:
-        bar = tqdm(total=target, initial=done, desc=f"collect {env} {img_size}px", unit="ep")
-        with h5py.File(tmp, "a") as f, bar:
-            for episode in _episodes(jobs, pool, workers):
-                _append_episode(f, episode)
-                bar.update(1)
+        while True:
+            todo = [e for e in range(first, target) if not os.path.exists(_part_path(parts, e))]
+            done = target - len(todo)
+            jobs = [(_part_path(parts, e), (env, meta["img_size"], meta["policy"], meta["noise"],
+                                            meta["episode_steps"], seed + e)) for e in todo]  # fmt: skip
+            n_workers = min(workers, len(jobs))
+            bar = tqdm(total=target, initial=done, desc=f"collect {env} {img_size}px", unit="ep")
+            with bar:
+                if n_workers > 1:
+                    pool = _start_pool(n_workers)
+                    results = pool.imap_unordered(_collect_part, jobs)
+                else:
+                    results = map(_collect_part, jobs)
+                for _ in results:
+                    done += 1
+                    bar.update(1)
+            if pool is not None:
+                pool.close()
+                pool.join()
+                pool = None
+            bad = _merge(parts, out if append else None, first, target, tmp, meta)
+            if not bad:
+                break
+            print(f"{parts}: unreadable part files for episodes {bad}; collecting them again")
+        Trajectories(tmp).close()  # validate before the file looks finished
+        _write_json(os.path.join(parts, "progress.json"), {**state, "merged": True})
+        os.replace(tmp, out)
+        shutil.rmtree(parts)
+    except KeyboardInterrupt:
+        print(f"\ncollection interrupted: {done} of {target} episodes saved in {parts}; run the same command again "
+              "to resume")  # fmt: skip
+        raise
     finally:
-        if pool is not None:  # on an interruption: drop queued episodes, do not wait for the running ones
-            pool.shutdown(wait=False, cancel_futures=True)
-    Trajectories(tmp).close()  # validate before the file looks finished
-    os.replace(tmp, out)
+        if pool is not None:  # stop the workers now, mid-episode: their finished parts are already on disk
+            pool.terminate()
+            pool.join()
+        for s, h in handlers.items():
+            signal.signal(s, h)
     return out
 
 
@@ -641,8 +783,11 @@ def describe(path: str, goal_offset: int = 25) -> dict:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--env", required=True, help="pusht, tworoom, reacher or cube")
+    formatter = type("Formatter", (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {})
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
+    import envs
+
+    parser.add_argument("--env", required=True, choices=list(envs.ENV_DEFAULTS), help="environment")
     parser.add_argument("--episodes", type=int, required=True, help="episodes to collect (to add, with --append)")
     parser.add_argument("--img_size", type=int, default=64, help="frame side in pixels (224 in the paper)")
     parser.add_argument("--out", default=None, help="output .h5 (default data/<env>_<img>px_<episodes>ep.h5)")
@@ -654,16 +799,21 @@ if __name__ == "__main__":
     parser.add_argument("--append", action="store_true", help="add --episodes episodes to an existing --out")
     args = parser.parse_args()
     out = args.out or default_data_path(args.env, args.img_size, args.episodes)
-    collect(
-        args.env,
-        args.episodes,
-        out,
-        args.img_size,
-        args.policy,
-        args.noise,
-        args.seed,
-        args.workers,
-        args.episode_steps,
-        args.append,
-    )
+    try:
+        collect(
+            args.env,
+            args.episodes,
+            out,
+            args.img_size,
+            args.policy,
+            args.noise,
+            args.seed,
+            args.workers,
+            args.episode_steps,
+            args.append,
+        )
+    except UsageError as e:
+        parser.exit(2, f"data.py: error: {e}\n")
+    except KeyboardInterrupt as e:
+        sys.exit(128 + getattr(e, "signum", signal.SIGINT))
     print(out)

@@ -24,6 +24,7 @@ import argparse
 import dataclasses
 import inspect
 import json
+import math
 import os
 import sys
 import time
@@ -31,22 +32,32 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 import data
 import envs
+from data import UsageError
 from model import LeWM, load_checkpoint, load_official, model_from_checkpoint
 from planner import cem, gradient_plan, warm_start
 
-COMMANDS = ("plan", "probe", "surprise", "diagnose")
-# Flags of the probe and surprise subcommands (plan takes every field of EvalConfig).
+# Flags every subcommand takes; COMMANDS: subcommand -> (help, its flags). A new subcommand is one entry.
 COMMON_FIELDS = ("ckpt", "official", "data", "env", "episodes", "out", "seed", "device")
+COMMANDS = {
+    "plan": ("MPC success rate (default)", COMMON_FIELDS + ("split", "goal_offset", "budget", "horizon",
+             "receding_horizon", "policy", "solver", "samples", "iterations", "topk", "lr", "warm_start", "bf16",
+             "video")),
+    "probe": ("probes on frozen embeddings", COMMON_FIELDS + ("frames", "probe_epochs")),
+    "surprise": ("latent surprise along trajectories", COMMON_FIELDS + ("perturb_steps",)),
+    "diagnose": ("can the model plan? action ranking, sensitivity, probes", COMMON_FIELDS + ("pairs", "eval_pairs",
+                 "goal_offset", "horizon", "samples", "frames")),
+}  # fmt: skip
 
 # --- configuration
 
 
 @dataclass
 class EvalConfig:
-    command: str = "plan"  # plan, probe or surprise (set by the subcommand)
+    command: str = "plan"  # plan, probe, surprise or diagnose (set by the subcommand)
     ckpt: str = ""  # our checkpoint (train.py): model, action stats, env, dataset path and held-out episodes
     official: tuple = ()  # WEIGHTS CONFIG of a released LeWM checkpoint (needs --data and --env)
     data: str = ""  # HDF5 dataset ('' = the one the checkpoint was trained on)
@@ -93,7 +104,31 @@ class World:
     source: str  # the checkpoint path, or "WEIGHTS CONFIG" of an official model
 
 
+# Valid values, checked before any work: choices, and (rule, test) for the fields with a range.
+CHOICES = {"env": ["", *envs.ENV_IDS], "split": ["val", "train"], "policy": ["planner", "random"],
+           "solver": ["cem", "adam"], "device": ["auto", "cuda", "mps", "cpu"]}  # fmt: skip
+RANGES = {
+    "episodes": (">= 1", lambda v: v >= 1),
+    "goal_offset": (">= 1", lambda v: v >= 1),
+    "budget": (">= 1", lambda v: v >= 1),
+    "horizon": (">= 1", lambda v: v >= 1),
+    "samples": (">= 0", lambda v: v >= 0),
+    "iterations": (">= 1", lambda v: v >= 1),
+    "topk": (">= 1", lambda v: v >= 1),
+    "lr": ("> 0", lambda v: v > 0),
+    "seed": (">= 0", lambda v: v >= 0),
+    "frames": (">= 2", lambda v: v >= 2),
+    "probe_epochs": (">= 1", lambda v: v >= 1),
+    "perturb_steps": (">= 1", lambda v: v >= 1),
+    "pairs": (">= 1", lambda v: v >= 1),
+    "eval_pairs": (">= 0", lambda v: v >= 0),
+}
+
 # --- helpers
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and every flag's default after its help text."""
 
 
 def _comments(cls) -> dict[str, str]:
@@ -112,7 +147,7 @@ def _add_fields(parser: argparse.ArgumentParser, names) -> None:
         elif isinstance(f.default, tuple):
             kind = {"nargs": 2, "metavar": ("WEIGHTS", "CONFIG")}
         else:
-            kind = {"type": type(f.default)}
+            kind = {"type": type(f.default), "choices": CHOICES.get(f.name)}
         parser.add_argument(f"--{f.name}", default=f.default, help=helps.get(f.name), **kind)
 
 
@@ -121,22 +156,52 @@ def parse_args(argv: list[str] | None = None) -> EvalConfig:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help")):
         argv = ["plan", *argv]
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    _add_fields(
-        sub.add_parser("plan", help="MPC success rate (default)"), [f.name for f in dataclasses.fields(EvalConfig)]
-    )
-    _add_fields(sub.add_parser("probe", help="probes on frozen embeddings"), COMMON_FIELDS + ("frames", "probe_epochs"))
-    _add_fields(
-        sub.add_parser("surprise", help="latent surprise along trajectories"), COMMON_FIELDS + ("perturb_steps",)
-    )
-    _add_fields(
-        sub.add_parser("diagnose", help="can the model plan? action ranking, sensitivity, probes"),
-        COMMON_FIELDS + ("pairs", "eval_pairs", "goal_offset", "horizon", "samples", "frames"),
-    )
+    for command, (text, fields) in COMMANDS.items():
+        _add_fields(sub.add_parser(command, help=text, description=text, formatter_class=HelpFormatter), fields)
     args = vars(parser.parse_args(argv))
     args["official"] = tuple(args.get("official") or ())
     return EvalConfig(**args)
+
+
+def check_config(cfg: EvalConfig) -> None:
+    """Raise UsageError, naming the flag and its value, for any argument outside its valid values or a file that
+    is missing or cannot be written."""
+    if cfg.command not in COMMANDS:
+        raise UsageError(f"unknown command {cfg.command!r}; valid: {', '.join(COMMANDS)}")
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UsageError(f"--{f.name} {value}: must be a finite number")
+        if f.name in CHOICES and value not in CHOICES[f.name]:
+            raise UsageError(f"--{f.name} {value!r}: invalid choice; valid: {', '.join(map(repr, CHOICES[f.name]))}")
+        if f.name in RANGES and not RANGES[f.name][1](value):
+            raise UsageError(f"--{f.name} {value}: must be {RANGES[f.name][0]}")
+    if not 1 <= cfg.receding_horizon <= cfg.horizon:
+        raise UsageError(f"--receding_horizon {cfg.receding_horizon}: must be in [1, --horizon {cfg.horizon}]")
+    if cfg.command == "plan" and cfg.samples and cfg.topk > cfg.samples and cfg.solver == "cem":
+        raise UsageError(f"--topk {cfg.topk}: must be <= --samples {cfg.samples}")
+    if bool(cfg.ckpt) == bool(cfg.official):
+        raise UsageError("give exactly one of --ckpt PATH or --official WEIGHTS CONFIG")
+    if cfg.official and not (cfg.data and cfg.env):
+        raise UsageError("--official needs --data (the dataset) and --env (its environment)")
+    for flag, path in [("--ckpt", cfg.ckpt), ("--data", cfg.data)] + [("--official", p) for p in cfg.official]:
+        if path and not os.path.isfile(path):
+            raise UsageError(f"{flag} {path}: no such file")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available (use --device auto or cpu)")
+    if cfg.device == "mps" and not torch.backends.mps.is_available():
+        raise UsageError("--device mps: MPS is not available (use --device auto or cpu)")
+    if cfg.out:
+        data.check_writable_file(cfg.out, "--out")
+    else:
+        folder = os.path.dirname(os.path.abspath(cfg.ckpt)) if cfg.ckpt else "."
+        data.check_writable_file(os.path.join(folder, "eval.json"), "--out (default: next to the checkpoint)")
+    if cfg.video:
+        if os.path.exists(cfg.video) and not os.path.isdir(cfg.video):
+            raise UsageError(f"--video {cfg.video}: is a file, expected a folder")
+        data.check_writable_file(os.path.join(cfg.video, "episode.png"), "--video")
 
 
 def pick_device(name: str) -> torch.device:
@@ -149,45 +214,61 @@ def pick_device(name: str) -> torch.device:
     return torch.device("cpu")
 
 
+def open_dataset(path: str) -> data.Trajectories:
+    try:
+        return data.Trajectories(path)
+    except (ValueError, FileNotFoundError) as e:
+        raise UsageError(f"--data: {e}") from e
+
+
 def load_world(cfg: EvalConfig) -> World:
     """The frozen model and its dataset from `--ckpt` (everything travels with it) or `--official` + `--data --env`."""
     if bool(cfg.ckpt) == bool(cfg.official):
-        raise ValueError("give exactly one of --ckpt PATH or --official WEIGHTS CONFIG")
+        raise UsageError("give exactly one of --ckpt PATH or --official WEIGHTS CONFIG")
     device = pick_device(cfg.device)
     if cfg.ckpt:
-        ckpt = load_checkpoint(cfg.ckpt)  # FileNotFoundError / ValueError with the path in the message
-        missing = [k for k in ("model", "model_config", "action_stats", "env") if k not in ckpt]
-        if missing:
-            raise ValueError(f"{cfg.ckpt} lacks {missing}: not a checkpoint written by train.py")
+        try:
+            ckpt = load_checkpoint(cfg.ckpt)  # FileNotFoundError / ValueError with the path in the message
+            missing = [k for k in ("model", "model_config", "action_stats", "env") if k not in ckpt]
+            if missing:
+                raise ValueError(f"{cfg.ckpt} lacks {missing}: not a checkpoint written by train.py")
+            model = model_from_checkpoint(ckpt)
+        except (ValueError, FileNotFoundError, TypeError) as e:
+            raise UsageError(f"--ckpt {cfg.ckpt}: {e}") from e
         env = ckpt["env"]
         if cfg.env and cfg.env != env:
-            raise ValueError(f"--env {cfg.env} does not match the checkpoint, which was trained on {env}")
-        model = model_from_checkpoint(ckpt)
+            raise UsageError(f"--env {cfg.env}: does not match the checkpoint, which was trained on {env}")
         path = cfg.data or ckpt.get("train_config", {}).get("data", "")
         if not path:
-            raise ValueError(f"{cfg.ckpt} names no dataset: pass --data")
-        traj = data.Trajectories(path)
+            raise UsageError(f"--ckpt {cfg.ckpt}: names no dataset; pass --data")
+        if not os.path.isfile(path):
+            raise UsageError(f"--ckpt {cfg.ckpt}: its dataset {path} is not found from {os.getcwd()}; pass --data")
+        traj = open_dataset(path)
         stats = {k: [float(x) for x in v] for k, v in ckpt["action_stats"].items()}
         val_eps = np.sort(np.asarray(ckpt.get("val_episodes", []), dtype=np.int64))
         if len(val_eps) and val_eps.max() >= traj.num_episodes:
-            raise ValueError(f"{path} has {traj.num_episodes} episodes but the checkpoint holds out episode "
+            raise UsageError(f"{path} has {traj.num_episodes} episodes but the checkpoint holds out episode "
                              f"{val_eps.max()}: not the dataset it was trained on")  # fmt: skip
         train_eps = np.setdiff1d(np.arange(traj.num_episodes), val_eps)
         source = cfg.ckpt
     else:
         if not (cfg.data and cfg.env):
-            raise ValueError("--official needs --data (the dataset) and --env (its environment)")
-        model = load_official(*cfg.official)
+            raise UsageError("--official needs --data (the dataset) and --env (its environment)")
+        try:
+            model = load_official(*cfg.official)
+        except (ValueError, FileNotFoundError) as e:
+            raise UsageError(f"--official: {e}") from e
         env = cfg.env
-        traj = data.Trajectories(cfg.data)
+        traj = open_dataset(cfg.data)
         train_eps, val_eps = data.split_episodes(traj.num_episodes)
         stats = data.action_stats(traj, train_eps)
         source = " ".join(cfg.official)
     if env not in envs.ENV_IDS:
-        raise ValueError(f"unknown env {env!r}; valid names: {sorted(envs.ENV_IDS)}")
+        raise UsageError(f"--env {env}: unknown environment; valid: {', '.join(envs.ENV_IDS)}")
+    data.check_env(traj, env)
     frameskip = model.cfg.frameskip
     if traj.action_dim * frameskip != model.cfg.action_dim:
-        raise ValueError(
+        raise UsageError(
             f"{traj.path} has {traj.action_dim}-d actions, so {frameskip}-step blocks of {traj.action_dim * frameskip}"
             f" dims, but the model takes {model.cfg.action_dim}-d action blocks: wrong dataset or env"
         )
@@ -392,8 +473,10 @@ def run_plan(cfg: EvalConfig) -> dict:
             z_goal = encode_frames(world.model, goal_frames, world.device)[:, 0]  # (B, D) once per episode
     plan_calls = []
 
-    for t in range(cfg.budget):
+    bar = tqdm(range(cfg.budget), desc=f"plan {name} ({b} episodes)", unit="step", dynamic_ncols=True)
+    for t in bar:
         active = np.flatnonzero(~success)  # an env is frozen once it has succeeded (swm HEAD)
+        bar.set_postfix(success=f"{int(success.sum())}/{b}", refresh=False)
         if len(active) == 0:
             break
         need = [i for i in active if len(queues[i]) == 0]
@@ -426,6 +509,7 @@ def run_plan(cfg: EvalConfig) -> dict:
                 success[i], first_step[i] = True, t + 1
             if videos is not None:
                 videos[i].append(np.concatenate([obs[i], goal_frames[i]], axis=1))
+    bar.close()
     for env in env_list:
         env.close()
 
@@ -535,7 +619,7 @@ def embed_frames(model: LeWM, frames: np.ndarray, device: torch.device) -> np.nd
 def embed_rows(models: list[LeWM], traj: data.Trajectories, rows: np.ndarray, device: torch.device) -> list:
     """Embeddings (N, D) of the frames at dataset rows under each model; each batch of frames is read once."""
     out = [[] for _ in models]
-    for i in range(0, len(rows), ENCODE_BATCH):
+    for i in tqdm(range(0, len(rows), ENCODE_BATCH), desc=f"embed {len(rows)} frames", unit="batch", leave=False):
         frames = traj.read("pixels", rows[i : i + ENCODE_BATCH])  # (b, H, W, 3)
         for z, model in zip(out, models):
             z.append(embed_frames(model, frames, device))  # (b, D)
@@ -639,7 +723,7 @@ def run_probe(cfg: EvalConfig) -> dict:
     z_val = embed_rows(list(models.values()), world.traj, rows_val, world.device)  # per model (N_val, D)
     results = {
         label: probe_model(zt, zv, targets_train, targets_val, cfg.probe_epochs, cfg.seed)
-        for label, zt, zv in zip(models, z_train, z_val)
+        for label, zt, zv in tqdm(list(zip(models, z_train, z_val)), desc="probe", unit="model")
     }
 
     n_train, n_val = len(rows_train), len(rows_val)
@@ -786,7 +870,7 @@ def measure_surprise(world: World, episodes: int, steps: int, seed: int, n_perm:
         raise ValueError(f"no held-out episode has the {h * world.frameskip + 1} rows one prediction needs")
     unperturbed, original, example = [], [], None  # per episode: (n-h,) and (steps,) surprises
     perturbed, pixel_change = {k: [] for k in PERTURBATIONS}, {k: [] for k in PERTURBATIONS}
-    for e in eps:
+    for e in tqdm(eps, desc=f"surprise {world.env}", unit="episode", dynamic_ncols=True):
         frames, rows, blocks = episode_blocks(world, e)
         z = embed_frames(model, frames, world.device)  # (n, D)
         z_pred = predict_next(model, z, blocks, world.device)  # (n-h, D) for frames h..n-1
@@ -900,7 +984,7 @@ def diagnose_episodes(world: World, eval_pairs: int, goal_offset: int) -> np.nda
     eval_eps = np.searchsorted(world.traj.ep_offset, eval_rows, side="right") - 1
     episodes = np.setdiff1d(world.val_eps, eval_eps)
     if len(episodes) == 0:
-        raise ValueError(f"every held-out episode holds one of the {eval_pairs} evaluation pairs: nothing left to "
+        raise UsageError(f"every held-out episode holds one of the {eval_pairs} evaluation pairs: nothing left to "
                          "diagnose on; collect more episodes or lower --eval_pairs")  # fmt: skip
     return episodes
 
@@ -968,9 +1052,9 @@ def run_diagnose(cfg: EvalConfig) -> dict:
     t0 = time.time()
     world = load_world(cfg)
     if len(world.val_eps) == 0:
-        raise ValueError("diagnose needs held-out episodes, and this model has no validation split")
+        raise UsageError("diagnose needs held-out episodes, and this model has no validation split")
     if cfg.goal_offset != cfg.horizon * world.frameskip:
-        raise ValueError(f"diagnose needs goal_offset = horizon x frameskip = {cfg.horizon * world.frameskip}, "
+        raise UsageError(f"diagnose needs goal_offset = horizon x frameskip = {cfg.horizon * world.frameskip}, "
                          f"got {cfg.goal_offset}")  # fmt: skip
     episodes = diagnose_episodes(world, cfg.eval_pairs, cfg.goal_offset)
     rows = start_rows(world.traj, episodes, cfg.pairs, cfg.goal_offset, cfg.seed)
@@ -1005,11 +1089,176 @@ def run_diagnose(cfg: EvalConfig) -> dict:
     return {**summary, "out": out}
 
 
+# --- charts: line plots as PNG without a plotting library
+
+# 5x7 bitmap font, one glyph per character of FONT_CHARS: 7 rows of two hex digits each, bit 0x10 the leftmost of
+# the 5 pixels. Lowercase has its own shapes, with descenders (g j p q y) squeezed into the 7 rows.
+FONT_CHARS = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz .,-+%()/:_=×"
+FONT_HEX = (
+    "0E11131519110E 040C040404040E 0E11010204081F 1F02040201110E 02060A121F0202 1F101E0101110E "  # 0 1 2 3 4 5
+    "0608101E11110E 1F010204080808 0E11110E11110E 0E11110F01020C 0E11111F111111 1E11111E11111E "  # 6 7 8 9 A B
+    "0E11101010110E 1C12111111121C 1F10101E10101F 1F10101E101010 0E11101711110F 1111111F111111 "  # C D E F G H
+    "0E04040404040E 0702020202120C 11121418141211 1010101010101F 111B1515111111 11111915131111 "  # I J K L M N
+    "0E11111111110E 1E11111E101010 0E11111115120D 1E11111E141211 0F10100E01011E 1F040404040404 "  # O P Q R S T
+    "1111111111110E 11111111110A04 1111111515150A 11110A040A1111 11110A04040404 1F01020408101F "  # U V W X Y Z
+    "00000E010F110F 1010161911111E 00000E1010110E 01010D1311110F 00000E111F100E 0609081C080808 "  # a b c d e f
+    "00000F110F010E 10101619111111 04000C0404040E 0200060202120C 10101214181412 0C04040404040E "  # g h i j k l
+    "00001A15151111 00001619111111 00000E1111110E 00001E111E1010 00000D130F0101 00001619101010 "  # m n o p q r
+    "00000E100E011E 08081C08080906 0000111111130D 00001111110A04 0000111115150A 0000110A040A11 "  # s t u v w x
+    "000011110F010E 00001F0204081F 00000000000000 00000000000C0C 000000000C0408 0000001F000000 "  # y z space . , -
+    "0004041F040400 18190204081303 02040808080402 08040202020408 00010204081000 000C0C000C0C00 "  # + % ( ) / :
+    "0000000000001F 00001F001F0000 00110A040A1100"  # _ = ×
+)
+
+
+def _glyph(hex_rows: str) -> np.ndarray:
+    rows = [int(hex_rows[i : i + 2], 16) for i in range(0, 14, 2)]
+    return np.array([[(r >> (4 - c)) & 1 for c in range(5)] for r in rows], bool)  # (7, 5)
+
+
+FONT = {ch: _glyph(h) for ch, h in zip(FONT_CHARS, FONT_HEX.split(), strict=True)}
+FONT_UNKNOWN = _glyph("001F1111111F00")  # a small box for characters the font lacks
+PALETTE = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75))
+
+
+def text_width(text: str, scale: int = 1) -> int:
+    return max(6 * len(text) - 1, 0) * scale  # 5 pixels per glyph, 1 between glyphs
+
+
+def draw_text(canvas: np.ndarray, x: int, y: int, text: str, color, scale: int = 1) -> np.ndarray:
+    """Draw `text` with its top-left corner at column x, row y of an (H, W, 3) uint8 canvas (clipped)."""
+    for i, ch in enumerate(text):
+        r, c = np.nonzero(FONT.get(ch, FONT_UNKNOWN).repeat(scale, 0).repeat(scale, 1))  # (7 * scale, 5 * scale)
+        r, c = r + y, c + x + 6 * scale * i
+        keep = (r >= 0) & (r < canvas.shape[0]) & (c >= 0) & (c < canvas.shape[1])
+        canvas[r[keep], c[keep]] = color
+    return canvas
+
+
+def _paint(canvas, rows, cols, color, size: int, box) -> None:
+    """Paint size x size squares centred on (rows, cols), clipped to box = (top, bottom, left, right)."""
+    off = np.arange(size) - (size - 1) // 2
+    r = (np.round(rows).astype(int)[:, None, None] + off[None, :, None]).repeat(size, 2).ravel()
+    c = (np.round(cols).astype(int)[:, None, None] + off[None, None, :]).repeat(size, 1).ravel()
+    keep = (r >= box[0]) & (r <= box[1]) & (c >= box[2]) & (c <= box[3])
+    canvas[r[keep], c[keep]] = color
+
+
+def _ticks(lo: float, hi: float, log: bool, fixed: bool = False) -> tuple[float, float, list[float]]:
+    """Axis range and 4-6 'nice' ticks: 1, 2 or 5 x 10^k apart, or on a log axis (log10 units) powers of ten,
+    plus 2 and 5 (or 3) times them when the range spans only one (two) decades. `fixed` keeps lo, hi as given."""
+    if hi - lo < 1e-12:
+        pad = 0.5 if log else max(abs(lo) * 0.1, 0.5)
+        lo, hi = lo - pad, hi + pad
+    if log:
+        a, b = math.floor(lo), math.ceil(hi)
+        mults = {1: (1, 2, 5), 2: (1, 3)}.get(b - a, (1,))
+        ticks = [k + math.log10(m) for k in range(a, b + 1, max(1, math.ceil((b - a) / 5))) for m in mults]
+    else:
+        mag = 10 ** math.floor(math.log10((hi - lo) / 5))
+        for step in (mag, 2 * mag, 5 * mag, 10 * mag, 20 * mag, 50 * mag):
+            a, b = math.floor(lo / step + 1e-9), math.ceil(hi / step - 1e-9)
+            if b - a <= 5:
+                break
+        ticks, a, b = [k * step for k in range(a, b + 1)], a * step, b * step
+    a, b = (lo, hi) if fixed else (a, b)
+    return a, b, [t for t in ticks if a - 1e-9 <= t <= b + 1e-9]
+
+
+def line_chart(
+    series: dict[str, tuple[list[float], list[float]]],
+    *,
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    out_png: str,
+    log_y: bool = False,
+    width: int = 640,
+    height: int = 400,
+    ylim: tuple | None = None,
+) -> np.ndarray:
+    """Draw each series {name: (xs, ys)} as a 2-px polyline with square markers; write out_png ('' = don't)."""
+    img = np.full((height, width, 3), 255, np.uint8)  # (H, W, 3) white
+    top, bottom, left, right = 30, height - 42, 64, width - 16  # the plot box in pixels
+    pts = {}
+    for name, (xs, ys) in series.items():  # drop non-finite points (and non-positive ones on a log axis)
+        x, y = np.asarray(xs, np.float64), np.asarray(ys, np.float64)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            y = np.log10(y) if log_y else y
+        ok = np.isfinite(x) & np.isfinite(y)
+        pts[name] = (x[ok], y[ok])
+    all_x, all_y = (np.concatenate([p[i] for p in pts.values()] + [np.zeros(0)]) for i in (0, 1))
+    x_lo, x_hi, x_ticks = _ticks(*((all_x.min(), all_x.max()) if all_x.size else (0.0, 1.0)), log=False)
+    y_range = (all_y.min(), all_y.max()) if all_y.size else (0.0, 1.0)
+    y_range = y_range if ylim is None else np.log10(ylim) if log_y else ylim
+    y_lo, y_hi, y_ticks = _ticks(float(y_range[0]), float(y_range[1]), log=log_y, fixed=ylim is not None)
+    sx, sy = (right - left) / (x_hi - x_lo), (bottom - top) / (y_hi - y_lo)  # pixels per data unit
+    for t in x_ticks:  # light grid lines, tick labels below and left of the box
+        c, label = round(left + (t - x_lo) * sx), f"{t:g}"
+        img[top:bottom, c] = 230
+        draw_text(img, c - text_width(label) // 2, bottom + 6, label, 0)
+    for t in y_ticks:
+        r, label = round(bottom - (t - y_lo) * sy), f"{10**t:g}" if log_y else f"{t:g}"
+        img[r, left:right] = 230
+        draw_text(img, left - 5 - text_width(label), r - 3, label, 0)
+    img[[top, bottom], left : right + 1] = 0  # axes box
+    img[top : bottom + 1, [left, right]] = 0
+    draw_text(img, (width - text_width(title, 2)) // 2, 8, title, 0, scale=2)
+    draw_text(img, (left + right - text_width(xlabel)) // 2, height - 14, xlabel, 0)
+    vertical = np.rot90(draw_text(np.full((7, text_width(ylabel), 3), 255, np.uint8), 0, 0, ylabel, 0))
+    vertical = vertical[: bottom - top]  # (w, 7, 3), reads bottom to top
+    r0 = (top + bottom - len(vertical)) // 2
+    img[r0 : r0 + len(vertical), 6:13] = vertical
+    box = (top + 1, bottom - 1, left + 1, right - 1)  # series are clipped to the inside of the axes box
+    for i, (x, y) in enumerate(pts.values()):
+        cs, rs, color = left + (x - x_lo) * sx, bottom - (y - y_lo) * sy, PALETTE[i % len(PALETTE)]
+        for k in range(len(cs) - 1):  # dense sampling: at least one sample per pixel along the longer side
+            f = np.linspace(0, 1, int(max(abs(cs[k + 1] - cs[k]), abs(rs[k + 1] - rs[k]))) + 2)
+            _paint(img, rs[k] + f * (rs[k + 1] - rs[k]), cs[k] + f * (cs[k + 1] - cs[k]), color, 2, box)
+        _paint(img, rs, cs, color, 5, box)
+    if pts:  # legend, top-right inside the box: a colour swatch and the name of each series
+        w, h = max(text_width(name) for name in pts) + 24, 12 * len(pts) + 6
+        x0, y0 = right - 6 - w, top + 6
+        img[y0 : y0 + h + 1, x0 : x0 + w + 1] = 160
+        img[y0 + 1 : y0 + h, x0 + 1 : x0 + w] = 255
+        for i, name in enumerate(pts):
+            img[y0 + 6 + 12 * i : y0 + 13 + 12 * i, x0 + 6 : x0 + 13] = PALETTE[i % len(PALETTE)]
+            draw_text(img, x0 + 18, y0 + 6 + 12 * i, name, 0)
+    if out_png:
+        os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
+        envs.save_png(out_png, img)
+    return img
+
+
+def plot_metrics_png(metrics_jsonl: str, out_png: str) -> np.ndarray:
+    """Train and val prediction loss (left) and SIGReg loss (right) vs step, log y, from a train.py metrics.jsonl."""
+    rows = []
+    with open(metrics_jsonl) as f:
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # a blank line, or the last one torn by a run still writing
+                continue
+    charts = []
+    for key, title in (("pred_loss", "prediction loss"), ("sigreg_loss", "SIGReg loss")):
+        pts = {
+            name: [(r["step"], r[k]) for r in rows if "step" in r and k in r]
+            for name, k in (("train", key), ("val", "val_" + key))
+        }
+        series = {name: tuple(zip(*p)) for name, p in pts.items() if p}
+        charts.append(line_chart(series, title=title, xlabel="step", ylabel=key, out_png="", log_y=True))
+    img = np.concatenate(charts, axis=1)  # (400, 1280, 3): the two charts side by side
+    os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
+    envs.save_png(out_png, img)
+    return img
+
+
 # --- main
 
 
 def main(cfg: EvalConfig) -> dict:
     """Run the configured subcommand and return its results."""
+    check_config(cfg)
     print(json.dumps(dataclasses.asdict(cfg)))
     if cfg.command == "plan":
         return run_plan(cfg)
@@ -1023,4 +1272,8 @@ def main(cfg: EvalConfig) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    try:
+        main(parse_args())
+    except UsageError as e:
+        print(f"evaluate.py: error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -313,9 +313,24 @@ class LeWM(nn.Module):
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """Normalised pixels (B, T, 3, H, W) -> z (B, T, D)."""
+        if pixels.dim() != 5 or pixels.shape[2] != 3:
+            raise ValueError(f"encode expects normalised pixels (B, T, 3, H, W), got {tuple(pixels.shape)}; "
+                             "for raw uint8 frames use model.embed(frames)")  # fmt: skip
         b, t = pixels.shape[:2]
         h = self.encoder(pixels.flatten(0, 1))  # (B*T, D) CLS
         return self.projector(h).view(b, t, -1)  # (B, T, D); BN statistics over all B*T rows
+
+    @torch.no_grad()
+    def embed(self, frames) -> torch.Tensor:
+        """uint8 frames (H, W, 3), (T, H, W, 3) or (B, T, H, W, 3) -> z (D,), (T, D) or (B, T, D), no gradient."""
+        x = torch.as_tensor(frames)
+        if x.dtype != torch.uint8 or x.dim() not in (3, 4, 5) or x.shape[-1] != 3:
+            raise ValueError(f"embed expects uint8 frames (H, W, 3), (T, H, W, 3) or (B, T, H, W, 3), "
+                             f"got {x.dtype} {tuple(x.shape)}")  # fmt: skip
+        lead = x.shape[:-3]
+        x = x.reshape(1, -1, *x.shape[-3:]).to(next(self.parameters()).device)  # (1, B*T, H, W, 3)
+        z = self.encode(self.preprocess(x))  # (1, B*T, D); eval-mode BN is per frame
+        return z.reshape(*lead, -1)  # (..., D)
 
     def predict(self, z: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """z (B, T, D) and normalised action blocks (B, T, A) -> z_pred (B, T, D), position t predicting t+1."""
@@ -394,7 +409,9 @@ def lewm_loss(model: nn.Module, pixels: torch.Tensor, actions: torch.Tensor, sig
 
 
 def check_state_dict(model: nn.Module, state: dict, source: str):
-    """Raise ValueError naming missing, unexpected and mis-shaped keys instead of loading a wrong model."""
+    """Raise ValueError naming missing, unexpected, mis-shaped and non-finite keys instead of loading a wrong model."""
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{source} does not hold a state dict (a dict of tensors), but a {type(state).__name__}")
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -409,6 +426,10 @@ def check_state_dict(model: nn.Module, state: dict, source: str):
             if items:
                 lines.append(f"  {name} ({len(items)}): " + ", ".join(items[:8]) + (" ..." if len(items) > 8 else ""))
         raise ValueError("\n".join(lines))
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ValueError(f"{source} holds non-finite weights (NaN or inf) in {len(bad)} tensors: "
+                         + ", ".join(bad[:4]) + (" ..." if len(bad) > 4 else ""))  # fmt: skip
 
 
 def save_checkpoint(path: str, ckpt: dict):
@@ -574,16 +595,26 @@ def load_official(weights_path: str, config_path: str) -> LeWM:
     for p in (weights_path, config_path):
         if not os.path.exists(p):
             raise FileNotFoundError(f"official checkpoint file not found: {p}")
-    with open(config_path) as f:
-        config = json.load(f)
+    try:
+        with open(config_path) as f:
+            config = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{config_path} is not a JSON config file ({e})") from e
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path} holds a JSON {type(config).__name__}, not an official LeWM config object")
     missing_sections = [
         s for s in ("encoder", "predictor", "action_encoder", "projector", "pred_proj") if s not in config
     ]
     if missing_sections:
         raise ValueError(f"{config_path} lacks the sections {missing_sections} of an official LeWM config.json")
-    raw = torch.load(weights_path, map_location="cpu", weights_only=True)
+    try:
+        raw = torch.load(weights_path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated or foreign files end here
+        raise ValueError(f"{weights_path} is not a readable weights file ({type(e).__name__}: {e})") from e
     if isinstance(raw, dict) and "state_dict" in raw:
         raw = raw["state_dict"]
+    if not isinstance(raw, dict) or not all(isinstance(k, str) for k in raw):
+        raise ValueError(f"{weights_path} holds a {type(raw).__name__}, not a state dict of named tensors")
     state = {k.removeprefix("model."): v for k, v in raw.items()}
     state = official_to_ours(state)
     needed = [
@@ -605,3 +636,144 @@ def load_official(weights_path: str, config_path: str) -> LeWM:
     check_state_dict(model, state, weights_path)
     model.load_state_dict(state)
     return model.eval()
+
+
+# --- export for sharing
+
+
+def _hf4_to_hf5(key: str) -> str:
+    """One transformers 4.x encoder key under its 5.x name (the inverse of _HF5_TO_HF4)."""
+    m = re.match(r"^encoder\.encoder\.layer\.(\d+)\.(.+)$", key)
+    if not m:
+        return key
+    tail = m[2]
+    for old, new in [("attention.attention.query", "attention.q_proj"), ("attention.attention.key", "attention.k_proj"),
+                     ("attention.attention.value", "attention.v_proj"), ("attention.output.dense", "attention.o_proj"),
+                     ("intermediate.dense", "mlp.fc1"), ("output.dense", "mlp.fc2")]:  # fmt: skip
+        tail = tail.replace(old, new)  # attention.output.dense before output.dense
+    return f"encoder.layers.{m[1]}.{tail}"
+
+
+def export_official(model: LeWM, folder: str, hf5: bool = False) -> tuple[str, str]:
+    """Write `model` in the released format: folder/weights.pt (official key names) and folder/config.json.
+
+    Keys use transformers 4.x ViT names, as the released files do (hf5=True writes 5.x names instead). config.json
+    follows the released layout: one section per module with its `_target_` and constructor arguments.
+    """
+    state = ours_to_official(model.state_dict())
+    if hf5:
+        state = {_hf4_to_hf5(k): v for k, v in state.items()}
+    c = model.cfg
+    sizes = {"tiny": (192, 12, 3, 768)}  # (width, layers, heads, MLP) of the named HF ViT size the release uses
+    size = next((n for n, v in sizes.items() if v == (c.embed_dim, c.enc_depth, c.enc_heads, c.enc_mlp)), "custom")
+    mlp = {"_target_": "stable_worldmodel.wm.lewm.module.MLP", "input_dim": c.embed_dim, "output_dim": c.embed_dim,
+           "hidden_dim": c.proj_hidden, "norm_fn": {"_target_": "torch.nn.BatchNorm1d", "_partial_": True}}  # fmt: skip
+    config = {
+        "_target_": "stable_worldmodel.wm.lewm.LeWM",
+        "encoder": {
+            "_target_": "stable_pretraining.backbone.utils.vit_hf",
+            "size": size,
+            "patch_size": c.patch_size,
+            "image_size": c.img_size,
+            "pretrained": False,
+            "use_mask_token": False,
+            # DEVIATION: explicit ViT sizes beside `size` (the release names only "tiny"; smaller presets need them).
+            "hidden_size": c.embed_dim,
+            "num_hidden_layers": c.enc_depth,
+            "num_attention_heads": c.enc_heads,
+            "intermediate_size": c.enc_mlp,
+        },
+        "predictor": {
+            "_target_": "stable_worldmodel.wm.lewm.module.Predictor",
+            "num_frames": c.history,
+            "input_dim": c.embed_dim,
+            "hidden_dim": c.embed_dim,
+            "output_dim": c.embed_dim,
+            "depth": c.pred_depth,
+            "heads": c.pred_heads,
+            "mlp_dim": c.pred_mlp,
+            "dim_head": c.pred_dim_head,
+            "dropout": c.pred_dropout,
+            "emb_dropout": 0.0,
+        },
+        "action_encoder": {
+            "_target_": "stable_worldmodel.wm.lewm.module.Embedder",
+            "input_dim": c.action_dim,
+            "emb_dim": c.embed_dim,
+        },
+        "projector": dict(mlp),
+        "pred_proj": dict(mlp),
+    }
+    os.makedirs(folder, exist_ok=True)
+    weights, config_path = os.path.join(folder, "weights.pt"), os.path.join(folder, "config.json")
+    save_checkpoint(weights, state)
+    with open(config_path, "w") as f:
+        json.dump(config, f, indent=2)
+    return weights, config_path
+
+
+# Everything a checkpoint of ours needs for evaluation and planning; optimizer, scaler and RNG state are left out.
+SHARED_KEYS = ("model", "model_config", "action_stats", "env", "step", "train_config", "val_episodes")
+
+
+def export_weights_only(ckpt: dict, path: str) -> str:
+    """Write a copy of a training checkpoint without optimizer or RNG state (loads with weights_only=True)."""
+    save_checkpoint(path, {k: ckpt[k] for k in SHARED_KEYS if k in ckpt})
+    return path
+
+
+def export(ckpt_path: str, out: str) -> dict[str, str]:
+    """Our training checkpoint -> out/weights.pt + out/config.json (released format) and out/model.pt (ours)."""
+    ckpt = load_checkpoint(ckpt_path)
+    model = model_from_checkpoint(ckpt)
+    weights, config = export_official(model, out)
+    reloaded = load_official(weights, config)
+    for name, a in reloaded.state_dict().items():  # the export must load back bit for bit
+        if not torch.equal(a, model.state_dict()[name]):
+            raise RuntimeError(f"exported {name} does not load back identically")
+    return {"weights": weights, "config": config, "model": export_weights_only(ckpt, os.path.join(out, "model.pt"))}
+
+
+# --- loading by name: a checkpoint of ours, a released folder, or a Hugging Face hub repository
+
+
+def _hub_folder(repo_id: str) -> str:
+    """Download (or find in the local cache) weights.pt and config.json of a hub repository; returns the folder."""
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError:
+        raise ImportError(f"loading {repo_id!r} from the hub needs huggingface_hub: pip install huggingface_hub")
+    try:
+        paths = [hf_hub_download(repo_id, name) for name in ("config.json", "weights.pt")]
+    except Exception as e:  # offline with nothing cached, unknown repository, no network
+        raise RuntimeError(f"cannot get {repo_id!r} from the hub or its local cache ({type(e).__name__}: {e})") from e
+    return os.path.dirname(paths[1])
+
+
+def load_pretrained(name: str) -> LeWM:
+    """A model in eval mode from a checkpoint of ours (.pt), a folder with weights.pt + config.json, or a hub
+    repository "owner/name" (optionally "hf:owner/name"), downloaded once into the Hugging Face cache."""
+    if os.path.isfile(name):
+        return model_from_checkpoint(load_checkpoint(name))
+    if os.path.isdir(name):
+        return load_official(os.path.join(name, "weights.pt"), os.path.join(name, "config.json"))
+    repo_id = name.removeprefix("hf:")
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo_id):
+        raise FileNotFoundError(f"{name!r} is neither a file, a folder nor a hub repository name owner/name")
+    folder = _hub_folder(repo_id)
+    return load_official(os.path.join(folder, "weights.pt"), os.path.join(folder, "config.json"))
+
+
+# --- command line
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Export a trained LeWM checkpoint for sharing.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("export", help="write weights.pt + config.json (released format) and model.pt (weights only)")
+    p.add_argument("--ckpt", required=True, help="training checkpoint written by train.py")
+    p.add_argument("--out", required=True, help="folder to write the three files into")
+    args = parser.parse_args()
+    for kind, path in export(args.ckpt, args.out).items():
+        print(f"{kind:8s} {path} ({os.path.getsize(path) / 1e3:.0f} KB)")

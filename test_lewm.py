@@ -7,6 +7,8 @@ import dataclasses
 import json
 import math
 import os
+import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -27,11 +29,12 @@ import train
 from model import (
     PRESETS,
     LeWM,
+    export_official,
     lewm_loss,
     load_checkpoint,
     load_official,
+    load_pretrained,
     model_from_checkpoint,
-    ours_to_official,
     save_checkpoint,
 )
 from planner import cem, gradient_plan, warm_start
@@ -169,62 +172,100 @@ def test_model_loss_has_no_stop_gradient():
     assert not torch.allclose(g_full, g_detached)
 
 
-def export_official(model: LeWM, folder, hf5: bool = False):
-    """Write the model in the released format: weights.pt (official key names) and config.json."""
-    state = ours_to_official(model.state_dict())
-    if hf5:
-        rename = [
-            (".attention.attention.query.", ".attention.q_proj."),
-            (".attention.attention.key.", ".attention.k_proj."),
-            (".attention.attention.value.", ".attention.v_proj."),
-            (".attention.output.dense.", ".attention.o_proj."),
-            (".intermediate.dense.", ".mlp.fc1."),
-            (".output.dense.", ".mlp.fc2."),
-        ]
-        new = {}
-        for k, v in state.items():
-            if k.startswith("encoder.encoder.layer."):
-                k = k.replace("encoder.encoder.layer.", "encoder.layers.")
-                for old, rep in rename:
-                    k = k.replace(old, rep)
-            new[k] = v
-        state = new
-    cfg = model.cfg
-    config = {
-        "encoder": {
-            "size": "custom",
-            "num_attention_heads": cfg.enc_heads,
-            "patch_size": cfg.patch_size,
-            "image_size": cfg.img_size,
-        },
-        "predictor": {
-            "heads": cfg.pred_heads,
-            "dim_head": cfg.pred_dim_head,
-            "dropout": cfg.pred_dropout,
-            "depth": cfg.pred_depth,
-        },
-        "action_encoder": {"input_dim": cfg.action_dim},
-        "projector": {},
-        "pred_proj": {},
-    }
-    torch.save(state, os.path.join(folder, "weights.pt"))
-    with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(config, f)
-    return os.path.join(folder, "weights.pt"), os.path.join(folder, "config.json")
-
-
 @pytest.mark.parametrize("hf5", [False, True])
 def test_model_official_format_round_trip(tmp_path, hf5):
     """A model exported under the official key names (transformers 4.x or 5.x) loads back with identical outputs."""
     model = randomise(tiny_model(action_dim=25)).eval()
-    weights, config = export_official(model, tmp_path, hf5=hf5)
+    weights, config = export_official(model, str(tmp_path), hf5=hf5)
+    keys = torch.load(weights, weights_only=True).keys()
+    layer = (
+        "encoder.layers.0.attention.q_proj.weight"
+        if hf5
+        else "encoder.encoder.layer.0.attention.attention.query.weight"
+    )
+    assert layer in keys and "predictor.transformer.layers.1.adaLN_modulation.1.weight" in keys
     loaded = load_official(weights, config)
     assert not loaded.training and loaded.cfg == model.cfg
     x, a = torch.randn(2, 4, 3, 32, 32), torch.randn(2, 3, 25)
     with torch.no_grad():
         z = model.encode(x)
-        torch.testing.assert_close(loaded.encode(x), z, rtol=0, atol=1e-6)
-        torch.testing.assert_close(loaded.predict(z[:, :3], a), model.predict(z[:, :3], a), rtol=0, atol=1e-6)
+        torch.testing.assert_close(loaded.encode(x), z, rtol=0, atol=0)
+        torch.testing.assert_close(loaded.predict(z[:, :3], a), model.predict(z[:, :3], a), rtol=0, atol=0)
+
+
+def _train_ckpt(tmp_path, model: LeWM) -> str:
+    """A checkpoint laid out as train.py writes it, optimizer and RNG state included."""
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 4, 3, 32, 32), torch.randn(2, 4, 10))[1].sum().backward()
+    opt.step()
+    ckpt = {"model": model.state_dict(), "model_config": dataclasses.asdict(model.cfg), "optimizer": opt.state_dict(),
+            "rng": {"torch": torch.get_rng_state()}, "step": 7, "env": "pusht",
+            "action_stats": {"mean": [0.0, 0.0], "std": [1.0, 1.0]}}  # fmt: skip
+    path = str(tmp_path / "ckpt.pt")
+    save_checkpoint(path, ckpt)
+    return path
+
+
+def test_model_export_cli_writes_weights_only_files(tmp_path):
+    """`model.py export` writes three weights-only files; each rebuilds the model with identical outputs."""
+    model = randomise(tiny_model()).eval()
+    ckpt = _train_ckpt(tmp_path, model)
+    out = tmp_path / "export"
+    subprocess.run([sys.executable, "model.py", "export", "--ckpt", ckpt, "--out", str(out)], check=True,
+                   cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True)  # fmt: skip
+    assert sorted(os.listdir(out)) == ["config.json", "model.pt", "weights.pt"]
+    shared = torch.load(out / "model.pt", weights_only=True)
+    assert "optimizer" not in shared and "rng" not in shared and shared["step"] == 7 and shared["env"] == "pusht"
+    assert os.path.getsize(out / "model.pt") < 0.6 * os.path.getsize(ckpt)
+    assert isinstance(torch.load(out / "weights.pt", weights_only=True), dict)
+    x = torch.randint(0, 256, (2, 4, 32, 32, 3), dtype=torch.uint8)
+    want = model.embed(x)
+    for loaded in (load_pretrained(str(out)), load_pretrained(str(out / "model.pt"))):
+        torch.testing.assert_close(loaded.embed(x), want, rtol=0, atol=0)
+    assert json.loads((out / "config.json").read_text())["action_encoder"]["input_dim"] == 10
+
+
+def _no_network(*args, **kwargs):
+    raise OSError("network access in a test")
+
+
+def test_model_hub_name_served_from_offline_cache(tmp_path, monkeypatch):
+    """load_pretrained("owner/name") reads a hub-cache folder with the network off; an uncached name fails clearly."""
+    pytest.importorskip("huggingface_hub")
+    model = randomise(tiny_model()).eval()
+    snap = tmp_path / "hub" / "models--someone--lewm-tiny" / "snapshots" / ("ab" * 20)
+    export_official(model, str(snap))
+    (snap.parents[1] / "refs").mkdir()
+    (snap.parents[1] / "refs" / "main").write_text("ab" * 20)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(socket, "socket", _no_network)
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    x = torch.randint(0, 256, (3, 32, 32, 3), dtype=torch.uint8)
+    for name in ("someone/lewm-tiny", "hf:someone/lewm-tiny"):
+        torch.testing.assert_close(load_pretrained(name).embed(x), model.embed(x), rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="cannot get 'someone/other'"):
+        load_pretrained("someone/other")
+
+
+def test_model_embed_accepts_frame_shapes():
+    """embed maps (H, W, 3), (T, H, W, 3), (B, T, H, W, 3) uint8 frames to matching embeddings; others fail clearly."""
+    model = randomise(tiny_model()).eval()
+    frames = torch.randint(0, 256, (2, 3, 48, 48, 3), dtype=torch.uint8)
+    z = model.embed(frames)
+    assert z.shape == (2, 3, 32)
+    torch.testing.assert_close(model.embed(frames[1]), z[1], rtol=0, atol=1e-6)
+    torch.testing.assert_close(model.embed(frames[1, 2].numpy()), z[1, 2], rtol=0, atol=1e-6)
+    torch.testing.assert_close(z, model.encode(model.preprocess(frames)), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match=r"embed expects uint8 frames.*\(1, 2, 3, 48, 48, 3\)"):
+        model.embed(frames[None])
+    with pytest.raises(ValueError, match="embed expects uint8"):
+        model.embed(frames.float())
+    with pytest.raises(ValueError, match=r"encode expects normalised pixels \(B, T, 3, H, W\).*model.embed"):
+        model.encode(model.preprocess(frames[0, 0]))
 
 
 def test_model_official_mismatch_names_keys(tmp_path):
@@ -1051,8 +1092,9 @@ def test_data_collected_file_satisfies_layout(pusht_file):
         assert traj.num_episodes == 3 and traj.img_shape == (32, 32, 3) and traj.action_dim == 2
 
 
-def test_data_interrupted_collection_resumes_identically(tmp_path, monkeypatch, pusht_file):
-    """An interrupted collection leaves only <out>.tmp; rerunning resumes it to the uninterrupted run's content."""
+def test_data_interrupted_collection_resumes_identically(tmp_path, monkeypatch, pusht_file, capsys):
+    """An interrupted collection leaves its finished episodes as part files; rerunning resumes to the uninterrupted
+    run's content, rebuilding a torn partial file and re-collecting an unreadable part with a message."""
     import envs
 
     out, calls, step = tmp_path / "d.h5", [0], envs.PushTEnv.step
@@ -1067,19 +1109,26 @@ def test_data_interrupted_collection_resumes_identically(tmp_path, monkeypatch, 
     with pytest.raises(KeyboardInterrupt):
         _collect(out)
     monkeypatch.undo()
-    assert not out.exists() and os.path.exists(f"{out}.tmp")
-    with h5py.File(f"{out}.tmp", "a") as f:  # also simulate a crash while an episode was being written
-        assert len(f["ep_len"]) == 1
-        f["pixels"].resize(f["pixels"].shape[0] + 3, axis=0)
+    assert "run the same command again" in capsys.readouterr().out
+    parts = sorted(os.listdir(f"{out}.parts"))
+    assert not out.exists() and parts == ["episode_0000000.h5", "progress.json"]
+    with open(f"{out}.tmp", "wb") as f:  # a merge torn by a crash: unreadable HDF5
+        f.write(b"\x89HDF\r\n\x1a\n" + b"\0" * 100)
+    with open(f"{out}.parts/episode_0000001.h5", "wb") as f:  # a damaged part (a disk error, say)
+        f.write(b"garbage")
+    with open(f"{out}.parts/episode_0000002.h5.tmp123", "wb") as f:  # a part being written at the kill
+        f.write(b"half")
     _collect(out)
-    assert not os.path.exists(f"{out}.tmp")
+    printed = capsys.readouterr().out
+    assert "rebuilding" in printed and "collecting them again" in printed
+    assert not os.path.exists(f"{out}.tmp") and not os.path.exists(f"{out}.parts")
     _assert_same_file(out, pusht_file)
 
 
 def test_data_append_matches_single_run(tmp_path, pusht_file):
     """--append adds episodes with the continuing seed stream: 2 + 1 episodes equal one 3-episode run."""
     out = _collect(tmp_path / "d.h5", episodes=2)
-    with pytest.raises(FileExistsError, match="--append"):
+    with pytest.raises(data.UsageError, match="--append"):
         _collect(out, episodes=1)
     _collect(out, episodes=1, append=True)
     _assert_same_file(out, pusht_file)
@@ -1419,6 +1468,53 @@ class _BlindModel(_CentroidModel):
         return z.clone()
 
 
+def test_eval_line_chart_png_size_colours_and_direction(tmp_path):
+    """line_chart writes a PNG of the requested size, draws every series in its colour, and a rising line rises."""
+    xs = list(range(11))  # the x axis then spans exactly 0..10
+    series = {"up": (xs, [x * x for x in xs]), "down": (xs, [100.0 - 8 * x for x in xs[:-1]] + [float("nan")])}
+    series["one"] = ([5.0], [60.0])
+    out = tmp_path / "charts" / "chart.png"
+    img = evaluate.line_chart(series, title="T", xlabel="x", ylabel="y", out_png=str(out), width=500, height=300)
+    raw = out.read_bytes()
+    assert raw[:8] == b"\x89PNG\r\n\x1a\n" and raw[12:16] == b"IHDR" and img.shape == (300, 500, 3)
+    assert int.from_bytes(raw[16:20], "big") == 500 and int.from_bytes(raw[20:24], "big") == 300
+    for i, name in enumerate(series):
+        assert (img == evaluate.PALETTE[i]).all(-1).sum() > (20 if name == "one" else 200), name
+    for i, sign in ((0, 1), (1, -1)):  # the median row (robust to the legend swatch) of each third of the plot
+        rows, cols = np.nonzero((img == evaluate.PALETTE[i]).all(-1))
+        left, right = np.median(rows[cols < 64 + 140]), np.median(rows[cols > 500 - 16 - 140])
+        assert sign * (left - right) > 50  # row indices grow downwards: rising means a smaller row on the right
+    log = evaluate.line_chart(
+        {"a": ([1, 2, 3], [0.01, 0.1, 1.0])}, title="", xlabel="", ylabel="", out_png="", log_y=True
+    )
+    assert log.shape == (400, 640, 3) and (log == evaluate.PALETTE[0]).all(-1).any()
+
+
+def test_eval_draw_text_distinct_glyphs_and_unknown_chars():
+    """draw_text gives different characters different pixels, scales them, and draws unknown ones as a box."""
+
+    def render(text, scale=1):
+        return evaluate.draw_text(np.zeros((20, 60, 3), np.uint8), 1, 1, text, 255, scale)
+
+    assert not np.array_equal(render("0"), render("8")) and not np.array_equal(render("a"), render("A"))
+    assert render("0").any() and not render(" ").any()
+    assert (render("8", 2) > 0).sum() == 4 * (render("8") > 0).sum()
+    assert np.array_equal(render("\u2603"), render("\u00e9")) and render("\u2603").any()
+    evaluate.draw_text(np.zeros((5, 5, 3), np.uint8), -3, 2, "clipped ×", (1, 2, 3))  # off the canvas: no error
+
+
+def test_eval_plot_metrics_png_skips_torn_lines(tmp_path):
+    """plot_metrics_png writes a PNG of both loss charts side by side from a metrics.jsonl with a torn last line."""
+    path = tmp_path / "metrics.jsonl"
+    rows = [{"step": s, "pred_loss": 1.0 / s, "sigreg_loss": 5.0 / s, "lr": 1e-3} for s in range(1, 30)]
+    rows[-1].update(val_pred_loss=0.05, val_sigreg_loss=0.2)
+    path.write_text("\n".join(json.dumps(r) for r in rows) + '\n\n{"step": 30, "pred_lo')
+    img = evaluate.plot_metrics_png(str(path), str(tmp_path / "out" / "metrics.png"))
+    raw = (tmp_path / "out" / "metrics.png").read_bytes()
+    assert raw[:8] == b"\x89PNG\r\n\x1a\n" and img.shape == (400, 1280, 3)
+    assert all((half == evaluate.PALETTE[0]).all(-1).sum() > 100 for half in (img[:, :640], img[:, 640:]))
+
+
 def test_eval_surprise_teleport_spikes_on_position_tracking_model(tiny_tworoom):
     """A model tracking the agent exactly: surprise ~0 on real steps, huge at teleports, blind to recolouring."""
     traj = data.Trajectories(tiny_tworoom)
@@ -1630,14 +1726,14 @@ def test_eval_random_policy_matches_independent_replay(tmp_path, tiny_tworoom):
                 break
         assert (r["success"], r["first_success_step"]) == (first > 0, first)
     assert res["solved_at_start"] == np.mean([r["solved_at_start"] for r in res["per_episode"]])
-    # A zero budget never steps an env: nothing succeeds, whatever is already solved at the start.
-    zero = evaluate.main(_eval_cfg(ckpt, tmp_path, policy="random", episodes=8, split="train", budget=0))
-    assert zero["successes"] == 0 and zero["solved_at_start"] == res["solved_at_start"]
+    # A zero budget would never step an env, so every episode would fail: it is refused before any work.
+    with pytest.raises(data.UsageError, match="--budget 0"):
+        evaluate.main(_eval_cfg(ckpt, tmp_path, policy="random", episodes=8, split="train", budget=0))
 
 
 def test_eval_load_world_errors(tmp_path, tiny_pusht):
     """load_world names the problem: missing checkpoint, env mismatch, action dim mismatch, no model source."""
-    with pytest.raises(FileNotFoundError, match="not found"):
+    with pytest.raises(data.UsageError, match="not found"):
         evaluate.load_world(_eval_cfg(str(tmp_path / "nope.pt"), tmp_path))
     ckpt = _eval_ckpt(tmp_path / "ckpt.pt", tiny_pusht, "pusht")
     with pytest.raises(ValueError, match="does not match"):
@@ -1661,3 +1757,257 @@ def test_eval_adam_solver_and_wilson(tmp_path, tiny_pusht):
     assert lo == 0 and abs(hi - 0.0713) < 1e-3
     lo, hi = evaluate.wilson(25, 50)
     assert abs(lo - 0.3664) < 1e-3 and abs(hi - 0.6336) < 1e-3
+
+
+# --- failure tests: bad input and interruptions are handled before any work is lost
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+
+
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(p) for p in f.read().split()]
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in "ZX"  # a zombie has exited
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_fail_collection_killed_at_any_moment_resumes_identically(tmp_path):
+    """Case 2: SIGTERM, then kill -9 at several moments (start, mid-run, at the merge) of a 2-worker collection:
+    the workers die with their parent, and resuming writes the same file as an uninterrupted run."""
+    import signal
+    import time
+
+    kw = {"img_size": 32, "episode_steps": 40, "seed": 3}
+    ref = data.collect("tworoom", 8, str(tmp_path / "ref.h5"), workers=1, **kw)
+    out = tmp_path / "d.h5"
+    cmd = [sys.executable, os.path.join(REPO, "data.py"), "--env", "tworoom", "--episodes", "8", "--out", str(out),
+           "--img_size", "32", "--episode_steps", "40", "--seed", "3", "--workers", "2"]  # fmt: skip
+    parts = f"{out}.parts"
+
+    def n_parts() -> int:
+        return len([n for n in os.listdir(parts) if n.endswith(".h5")]) if os.path.isdir(parts) else -1
+
+    for sig, when in ((signal.SIGTERM, lambda: n_parts() >= 1), (signal.SIGKILL, lambda: n_parts() >= 0),
+                      (signal.SIGKILL, lambda: n_parts() >= 4), (signal.SIGKILL, lambda: n_parts() >= 8)):  # fmt: skip
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.time() + 240
+        while not when() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.005)
+        workers = _children(proc.pid) if proc.poll() is None else []
+        proc.send_signal(sig)
+        log = proc.communicate(timeout=120)[0]
+        if sig == signal.SIGTERM:
+            assert proc.returncode == 143 and "run the same command again" in log, log[-500:]
+        for _ in range(100):  # the watchdog polls every 0.2 s
+            if all(map(_gone, workers)):
+                break
+            time.sleep(0.1)
+        assert all(map(_gone, workers)), "workers outlived their parent"
+        if out.exists():  # killed after the final rename: nothing left to resume
+            break
+    data.collect("tworoom", 8, str(out), workers=1, **kw)
+    assert not os.path.exists(parts) and not os.path.exists(f"{out}.tmp")
+    _assert_same_file(out, ref)
+
+
+def test_fail_collection_bad_arguments_before_any_file(tmp_path):
+    """Case 7: bad collection arguments (img_size 7, unknown env or policy, 0 episodes, a folder as --out) raise
+    UsageError naming the flag, and no file or folder is created."""
+    out = str(tmp_path / "d.h5")
+    for kw, flag in (({"img_size": 7}, "--img_size 7"), ({"env": "foo"}, "--env foo"), ({"policy": "x"}, "--policy"),
+                     ({"episodes": 0}, "--episodes 0"), ({"out": str(tmp_path)}, "is a folder")):  # fmt: skip
+        args = {"env": "tworoom", "episodes": 2, "out": out, **kw}
+        with pytest.raises(data.UsageError, match=flag):
+            data.collect(args.pop("env"), args.pop("episodes"), args.pop("out"), **args)
+    assert os.listdir(tmp_path) == []
+
+
+def test_fail_action_outlier_is_refused(tmp_path):
+    """Case 8: one action of 3e38 (which would make its dimension constant after z-scoring) is refused."""
+    path = _data_file(tmp_path / "d.h5")
+    with h5py.File(path, "a") as f:
+        f["action"][5, 1] = 3e38
+    with data.Trajectories(path) as traj, pytest.raises(data.UsageError, match="dimension 1.*outlier"):
+        data.action_stats(traj, range(traj.num_episodes))
+    with data.Trajectories(_data_file(tmp_path / "ok.h5")) as traj:
+        data.action_stats(traj, range(traj.num_episodes))  # normal data passes
+
+
+BAD_TRAIN = {  # case 7 and 8: field -> (value, text the one-line error contains)
+    "max_steps": (-5, "--max_steps -5"),
+    "log_every": (0, "--log_every 0"),
+    "ckpt_every": (0, "--ckpt_every 0"),
+    "batch_size": (-4, "--batch_size -4"),
+    "warmup": (float("nan"), "--warmup nan"),
+    "grad_clip": (-1.0, "--grad_clip -1"),
+    "lr": (float("inf"), "--lr inf"),
+    "env": ("foo", "--env 'foo'"),
+    "preset": ("huge", "--preset 'huge'"),
+    "device": ("cuda" if not torch.cuda.is_available() else "tpu", "--device"),
+    "data": ("missing.h5", "--data missing.h5"),
+}
+
+
+@pytest.mark.parametrize("field", list(BAD_TRAIN))
+def test_fail_train_bad_argument_is_refused(tmp_path, field):
+    """Cases 3, 7, 8: train.main refuses an out-of-range or unknown argument before any work, naming it."""
+    value, text = BAD_TRAIN[field]
+    with pytest.raises(data.UsageError, match=re.escape(text)):
+        train.main(tiny_cfg(tmp_path, "", **{field: value}))
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_fail_cli_errors_are_one_line_exit_2(tmp_path):
+    """Case 7: a user error at the real command line is one line on stderr, exit code 2, no traceback."""
+    for script, args, text in (("evaluate.py", [], "exactly one of --ckpt"),
+                               ("train.py", ["--max_steps", "-5"], "--max_steps -5"),
+                               ("evaluate.py", ["--solver", "ADAM"], "--solver")):  # fmt: skip
+        res = subprocess.run([sys.executable, os.path.join(REPO, script), *args], cwd=tmp_path, capture_output=True,
+                             text=True, timeout=300)  # fmt: skip
+        assert res.returncode == 2 and text in res.stderr and "Traceback" not in res.stderr, res.stderr[-800:]
+    assert os.listdir(tmp_path) == []
+
+
+def test_fail_eval_bad_arguments_before_loading(tmp_path, tiny_pusht):
+    """Cases 7, 8, 9: evaluation refuses bad flags before loading anything; each subcommand takes only its own
+    flags, and help shows the defaults."""
+    ckpt = _eval_ckpt(tmp_path / "ckpt.pt", tiny_pusht, "pusht")
+    for kw, text in (({"episodes": 0}, "--episodes 0"), ({"iterations": 0}, "--iterations 0"),
+                     ({"budget": 0}, "--budget 0"), ({"out": str(tmp_path)}, "is a folder"),
+                     ({"solver": "ADAM"}, "--solver 'ADAM'"), ({"ckpt": ""}, "exactly one"),
+                     ({"ckpt": str(tmp_path / "x.pt")}, "no such file"),
+                     ({"official": (ckpt, ckpt)}, "exactly one")):  # fmt: skip
+        with pytest.raises(data.UsageError, match=re.escape(text)):
+            evaluate.main(dataclasses.replace(_eval_cfg(ckpt, tmp_path), **kw))
+    with pytest.raises(SystemExit):
+        evaluate.parse_args(["probe", "--ckpt", ckpt, "--budget", "3"])  # a plan flag
+    assert evaluate.parse_args(["surprise", "--ckpt", ckpt]).perturb_steps == 5
+    helps = subprocess.run([sys.executable, os.path.join(REPO, "evaluate.py"), "probe", "--help"], capture_output=True,
+                           text=True, timeout=300).stdout  # fmt: skip
+    assert "--frames" in helps and "--budget" not in helps and "(default: 20000)" in helps
+
+
+def test_fail_nonfinite_weights_refused_on_load(tmp_path, tiny_pusht):
+    """Case 1: a checkpoint or a released file holding a NaN is refused on load; so are malformed released files."""
+    model = randomise(tiny_model(action_dim=10))
+    ckpt = load_checkpoint(_eval_ckpt(tmp_path / "ckpt.pt", tiny_pusht, "pusht"))
+    ckpt["model"]["predictor.norm.weight"][0] = float("nan")
+    save_checkpoint(str(tmp_path / "nan.pt"), ckpt)
+    with pytest.raises(ValueError, match="non-finite"):
+        model_from_checkpoint(load_checkpoint(str(tmp_path / "nan.pt")))
+    with pytest.raises(data.UsageError, match="non-finite"):
+        evaluate.main(_eval_cfg(str(tmp_path / "nan.pt"), tmp_path))
+    weights, config = export_official(model, tmp_path)
+    good = open(weights, "rb").read()
+    state = torch.load(weights, weights_only=True)
+    state["projector.net.0.weight"][0, 0] = float("inf")
+    torch.save(state, weights)
+    with pytest.raises(ValueError, match="non-finite"):
+        load_official(weights, config)
+    for content, text in ((good[: len(good) // 2], "not a readable weights file"), (None, "not a state dict")):
+        if content is None:
+            torch.save(torch.zeros(3), weights)
+        else:
+            open(weights, "wb").write(content)
+        with pytest.raises(ValueError, match=text):
+            load_official(weights, config)
+    open(config, "w").write("not json {")
+    with pytest.raises(ValueError, match="not a JSON"):
+        load_official(weights, config)
+
+
+def test_fail_nan_gradient_stops_before_update_and_checkpoint(tmp_path, tiny_pusht, monkeypatch):
+    """Case 1: a NaN planted in the gradients (the loss stays finite) stops the run before the update: the last
+    good checkpoint is untouched and holds finite weights."""
+    real_loss, calls = train.lewm_loss, {"n": 0}
+
+    def nan_gradients_at_step_3(model, *args, **kw):
+        loss, parts = real_loss(model, *args, **kw)
+        calls["n"] += model.training
+        if model.training and calls["n"] == 3:
+            loss.register_hook(lambda g: g * float("nan"))
+        return loss, parts
+
+    monkeypatch.setattr(train, "lewm_loss", nan_gradients_at_step_3)
+    with pytest.raises(FloatingPointError, match="non-finite gradient norm nan at step 2"):
+        train.main(tiny_cfg(tmp_path, tiny_pusht, max_steps=5, ckpt_every=2, eval_every=100))
+    ckpt = load_checkpoint(str(tmp_path / "run" / "ckpt.pt"))
+    assert ckpt["step"] == 2 and all(v.isfinite().all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def test_fail_dataset_env_and_resume_mismatch(tmp_path, tiny_pusht, tiny_tworoom):
+    """Case 3: a dataset of another env is refused by training and evaluation; a resumed run must keep its env,
+    dataset and model config; case 5: a torn last metrics line is dropped on resume; case 6: an existing run folder
+    is refused without --resume, a locked one always."""
+    import fcntl
+
+    with pytest.raises(data.UsageError, match="holds pusht episodes"):
+        train.main(tiny_cfg(tmp_path, tiny_pusht, env="tworoom"))
+    with pytest.raises(data.UsageError, match="holds tworoom episodes"):
+        evaluate.load_world(_eval_cfg(_eval_ckpt(tmp_path / "c.pt", tiny_pusht, "pusht"), tmp_path, data=tiny_tworoom))
+    train.main(tiny_cfg(tmp_path, tiny_pusht, max_steps=2, eval_every=100))
+    with pytest.raises(data.UsageError, match="already holds a run"):
+        train.main(tiny_cfg(tmp_path, tiny_pusht, max_steps=2))
+    for kw, text in (({"env": "tworoom", "data": tiny_tworoom}, "is a pusht run"),
+                     ({"data": shutil.copy(tiny_pusht, tmp_path / "copy.h5")}, "was trained on"),
+                     ({"dropout": 0.3}, "another model config")):  # fmt: skip
+        with pytest.raises(data.UsageError, match=text):
+            train.main(tiny_cfg(tmp_path, tiny_pusht, max_steps=4, resume=True, **kw))
+    with open(tmp_path / "run" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "lo')  # a kill in the middle of writing a row
+    with open(tmp_path / "run" / ".lock") as f:  # another run holds the folder
+        fcntl.flock(f, fcntl.LOCK_EX)
+        with pytest.raises(data.UsageError, match="in use by another run"):
+            train.main(tiny_cfg(tmp_path, tiny_pusht, max_steps=4, resume=True))
+    train.main(tiny_cfg(tmp_path, tiny_pusht, max_steps=4, eval_every=100, resume=True))
+    assert [r["step"] for r in train.read_metrics(str(tmp_path / "run" / "metrics.jsonl"))] == [1, 2, 3, 4]
+    train.main(tiny_cfg(tmp_path, tiny_pusht, max_steps=1, eval_every=100, overwrite=True))
+    assert load_checkpoint(str(tmp_path / "run" / "ckpt.pt"))["step"] == 1
+
+
+def test_fail_eval_finds_dataset_from_another_directory(tmp_path, tiny_pusht, monkeypatch):
+    """Evaluation of a run trained with a relative --data works from another working directory (the checkpoint
+    records the absolute path); a dataset that is gone gives a message saying to pass --data."""
+    (tmp_path / "a" / "data").mkdir(parents=True)
+    shutil.copy(tiny_pusht, tmp_path / "a" / "data" / "p.h5")
+    monkeypatch.chdir(tmp_path / "a")
+    train.main(tiny_cfg(tmp_path, "data/p.h5", max_steps=1, eval_every=100))
+    monkeypatch.chdir(tmp_path)
+    ckpt = str(tmp_path / "run" / "ckpt.pt")
+    assert evaluate.load_world(_eval_cfg(ckpt, tmp_path)).traj.num_episodes == 6
+    os.remove(tmp_path / "a" / "data" / "p.h5")
+    with pytest.raises(data.UsageError, match="pass --data"):
+        evaluate.load_world(_eval_cfg(ckpt, tmp_path))
+
+
+def test_fail_train_sigint_checkpoints_and_resumes(tmp_path, tiny_pusht):
+    """Case 4: SIGINT to a real training process finishes the step, writes a checkpoint at that step and exits 130
+    with the resume command; --resume continues from it to the end."""
+    import signal
+
+    out_dir = tmp_path / "run"
+    cmd = [sys.executable, os.path.join(REPO, "train.py"), "--env", "pusht", "--preset", "tiny", "--data", tiny_pusht,
+           "--out_dir", str(out_dir), "--max_steps", "400", "--log_every", "1", "--eval_every", "1000",
+           "--ckpt_every", "1000", "--num_proj", "32", "--val_batches", "1", "--device", "cpu"]  # fmt: skip
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    for line in proc.stdout:
+        if line.startswith("step      3"):
+            proc.send_signal(signal.SIGINT)
+            break
+    log = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 130, log[-800:]
+    step = load_checkpoint(str(out_dir / "ckpt.pt"))["step"]
+    assert 3 <= step < 400 and f"interrupted at step {step}" in log and "--resume" in log
+    assert train.read_metrics(str(out_dir / "metrics.jsonl"))[-1]["step"] == step
+    summary = train.main(tiny_cfg(tmp_path, tiny_pusht, max_steps=step + 2, num_proj=32, eval_every=1000,
+                                  ckpt_every=1000, resume=True))  # fmt: skip
+    assert summary["steps"] == step + 2
+    assert [r["step"] for r in train.read_metrics(str(out_dir / "metrics.jsonl"))][-3:] == [step, step + 1, step + 2]

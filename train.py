@@ -7,11 +7,13 @@ Deliberately absent: EMA target, stop-gradient, pixel decoder, pretrained encode
 Run:
     python train.py --env pusht                          # collects data if missing; preset: paper on CUDA, else cpu
     python train.py --env pusht --preset tiny --max_steps 50
-    python train.py --env pusht --resume                 # continue a killed run from its last checkpoint
+    python train.py --env pusht --resume                 # continue a killed or interrupted run from its checkpoint
     torchrun --standalone --nproc_per_node=2 train.py --env pusht   # DDP: gloo on CPU, NCCL on GPU
 
 Precedence: dataclass defaults < preset (--preset) < explicit flags. The final config is printed and saved in
 <out_dir>/config.json; metrics go to <out_dir>/metrics.jsonl (and metrics.png when matplotlib is installed).
+Arguments are checked before any work (a wrong one: one line naming it, exit code 2). Ctrl-C or SIGTERM finishes
+the current step, writes a checkpoint and exits (130 or 143) with the command that resumes.
 """
 
 import argparse
@@ -20,10 +22,13 @@ import inspect
 import json
 import math
 import os
+import shlex
 import shutil
+import signal
 import sys
+import threading
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -33,7 +38,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
 import data
-from model import PRESETS, LeWM, lewm_loss, load_checkpoint, save_checkpoint
+import envs
+from data import UsageError
+from model import PRESETS, LeWM, check_state_dict, lewm_loss, load_checkpoint, save_checkpoint
 from sigreg import AllReduceSum, SIGReg
 
 # --- configuration
@@ -69,6 +76,7 @@ class TrainConfig:
     bf16: bool = True  # bf16 autocast (AMX on recent CPUs); SIGReg always runs in fp32
     compile: bool = False  # torch.compile the model (the uncompiled model is what gets saved)
     resume: bool = False  # continue from <out_dir>/ckpt.pt
+    overwrite: bool = False  # start afresh in an existing run folder, deleting its checkpoint and metrics
     seed: int = 0  # model init, SIGReg directions, dropout and clip order
     workers: int = 2  # processes for data collection
 
@@ -92,21 +100,120 @@ RECIPES = {
     "tiny": dict(batch_size=16, lr=1e-3, max_steps=20, img_size=32, episodes=6),
 }
 
+# Valid values, checked before any work: choices, and (rule, test) for the fields with a range.
+CHOICES = {"env": list(envs.ENV_IDS), "preset": ["", *RECIPES], "device": ["auto", "cuda", "mps", "cpu"]}
+RANGES = {
+    "episodes": (">= 0", lambda v: v >= 0),
+    "max_steps": (">= 0", lambda v: v >= 0),
+    "schedule_steps": (">= 0", lambda v: v >= 0),
+    "warmup": ("in [0, 1]", lambda v: 0 <= v <= 1),
+    "batch_size": (">= 0", lambda v: v >= 0),
+    "lr": (">= 0", lambda v: v >= 0),
+    "weight_decay": (">= 0", lambda v: v >= 0),
+    "lambd": (">= 0", lambda v: v >= 0),
+    "num_proj": (">= 1", lambda v: v >= 1),
+    "dropout": ("-1 or in [0, 1)", lambda v: v == -1 or 0 <= v < 1),
+    "grad_clip": ("> 0", lambda v: v > 0),
+    "val_fraction": ("in [0, 1)", lambda v: 0 <= v < 1),
+    "val_batches": (">= 0", lambda v: v >= 0),
+    "bn_batches": (">= 0", lambda v: v >= 0),
+    "log_every": (">= 1", lambda v: v >= 1),
+    "eval_every": (">= 1", lambda v: v >= 1),
+    "ckpt_every": (">= 1", lambda v: v >= 1),
+    "workers": (">= 1", lambda v: v >= 1),
+    "img_size": ("0 or >= 32", lambda v: v == 0 or v >= 32),
+    "patch_size": (">= 0", lambda v: v >= 0),
+    "keep_every": (">= 0", lambda v: v >= 0),
+}
+
 # --- helpers
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and every flag's default after its help text."""
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
     """argparse generated from TrainConfig: every field a flag, its trailing comment the help text."""
     lines = inspect.getsource(TrainConfig).splitlines()
     comments = {ln.split(":")[0].strip(): ln.split("#", 1)[1].strip() for ln in lines if ":" in ln and "#" in ln}
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     for f in dataclasses.fields(TrainConfig):
         if isinstance(f.default, bool):
             kind = {"action": argparse.BooleanOptionalAction}
         else:
-            kind = {"type": type(f.default)}
+            kind = {"type": type(f.default), "choices": CHOICES.get(f.name)}
         parser.add_argument(f"--{f.name}", default=f.default, help=comments.get(f.name), **kind)
     return TrainConfig(**vars(parser.parse_args(argv)))
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Raise UsageError, naming the flag and its value, for any argument outside its valid values."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UsageError(f"--{f.name} {value}: must be a finite number")
+        if f.name in CHOICES and value not in CHOICES[f.name]:
+            raise UsageError(f"--{f.name} {value!r}: invalid choice; valid: {', '.join(map(repr, CHOICES[f.name]))}")
+        if f.name in RANGES and not RANGES[f.name][1](value):
+            raise UsageError(f"--{f.name} {value}: must be {RANGES[f.name][0]}")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available (use --device auto or cpu)")
+    if cfg.device == "mps" and not torch.backends.mps.is_available():
+        raise UsageError("--device mps: MPS is not available (use --device auto or cpu)")
+    if cfg.resume and cfg.overwrite:
+        raise UsageError("--resume and --overwrite: give one of them")
+    if cfg.data and not os.path.isfile(cfg.data):
+        raise UsageError(f"--data {cfg.data}: no such file")
+    if cfg.keep_every % cfg.eval_every:
+        raise UsageError(f"--keep_every {cfg.keep_every}: must be a multiple of --eval_every {cfg.eval_every}, so "
+                         "that each kept checkpoint holds BatchNorm statistics refreshed at its step")  # fmt: skip
+
+
+def lock_run_folder(out_dir: str, cleanup: ExitStack) -> None:
+    """Hold an exclusive lock on <out_dir>/.lock until `cleanup` closes: a second run on the folder is refused.
+    The operating system drops the lock when the process ends, however it ends (kill -9 included)."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        f = cleanup.enter_context(open(os.path.join(out_dir, ".lock"), "a+"))
+    except OSError as e:
+        raise UsageError(f"--out_dir {out_dir}: cannot write there ({e.strerror})") from e
+    try:
+        import fcntl
+    except ImportError:  # no fcntl (Windows): the folder is not locked
+        return
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        raise UsageError(f"--out_dir {out_dir}: in use by another run (pid {f.read().strip() or '?'})") from None
+    f.truncate(0)
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+
+
+def read_metrics(path: str) -> list[dict]:
+    """The rows of a metrics.jsonl; a torn line (a kill while it was written) is dropped with a note."""
+    rows = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                print(f"{path}: dropping unreadable line {n} ({line.strip()[:40]!r}), left by an interrupted write")
+    return rows
+
+
+def resume_command(cfg: TrainConfig) -> str:
+    """The command that resumes this run: every flag that differs from its default, and --resume."""
+    flags = []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.name in ("resume", "overwrite") or value == f.default:
+            continue
+        flags += [f"--{f.name}" if value is True else f"--no-{f.name}"] if isinstance(value, bool) else [
+            f"--{f.name}", shlex.quote(str(value))]  # fmt: skip
+    return " ".join(["python train.py", *flags, "--resume"])
 
 
 def pick_device(name: str) -> torch.device:
@@ -159,8 +266,6 @@ def ensure_dataset(cfg: TrainConfig, recipe: dict, rank: int) -> str:
     episodes = cfg.episodes or recipe["episodes"]
     path = cfg.data or data.default_data_path(cfg.env, recipe["img_size"], episodes)
     if not os.path.exists(path):
-        if cfg.data:
-            raise FileNotFoundError(f"--data {path} does not exist")
         if rank == 0:
             print(f"dataset {path} not found: collecting {episodes} episodes of {cfg.env} at {recipe['img_size']} px")
             data.collect(cfg.env, episodes, path, img_size=recipe["img_size"], workers=cfg.workers)
@@ -227,8 +332,7 @@ def plot_metrics(path: str, out_png: str):
     except ImportError:
         print("matplotlib not installed: skipping the loss plot (pip install matplotlib)")
         return
-    with open(path) as f:
-        rows = [json.loads(line) for line in f]
+    rows = read_metrics(path)
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
     for ax, key in zip(axes, ("pred_loss", "sigreg_loss", "lr")):
         pts = [(r["step"], r[key]) for r in rows if key in r]
@@ -249,7 +353,14 @@ def plot_metrics(path: str, out_png: str):
 
 
 def main(cfg: TrainConfig) -> dict:
-    """Train and return a summary (checkpoint path, final validation losses, wall time)."""
+    """Train and return a summary (checkpoint path, final validation losses, wall time). The run folder's lock and
+    the signal handlers are released by `cleanup` however the run ends."""
+    check_config(cfg)
+    with ExitStack() as cleanup:
+        return run(cfg, cleanup)
+
+
+def run(cfg: TrainConfig, cleanup: ExitStack) -> dict:
     t_start = time.time()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     device = pick_device(cfg.device)
@@ -265,27 +376,40 @@ def main(cfg: TrainConfig) -> dict:
         say(f"--preset not given: using '{cfg.preset}' ({'CUDA found' if device.type == 'cuda' else 'no CUDA'})")
     if cfg.preset not in RECIPES:
         raise ValueError(f"unknown preset {cfg.preset!r}; valid: {sorted(RECIPES)}")
-    if cfg.keep_every % cfg.eval_every:
-        raise ValueError(f"--keep_every {cfg.keep_every} must be a multiple of --eval_every {cfg.eval_every}, so that "
-                         "each kept checkpoint holds BatchNorm statistics refreshed at its step")  # fmt: skip
     recipe = dict(RECIPES[cfg.preset])
     if cfg.env in recipe.get("env", {}):  # per-environment recipe overrides
         recipe.update(recipe["env"][cfg.env])
     recipe["img_size"] = cfg.img_size or recipe["img_size"]
     recipe["patch_size"] = cfg.patch_size or recipe.get("patch_size", PRESETS[cfg.preset].patch_size)
     if recipe["img_size"] % recipe["patch_size"]:
-        raise ValueError(f"img_size {recipe['img_size']} is not a multiple of patch_size {recipe['patch_size']}")
+        raise UsageError(f"--img_size {recipe['img_size']}: not a multiple of --patch_size {recipe['patch_size']}")
     out_dir = cfg.out_dir or os.path.join("runs", f"{cfg.env}_{cfg.preset}")
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
     cfg = dataclasses.replace(
         cfg, out_dir=out_dir, batch_size=cfg.batch_size or recipe["batch_size"], lr=cfg.lr or recipe["lr"]
     )
     if cfg.batch_size % world:
-        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the {world} ranks")
+        raise UsageError(f"--batch_size {cfg.batch_size}: not divisible by the {world} ranks")
+    if rank == 0:
+        lock_run_folder(out_dir, cleanup)
+        found = [n for n in ("ckpt.pt", "metrics.jsonl", "config.json") if os.path.exists(os.path.join(out_dir, n))]
+        if found and not cfg.resume and not cfg.overwrite:
+            raise UsageError(f"--out_dir {out_dir}: already holds a run ({', '.join(found)}); pass --resume to "
+                             "continue it or --overwrite to start afresh")  # fmt: skip
+        if cfg.overwrite:
+            for n in (*found, "metrics.png"):
+                if os.path.exists(os.path.join(out_dir, n)):
+                    os.remove(os.path.join(out_dir, n))
 
     # Data: split by episode, action statistics from the training episodes only.
     path = ensure_dataset(cfg, recipe, rank)
-    traj = data.Trajectories(path)
+    try:
+        traj = data.Trajectories(path)
+    except (ValueError, FileNotFoundError) as e:
+        raise UsageError(f"--data {path}: {e}") from e
+    data.check_env(traj, cfg.env)
+    if "env" not in traj.file.attrs:
+        say(f"note: {path} does not record its environment; trusting --env {cfg.env}")
     train_eps, val_eps = data.split_episodes(traj.num_episodes, cfg.val_fraction, seed=3072)
     stats = data.action_stats(traj, train_eps)
     if traj.img_shape[0] != recipe["img_size"]:
@@ -306,7 +430,8 @@ def main(cfg: TrainConfig) -> dict:
         recipe["schedule_epochs"] * steps_per_epoch if "schedule_epochs" in recipe else max_steps
     )
     warmup_steps = max(1, int(cfg.warmup * schedule))
-    cfg = dataclasses.replace(cfg, max_steps=max_steps, schedule_steps=schedule, data=path)
+    # The absolute path: evaluation finds the dataset from any working directory.
+    cfg = dataclasses.replace(cfg, max_steps=max_steps, schedule_steps=schedule, data=os.path.abspath(path))
 
     # Model. The action block is frameskip x the dataset's raw action dim.
     torch.manual_seed(cfg.seed)
@@ -323,9 +448,23 @@ def main(cfg: TrainConfig) -> dict:
     sigreg = SIGReg(num_proj=cfg.num_proj).to(device)
     step = 0
     if cfg.resume and os.path.exists(ckpt_path):
-        ckpt = load_checkpoint(ckpt_path)
+        try:
+            ckpt = load_checkpoint(ckpt_path)
+        except ValueError as e:
+            raise UsageError(f"--resume: {e}") from e
+        saved_data = ckpt["train_config"]["data"]
+        if ckpt["env"] != cfg.env:
+            raise UsageError(f"--env {cfg.env}: {ckpt_path} is a {ckpt['env']} run; resume it with --env {ckpt['env']}")
+        if os.path.realpath(saved_data) != os.path.realpath(path):
+            raise UsageError(f"--data {path}: {ckpt_path} was trained on {saved_data}; resume it with that --data")
         if ckpt["model_config"] != dataclasses.asdict(mcfg):
-            raise ValueError(f"{ckpt_path} was trained with another model config: {ckpt['model_config']}")
+            diff = {k: (v, ckpt["model_config"].get(k)) for k, v in dataclasses.asdict(mcfg).items()
+                    if ckpt["model_config"].get(k) != v}  # fmt: skip
+            raise UsageError(f"--resume: {ckpt_path} has another model config; (now, checkpoint): {diff}")
+        try:
+            check_state_dict(model, ckpt["model"], ckpt_path)
+        except ValueError as e:
+            raise UsageError(f"--resume: {e}") from e
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         step = ckpt["step"]
@@ -357,6 +496,10 @@ def main(cfg: TrainConfig) -> dict:
         model = torch.compile(model)
 
     def checkpoint():
+        bad = [k for k, v in raw_model.state_dict().items() if v.is_floating_point() and not v.isfinite().all()]
+        if bad:
+            raise FloatingPointError(f"non-finite weights at step {step} ({', '.join(bad[:3])}, ...); not saved. "
+                                     f"The last good checkpoint {ckpt_path} is untouched; try a lower --lr")  # fmt: skip
         if rank == 0:
             rng = {"torch": torch.get_rng_state()}
             if device.type == "cuda":
@@ -369,10 +512,24 @@ def main(cfg: TrainConfig) -> dict:
 
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
     if rank == 0 and os.path.exists(metrics_path):  # keep only the rows up to the step we (re)start from
-        with open(metrics_path) as f:
-            rows = [line for line in f if json.loads(line)["step"] <= step]
-        with open(metrics_path, "w") as f:
-            f.writelines(rows)
+        rows = [r for r in read_metrics(metrics_path) if r["step"] <= step]
+        with open(metrics_path + ".tmp", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+        os.replace(metrics_path + ".tmp", metrics_path)  # atomic: a kill now leaves the old file or the new one
+
+    # SIGINT / SIGTERM: finish the current step, checkpoint, exit. A second signal stops at once (the last
+    # checkpoint stays valid: checkpoints are written atomically).
+    stop = []
+
+    def on_signal(signum, frame):
+        if stop:
+            raise KeyboardInterrupt
+        stop.append(signum)
+        log(f"{signal.Signals(signum).name}: stopping after this step (again to stop now)")
+
+    if threading.current_thread() is threading.main_thread():
+        for s in (signal.SIGINT, signal.SIGTERM):
+            cleanup.callback(signal.signal, s, signal.signal(s, on_signal))
     model.train()
     bar = tqdm(total=max_steps, initial=step, desc="train", unit="step", disable=rank != 0, dynamic_ncols=True)
     log = bar.write if rank == 0 else say
@@ -395,6 +552,11 @@ def main(cfg: TrainConfig) -> dict:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        if not torch.isfinite(grad_norm):  # the same on every rank: the norm is of the all-reduced gradients
+            raise FloatingPointError(
+                f"non-finite gradient norm {grad_norm.item()} at step {step}; stopping before the update. The last "
+                f"good checkpoint {ckpt_path} is untouched; try a lower --lr or --no-bf16."
+            )
         opt.step()
         step += 1
         bar.update(1)
@@ -429,6 +591,17 @@ def main(cfg: TrainConfig) -> dict:
             if step % cfg.ckpt_every:
                 checkpoint()
             shutil.copyfile(ckpt_path, os.path.join(out_dir, f"ckpt_{step}.pt"))
+        if world > 1:  # every rank stops at the same step when any of them got the signal
+            flag = torch.tensor([stop[0] if stop else 0], device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            if int(flag) and not stop:
+                stop.append(int(flag))
+        if stop and step < max_steps:
+            if step % cfg.ckpt_every:
+                checkpoint()
+            bar.close()
+            log(f"interrupted at step {step}: checkpoint {ckpt_path}\nresume with: {resume_command(cfg)}")
+            raise SystemExit(128 + stop[0])
     bar.close()
 
     summary = {"checkpoint": ckpt_path, "steps": step, "minutes": (time.time() - t_start) / 60, **last}
@@ -443,4 +616,13 @@ def main(cfg: TrainConfig) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_args(sys.argv[1:]))
+    try:
+        main(parse_args(sys.argv[1:]))
+    except UsageError as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except FloatingPointError as e:
+        print(f"train.py: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt as e:  # during data collection (it says how to resume), or a second Ctrl-C
+        sys.exit(128 + getattr(e, "signum", signal.SIGINT))
