@@ -24,6 +24,7 @@ Dimension letters: B batch, T frames per clip, H/W image, A raw action dim, E ep
 """
 
 import argparse
+import dataclasses
 import json
 import math
 import multiprocessing as mp
@@ -60,6 +61,19 @@ READ_CACHE_BYTES = 64 << 20  # HDF5 chunk cache per open file
 
 class UsageError(ValueError):
     """A mistake in what the user asked for (a flag, a file): the scripts print it as one line and exit with code 2."""
+
+
+def check_fields(cfg, choices: dict, ranges: dict) -> None:
+    """Raise UsageError naming the flag and value for a non-finite float, an invalid choice or a value out of range
+    among the fields of the dataclass `cfg`; ranges: name -> (description, predicate)."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UsageError(f"--{f.name} {value}: must be a finite number")
+        if f.name in choices and value not in choices[f.name]:
+            raise UsageError(f"--{f.name} {value!r}: invalid choice; valid: {', '.join(map(repr, choices[f.name]))}")
+        if f.name in ranges and not ranges[f.name][1](value):
+            raise UsageError(f"--{f.name} {value}: must be {ranges[f.name][0]}")
 
 
 def _import_hdf5plugin() -> bool:
@@ -509,6 +523,7 @@ def _append_episode(f: h5py.File, episode: dict[str, np.ndarray]) -> None:
 def _init_worker() -> None:
     """Workers leave Ctrl-C to the main process, which stops them; they also die with it, however it ends."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the parent's handler: Pool.terminate() must end a worker
     parent = os.getppid()
 
     def watch() -> None:  # a worker whose parent was killed (kill -9 included) exits within 0.2 s

@@ -170,14 +170,7 @@ def check_config(cfg: EvalConfig) -> None:
     is missing or cannot be written."""
     if cfg.command not in COMMANDS:
         raise UsageError(f"unknown command {cfg.command!r}; valid: {', '.join(COMMANDS)}")
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        if isinstance(value, float) and not math.isfinite(value):
-            raise UsageError(f"--{f.name} {value}: must be a finite number")
-        if f.name in CHOICES and value not in CHOICES[f.name]:
-            raise UsageError(f"--{f.name} {value!r}: invalid choice; valid: {', '.join(map(repr, CHOICES[f.name]))}")
-        if f.name in RANGES and not RANGES[f.name][1](value):
-            raise UsageError(f"--{f.name} {value}: must be {RANGES[f.name][0]}")
+    data.check_fields(cfg, CHOICES, RANGES)
     if not 1 <= cfg.receding_horizon <= cfg.horizon:
         raise UsageError(f"--receding_horizon {cfg.receding_horizon}: must be in [1, --horizon {cfg.horizon}]")
     if cfg.command == "plan" and cfg.samples and cfg.topk > cfg.samples and cfg.solver == "cem":

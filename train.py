@@ -149,14 +149,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 
 def check_config(cfg: TrainConfig) -> None:
     """Raise UsageError, naming the flag and its value, for any argument outside its valid values."""
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        if isinstance(value, float) and not math.isfinite(value):
-            raise UsageError(f"--{f.name} {value}: must be a finite number")
-        if f.name in CHOICES and value not in CHOICES[f.name]:
-            raise UsageError(f"--{f.name} {value!r}: invalid choice; valid: {', '.join(map(repr, CHOICES[f.name]))}")
-        if f.name in RANGES and not RANGES[f.name][1](value):
-            raise UsageError(f"--{f.name} {value}: must be {RANGES[f.name][0]}")
+    data.check_fields(cfg, CHOICES, RANGES)
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is available (use --device auto or cpu)")
     if cfg.device == "mps" and not torch.backends.mps.is_available():
