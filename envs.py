@@ -584,6 +584,7 @@ class PushTExpertPolicy:
     travel_weight = 0.08  # pose-error px per px walked to a new contact
     switch_margin = 3.0  # keep the current contact unless another scores this much better
     ring_radius = 110.0  # circumnavigation radius around the CoG (T extends 77 px from its CoG, pusher 15)
+    max_step = 40.0  # px: the pusher's largest move per env step
     step_gains = _pd_step_gains(PUSHT_K_P, PUSHT_K_V, PUSHT_DT, PUSHT_SUBSTEPS)
 
     def __init__(self, env=None, noise: float = 0.0, rng: np.random.Generator | None = None):
@@ -635,12 +636,12 @@ class PushTExpertPolicy:
         return ring[(i + direction) % n]
 
     def _move(self, agent: np.ndarray, vel: np.ndarray, target: np.ndarray, gain: float = 0.7) -> np.ndarray:
-        """Action moving the pusher a fraction `gain` of the way to `target` (at most 40 px) during the next step,
-        compensating its current velocity exactly (see _pd_step_gains)."""
+        """Action moving the pusher a fraction `gain` of the way to `target` (at most `max_step` px) during the next
+        step, compensating its current velocity exactly (see _pd_step_gains)."""
         d = gain * (target - agent)
         dist = np.linalg.norm(d)
-        if dist > 40.0:
-            d = d * (40.0 / dist)
+        if dist > self.max_step:
+            d = d * (self.max_step / dist)
         g_d, g_v = self.step_gains
         a = (g_d * d - g_v * vel) / 100.0
         return a / max(1.0, np.abs(a).max())  # scale (not clip per axis) to keep the direction
@@ -731,15 +732,6 @@ class PushTDemoPolicy(PushTExpertPolicy):
         super().reset(info)
         self.done = False
         self.eps = np.zeros(2)
-
-    def _move(self, agent: np.ndarray, vel: np.ndarray, target: np.ndarray, gain: float = 0.7) -> np.ndarray:
-        d = gain * (target - agent)
-        dist = np.linalg.norm(d)
-        if dist > self.max_step:
-            d = d * (self.max_step / dist)
-        g_d, g_v = self.step_gains
-        a = (g_d * d - g_v * vel) / 100.0
-        return a / max(1.0, np.abs(a).max())
 
     def __call__(self, info: dict) -> np.ndarray:
         s = np.asarray(info["state"], np.float64)
@@ -1712,10 +1704,10 @@ POLICIES = {
 }
 SUCCESS = {"pusht": pusht_success, "tworoom": tworoom_success, "reacher": reacher_success, "cube": cube_success}
 # Defaults for data collection (data.py). PushT: the paper's data are noisy replays of human demonstrations that
-# push the T onto the green one (ENVS.md 4.7); the `demo` policy reproduces their statistics (README, data table):
+# push the T onto the green one (paper, data of DINO-WM's PushT); the `demo` policy reproduces their statistics (README, data table):
 # action std ~0.2, pusher speed std ~75 px/s, ~125-150 steps per episode, which ends when the T is placed (the policy
-# says `done`) or after 300 steps. TwoRoom and Reacher: as the LeWM data (ENVS.md 5.6, 6.5). Cube: 200-step
-# plan-oracle episodes (ENVS.md 7.5).
+# says `done`) or after 300 steps. TwoRoom and Reacher: as the LeWM data (README, "Data"). Cube: 200-step
+# plan-oracle episodes, as the LeWM data.
 ENV_DEFAULTS = {
     "pusht": dict(episode_steps=300, policy="demo", noise=0.1, stop_on_success=True),
     "tworoom": dict(episode_steps=100, policy="expert", noise=2.0, stop_on_success=True),

@@ -1005,7 +1005,7 @@ def action_ranking(world: World, rows: np.ndarray, horizon: int, samples: int, s
         cand = torch.randn((b, samples + 1, horizon, fs * a_dim), generator=g, device=world.device)  # (B, S+1, N, A)
         cand[:, 0] = true.to(world.device)
         z_pred = model.rollout(z[:, :1], cand)[:, :, 1:].float()  # (B, S+1, N, D)
-        cost = (z_pred[:, :, -1] - z[:, None, -1]).pow(2).sum(-1)  # (B, S+1) the planning cost (METHOD.md §4.1)
+        cost = (z_pred[:, :, -1] - z[:, None, -1]).pow(2).sum(-1)  # (B, S+1) the planning cost, as make_cost
         rank.append(((cost[:, 1:] < cost[:, :1]).float() + 0.5 * (cost[:, 1:] == cost[:, :1]).float()).mean(1))
         moved.append((z[:, 1:] - z[:, :1]).norm(dim=-1))  # (B, N) true movement after k blocks
         spread.append((z_pred[:, 1:] - z_pred[:, :1]).norm(dim=-1).mean(1))  # (B, N) random vs true actions
