@@ -1709,23 +1709,31 @@ def test_eval_start_rows_held_out_and_seeded(tiny_pusht):
 
 
 def test_eval_random_policy_matches_independent_replay(tmp_path, tiny_tworoom):
-    """Random-policy outcomes equal a hand replay of the protocol (dataset start, goal state 25 rows later, freeze)."""
+    """Random-policy outcomes equal a hand replay of the protocol (dataset start, goal state 25 rows later, freeze);
+    another planner seed keeps the pairs and draws from seed + 1000 * planner_seed + episode."""
     ckpt = _eval_ckpt(tmp_path / "ckpt.pt", tiny_tworoom, "tworoom")
-    res = evaluate.main(_eval_cfg(ckpt, tmp_path, policy="random", episodes=8, split="train", budget=30))
     traj = data.Trajectories(tiny_tworoom)
     state = traj.cache("state")
-    for r in res["per_episode"]:
-        row = traj.ep_offset[r["episode"]] + r["start_step"]
-        env = envs.make_env("tworoom", img_size=32)
-        _, info = env.reset(seed=42 + r["index"], options={"state": state[row], "goal_state": state[row + 25]})
-        assert r["solved_at_start"] == envs.success("tworoom", state[row], state[row + 25]) == info["is_success"]
-        rng, first = np.random.default_rng(42 + r["index"]), -1
-        for t in range(30):
-            if env.step(rng.uniform(-1, 1, 2).astype(np.float32))[2]:
-                first = t + 1
-                break
-        assert (r["success"], r["first_success_step"]) == (first > 0, first)
-    assert res["solved_at_start"] == np.mean([r["solved_at_start"] for r in res["per_episode"]])
+    runs = {}
+    for planner_seed in (0, 1):
+        res = evaluate.main(_eval_cfg(ckpt, tmp_path, policy="random", episodes=8, split="train", budget=30,
+                                      planner_seed=planner_seed))  # fmt: skip
+        for r in res["per_episode"]:
+            row = traj.ep_offset[r["episode"]] + r["start_step"]
+            env = envs.make_env("tworoom", img_size=32)
+            _, info = env.reset(seed=42 + r["index"], options={"state": state[row], "goal_state": state[row + 25]})
+            assert r["solved_at_start"] == envs.success("tworoom", state[row], state[row + 25]) == info["is_success"]
+            rng, first = np.random.default_rng(42 + 1000 * planner_seed + r["index"]), -1
+            for t in range(30):
+                if env.step(rng.uniform(-1, 1, 2).astype(np.float32))[2]:
+                    first = t + 1
+                    break
+            assert (r["success"], r["first_success_step"]) == (first > 0, first)
+        assert res["solved_at_start"] == np.mean([r["solved_at_start"] for r in res["per_episode"]])
+        others = [r["success"] for r in res["per_episode"] if not r["solved_at_start"]]
+        assert res["success_rate_unsolved_at_start"] == (np.mean(others) if others else None)
+        runs[planner_seed] = [(r["episode"], r["start_step"]) for r in res["per_episode"]]
+    assert runs[0] == runs[1]
     # A zero budget would never step an env, so every episode would fail: it is refused before any work.
     with pytest.raises(data.UsageError, match="--budget 0"):
         evaluate.main(_eval_cfg(ckpt, tmp_path, policy="random", episodes=8, split="train", budget=0))
