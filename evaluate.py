@@ -323,19 +323,6 @@ def save_gif(path: str, frames: list[np.ndarray], fps: int = 10) -> bool:
         return False
 
 
-def filmstrip(frames: list[np.ndarray], every: int = 5, per_row: int = 6, gap: int = 2) -> np.ndarray:
-    """Every `every`-th frame (and the last) of (H, W, 3) uint8 frames tiled in rows on white: (H', W', 3)."""
-    picks = frames[::every] + ([frames[-1]] if (len(frames) - 1) % every else [])
-    h, w = picks[0].shape[:2]
-    rows = -(-len(picks) // per_row)
-    cols = min(per_row, len(picks))
-    sheet = np.full((rows * (h + gap) - gap, cols * (w + gap) - gap, 3), 255, np.uint8)
-    for k, f in enumerate(picks):
-        r, c = divmod(k, per_row)
-        sheet[r * (h + gap) : r * (h + gap) + h, c * (w + gap) : c * (w + gap) + w] = f
-    return sheet
-
-
 # --- MPC evaluation (plan): ENVS.md §3, METHOD.md §4.4
 
 
@@ -461,7 +448,7 @@ def run_plan(cfg: EvalConfig) -> dict:
     success, first_step = np.zeros(b, bool), np.full(b, -1)
     queues = [np.zeros((0, a_dim), np.float32) for _ in range(b)]
     prev_plans: list[torch.Tensor | None] = [None] * b
-    videos = [[np.concatenate([obs[i], goal_frames[i]], axis=1)] for i in range(b)] if cfg.video else None
+    videos = [[obs[i].copy()] for i in range(b)] if cfg.video else None  # observed frames per episode
     # One generator per episode, so batching does not change any episode's draws; planner_seed 0 is seed + i.
     draw_seeds = [cfg.seed + 1000 * cfg.planner_seed + i for i in range(b)]
     gens = [torch.Generator(world.device).manual_seed(s) for s in draw_seeds]
@@ -507,7 +494,7 @@ def run_plan(cfg: EvalConfig) -> dict:
             if terminated:
                 success[i], first_step[i] = True, t + 1
             if videos is not None:
-                videos[i].append(np.concatenate([obs[i], goal_frames[i]], axis=1))
+                videos[i].append(obs[i].copy())
     bar.close()
     for env in env_list:
         env.close()
@@ -563,14 +550,7 @@ def run_plan(cfg: EvalConfig) -> dict:
         json.dump(results, f, indent=2)
     print(f"results: {out}")
     if videos is not None:
-        os.makedirs(cfg.video, exist_ok=True)
-        gifs = True
-        for i, frames in enumerate(videos):
-            tag = "ok" if success[i] else "fail"
-            envs.save_png(os.path.join(cfg.video, f"episode_{i:03d}_{tag}.png"), filmstrip(frames))
-            gifs = gifs and save_gif(os.path.join(cfg.video, f"episode_{i:03d}_{tag}.gif"), frames)
-        print(f"episodes: {cfg.video}/episode_*.png (every 5th step, observation beside goal)"
-              + ("" if gifs else "; GIFs need Pillow or imageio (pip install pillow)"))  # fmt: skip
+        save_episode_pictures(cfg.video, name, videos, goal_frames, results["per_episode"])
     results["out"] = out
     return results
 
@@ -1255,6 +1235,66 @@ def plot_metrics_png(metrics_jsonl: str, out_png: str) -> np.ndarray:
 
 
 # --- main
+
+
+# --- episode pictures: labelled filmstrips of observation beside goal
+
+
+def _tile(frame: np.ndarray, scale: int) -> np.ndarray:
+    return frame.repeat(scale, 0).repeat(scale, 1)  # nearest-neighbour upscaling keeps the model's pixels visible
+
+
+def episode_strip(frames: list[np.ndarray], goal: np.ndarray, title: str, every: int = 5, per_row: int = 4,
+                  min_size: int = 128) -> np.ndarray:  # fmt: skip
+    """Every `every`-th observation (and the last), each beside the goal with a gap, labelled with its step, under
+    a title line; frames are upscaled to at least `min_size` px. (H', W', 3) uint8 on white."""
+    steps = list(range(0, len(frames), every)) + ([len(frames) - 1] if (len(frames) - 1) % every else [])
+    scale = max(1, -(-min_size // frames[0].shape[0]))
+    goal_tile = _tile(goal, scale)
+    h, w = goal_tile.shape[:2]
+    gap, pad, label_h, title_h = 4, 16, 11, 22  # gap inside a pair, between pairs; label and title bands
+    pair_w, pair_h = 2 * w + gap, label_h + h
+    rows, cols = -(-len(steps) // per_row), min(per_row, len(steps))
+    sheet = np.full((title_h + rows * (pair_h + pad) - pad, cols * (pair_w + pad) - pad, 3), 255, np.uint8)
+    draw_text(sheet, 0, 2, title, (0, 0, 0), scale=2)
+    for k, t in enumerate(steps):
+        r, c = divmod(k, per_row)
+        y, x = title_h + r * (pair_h + pad), c * (pair_w + pad)
+        draw_text(sheet, x, y + 1, f"step {t}", (60, 60, 60))
+        draw_text(sheet, x + w + gap, y + 1, "goal", (60, 60, 60))
+        sheet[y + label_h : y + pair_h, x : x + w] = _tile(frames[t], scale)
+        sheet[y + label_h : y + pair_h, x + w + gap : x + pair_w] = goal_tile
+    return sheet
+
+
+def stack_sheets(sheets: list[np.ndarray], gap: int = 24) -> np.ndarray:
+    """Sheets one above another, left-aligned on white, `gap` rows apart."""
+    width = max(s.shape[1] for s in sheets)
+    out = np.full((sum(s.shape[0] for s in sheets) + gap * (len(sheets) - 1), width, 3), 255, np.uint8)
+    y = 0
+    for s in sheets:
+        out[y : y + s.shape[0], : s.shape[1]] = s
+        y += s.shape[0] + gap
+    return out
+
+
+def save_episode_pictures(folder: str, env: str, videos, goal_frames, per_episode: list[dict]) -> None:
+    """episode_NNN_{ok,fail}.png (and .gif with Pillow or imageio) per episode, and summary.png: the first
+    success above the first failure."""
+    os.makedirs(folder, exist_ok=True)
+    gifs, firsts = True, {}
+    for r, frames, goal in zip(per_episode, videos, goal_frames, strict=True):
+        i, tag = r["index"], "ok" if r["success"] else "fail"
+        outcome = (f"success at step {r['first_success_step']}" if r["success"]
+                   else f"failure after {len(frames) - 1} steps")  # fmt: skip
+        sheet = episode_strip(frames, goal, f"{env} pair {i}: {outcome}")
+        envs.save_png(os.path.join(folder, f"episode_{i:03d}_{tag}.png"), sheet)
+        firsts.setdefault(tag, sheet)
+        pairs = [np.concatenate([f, np.full((f.shape[0], 2, 3), 255, np.uint8), goal], axis=1) for f in frames]
+        gifs = gifs and save_gif(os.path.join(folder, f"episode_{i:03d}_{tag}.gif"), pairs)
+    envs.save_png(os.path.join(folder, "summary.png"), stack_sheets([firsts[k] for k in ("ok", "fail") if k in firsts]))
+    print(f"episodes: {folder}/episode_*.png (every 5th step, observation beside goal), summary.png"
+          + ("" if gifs else "; GIFs need Pillow or imageio (pip install pillow)"))  # fmt: skip
 
 
 def main(cfg: EvalConfig) -> dict:

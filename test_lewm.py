@@ -469,9 +469,9 @@ def test_env_pusht_options_set_state():
 def test_env_pusht_success_thresholds():
     """Success needs ||d(agent, block xy)|| < 20 and wrapped angle error < pi/9; terminated follows it."""
     g = np.array([200.0, 200.0, 300.0, 300.0, 0.05, 0.0, 0.0])
-    shift = lambda dist: g + np.array([dist / 2, 0, 0, dist * np.sqrt(3) / 2, 0, 50, 50])  # noqa: E731
+    shift = lambda dist: g + np.array([dist / 2, 0, 0, dist * np.sqrt(3) / 2, 0, 50, 50])
     assert envs.pusht_success(shift(19.9), g) and not envs.pusht_success(shift(20.1), g)
-    turn = lambda d: g + np.array([0, 0, 0, 0, d, 0, 0])  # noqa: E731
+    turn = lambda d: g + np.array([0, 0, 0, 0, d, 0, 0])
     assert envs.pusht_success(turn(np.pi / 9 - 0.01), g) and not envs.pusht_success(turn(np.pi / 9 + 0.01), g)
     assert envs.pusht_success(turn(-0.1 + 2 * np.pi), g)  # wraps around 2 pi
     env = envs.PushTEnv(img_size=32)
@@ -1503,6 +1503,28 @@ def test_eval_draw_text_distinct_glyphs_and_unknown_chars():
     evaluate.draw_text(np.zeros((5, 5, 3), np.uint8), -3, 2, "clipped ×", (1, 2, 3))  # off the canvas: no error
 
 
+def test_eval_episode_strip_layout_and_labels():
+    """episode_strip upscales to >= 128 px, puts each picked observation beside the goal, labels every pair, and
+    stack_sheets keeps each sheet's pixels."""
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(0, 255, (32, 32, 3), dtype=np.uint8) for _ in range(12)]  # steps 0..11
+    goal = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
+    sheet = evaluate.episode_strip(frames, goal, "title", every=5, per_row=2)  # steps 0, 5, 10, 11
+    w, gap, pad, label_h, title_h = 128, 4, 16, 11, 22
+    assert sheet.shape == (title_h + 2 * (label_h + w) + pad, 2 * (2 * w + gap) + pad, 3)
+    for k, t in enumerate([0, 5, 10, 11]):
+        r, c = divmod(k, 2)
+        y, x = title_h + r * (label_h + w + pad) + label_h, c * (2 * w + gap + pad)
+        assert np.array_equal(sheet[y : y + w, x : x + w], frames[t].repeat(4, 0).repeat(4, 1))
+        assert np.array_equal(sheet[y : y + w, x + w + gap : x + 2 * w + gap], goal.repeat(4, 0).repeat(4, 1))
+        assert (sheet[y - label_h : y, x : x + w] < 255).any()  # the "step t" label
+    assert (sheet[:title_h] < 255).any()
+    other = np.zeros((10, 5, 3), np.uint8)
+    both = evaluate.stack_sheets([sheet, other], gap=3)
+    assert both.shape == (sheet.shape[0] + 13, sheet.shape[1], 3)
+    assert np.array_equal(both[: sheet.shape[0]], sheet) and not both[sheet.shape[0] + 3 :, :5].any()
+
+
 def test_eval_plot_metrics_png_skips_torn_lines(tmp_path):
     """plot_metrics_png writes a PNG of both loss charts side by side from a metrics.jsonl with a torn last line."""
     path = tmp_path / "metrics.jsonl"
@@ -1679,20 +1701,19 @@ def test_eval_plan_end_to_end_writes_json(tmp_path, tiny_pusht, capsys):
         assert r["episode"] in val and r["start_step"] + 25 <= traj.ep_len[r["episode"]] - 1
         assert r["success"] == (r["first_success_step"] > 0) and np.isfinite(r["final_distance"])
     assert res["successes"] == sum(r["success"] for r in saved["per_episode"])
-    # One filmstrip per episode, named by outcome: 11 frames (steps 0, 5, ..., 50) of observation|goal, 6 per row.
-    strips = sorted(os.listdir(tmp_path / "gifs"))
-    strips = [f for f in strips if f.endswith(".png")]
-    assert len(strips) == 3
+    # One filmstrip per episode, named by outcome, and summary.png: every 5th frame, 32 px upscaled to 128.
+    strips = sorted(f for f in os.listdir(tmp_path / "gifs") if f.startswith("episode_") and f.endswith(".png"))
+    assert len(strips) == 3 and os.path.exists(tmp_path / "gifs" / "summary.png")
     for r, name in zip(saved["per_episode"], strips):
         assert name.endswith("_ok.png" if r["success"] else "_fail.png")
     with open(tmp_path / "gifs" / strips[0], "rb") as f:
         head = f.read(24)
     assert head[:8] == b"\x89PNG\r\n\x1a\n"
     width, height = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
-    if not saved["per_episode"][0]["success"]:  # a full 50-step episode: 2 rows of 6 frames of 32 x 64 px
-        assert (width, height) == (6 * 64 + 5 * 2, 2 * 32 + 2)
-    gifs = os.listdir(tmp_path / "gifs") if os.path.isdir(tmp_path / "gifs") else []
-    assert len(gifs) == 3 or "needs Pillow or imageio" in capsys.readouterr().out
+    if not saved["per_episode"][0]["success"]:  # a full 50-step episode: 11 pairs, 4 per row, in 3 rows
+        assert (width, height) == (4 * (2 * 128 + 4) + 3 * 16, 22 + 3 * (11 + 128) + 2 * 16)
+    gifs = [f for f in os.listdir(tmp_path / "gifs") if f.endswith(".gif")]
+    assert len(gifs) == 3 or "need Pillow or imageio" in capsys.readouterr().out
 
 
 def test_eval_start_rows_held_out_and_seeded(tiny_pusht):
