@@ -25,12 +25,9 @@ from train import attention_kernel
 def bench_envs(sizes: tuple[int, ...] = (64, 224), seconds: float = 2.0) -> list[dict]:
     """Env steps/s including rendering the observation frame, uniform random actions, one process."""
     rows = []
-    for name in envs.ENV_IDS:
+    for name in envs.REGISTRY:
         for size in sizes:
-            try:
-                env = envs.make_env(name, img_size=size)
-            except ValueError:  # simulator not in envs.py (yet)
-                continue
+            env = envs.make_env(name, img_size=size)
             rng = np.random.default_rng(0)
             env.reset(seed=0)
             steps, start = 0, None

@@ -481,7 +481,7 @@ def _rollout(job: tuple) -> dict[str, np.ndarray]:
         frames.append(obs)
         infos.append(info)
         actions.append(a)
-        if truncated or (terminated and envs.ENV_DEFAULTS[name]["stop_on_success"]):
+        if truncated or (terminated and envs.REGISTRY[name].stop_on_success):
             break
     nan_row = np.full((1, len(actions[0])), np.nan, dtype=np.float32)  # no action is taken at the last observation
     episode = {"pixels": np.stack(frames), "action": np.concatenate([np.stack(actions), nan_row])}
@@ -633,10 +633,10 @@ def check_collect_args(env: str, episodes: int, out: str, img_size: int, policy:
     """Every collection argument checked before any work: a UsageError naming the flag and its value."""
     import envs
 
-    if env not in envs.ENV_DEFAULTS:
-        raise UsageError(f"--env {env}: unknown environment; valid: {', '.join(envs.ENV_DEFAULTS)}")
-    if policy is not None and policy not in envs.POLICIES[env]:
-        raise UsageError(f"--policy {policy}: not a policy of {env}; valid: {', '.join(envs.POLICIES[env])}")
+    if env not in envs.REGISTRY:
+        raise UsageError(f"--env {env}: unknown environment; valid: {', '.join(envs.REGISTRY)}")
+    if policy is not None and policy not in envs.REGISTRY[env].policies:
+        raise UsageError(f"--policy {policy}: not a policy of {env}; valid: {', '.join(envs.REGISTRY[env].policies)}")
     for flag, value, ok, rule in (
         ("--episodes", episodes, episodes >= 1, ">= 1"),
         ("--workers", workers, workers >= 1, ">= 1"),
@@ -689,14 +689,14 @@ def collect(
 
     out = os.fspath(out)
     check_collect_args(env, episodes, out, img_size, policy, noise, workers, episode_steps)
-    defaults = envs.ENV_DEFAULTS[env]
+    spec = envs.REGISTRY[env]
     meta = {
         "env": env,
         "img_size": int(img_size),
-        "policy": policy or defaults["policy"],
-        "noise": float(defaults["noise"] if noise is None else noise),
+        "policy": policy or spec.policy,
+        "noise": float(spec.noise if noise is None else noise),
         "seed": int(seed),
-        "episode_steps": int(episode_steps or defaults["episode_steps"]),
+        "episode_steps": int(episode_steps or spec.episode_steps),
     }
     tmp, parts = out + ".tmp", out + ".parts"
     progress = _read_meta(os.path.join(parts, "progress.json"))
@@ -784,7 +784,7 @@ def describe(path: str, goal_offset: int = 25) -> dict:
                "episode_length": {"mean": float(traj.ep_len.mean()), "min": int(traj.ep_len.min()),
                                   "max": int(traj.ep_len.max())},
                "action_mean": action[finite].mean(0).tolist(), "action_std": action[finite].std(0).tolist()}  # fmt: skip
-        if "state" in traj.columns and env in envs.ENV_IDS:
+        if "state" in traj.columns and env in envs.REGISTRY:
             state = traj.cache("state").astype(np.float64)
             out["state_mean"], out["state_std"] = state.mean(0).tolist(), state.std(0).tolist()
             solved = total = 0
@@ -802,13 +802,13 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
     import envs
 
-    parser.add_argument("--env", required=True, choices=list(envs.ENV_DEFAULTS), help="environment")
+    parser.add_argument("--env", required=True, choices=list(envs.REGISTRY), help="environment")
     parser.add_argument("--episodes", type=int, required=True, help="episodes to collect (to add, with --append)")
     parser.add_argument("--img_size", type=int, default=64, help="frame side in pixels (224 in the paper)")
     parser.add_argument("--out", default=None, help="output .h5 (default data/<env>_<img>px_<episodes>ep.h5)")
-    parser.add_argument("--policy", default=None, help="scripted policy kind (default: envs.ENV_DEFAULTS)")
-    parser.add_argument("--noise", type=float, default=None, help="policy noise (default: envs.ENV_DEFAULTS)")
-    parser.add_argument("--episode_steps", type=int, default=None, help="max steps (default: envs.ENV_DEFAULTS)")
+    parser.add_argument("--policy", default=None, help="scripted policy kind (default: the env's, envs.REGISTRY)")
+    parser.add_argument("--noise", type=float, default=None, help="policy noise (default: the env's, envs.REGISTRY)")
+    parser.add_argument("--episode_steps", type=int, default=None, help="max steps (default: the env's, envs.REGISTRY)")
     parser.add_argument("--seed", type=int, default=0, help="episode e uses np.random.default_rng(seed + e)")
     parser.add_argument("--workers", type=int, default=2, help="worker processes rolling out episodes")
     parser.add_argument("--append", action="store_true", help="add --episodes episodes to an existing --out")

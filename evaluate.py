@@ -105,7 +105,7 @@ class World:
 
 
 # Valid values, checked before any work: choices, and (rule, test) for the fields with a range.
-CHOICES = {"env": ["", *envs.ENV_IDS], "split": ["val", "train"], "policy": ["planner", "random"],
+CHOICES = {"env": ["", *envs.REGISTRY], "split": ["val", "train"], "policy": ["planner", "random"],
            "solver": ["cem", "adam"], "device": ["auto", "cuda", "mps", "cpu"]}  # fmt: skip
 RANGES = {
     "episodes": (">= 1", lambda v: v >= 1),
@@ -256,8 +256,8 @@ def load_world(cfg: EvalConfig) -> World:
         train_eps, val_eps = data.split_episodes(traj.num_episodes)
         stats = data.action_stats(traj, train_eps)
         source = " ".join(cfg.official)
-    if env not in envs.ENV_IDS:
-        raise UsageError(f"--env {env}: unknown environment; valid: {', '.join(envs.ENV_IDS)}")
+    if env not in envs.REGISTRY:
+        raise UsageError(f"--env {env}: unknown environment; valid: {', '.join(envs.REGISTRY)}")
     data.check_env(traj, env)
     frameskip = model.cfg.frameskip
     if traj.action_dim * frameskip != model.cfg.action_dim:
@@ -282,13 +282,9 @@ def default_out(cfg: EvalConfig, world: World, name: str) -> str:
 
 def dataset_states(world: World, rows: np.ndarray) -> np.ndarray:
     """The env `state` (reset option) recorded at the given rows; official files name the columns differently."""
-    cols = world.traj.columns
-    if "state" in cols:
-        return world.traj.read("state", rows)
-    if world.env == "tworoom" and "proprio" in cols:
-        return world.traj.read("proprio", rows)  # agent xy (ENVS.md 3, step 4)
-    if world.env == "reacher" and {"qpos", "qvel"} <= set(cols):
-        return np.concatenate([world.traj.read("qpos", rows), world.traj.read("qvel", rows)], axis=-1)
+    for columns in envs.REGISTRY[world.env].state_columns:
+        if set(columns) <= set(world.traj.columns):
+            return np.concatenate([world.traj.read(c, rows) for c in columns], axis=-1)
     raise ValueError(f"{world.traj.path} has no 'state' column from which to set the {world.env} env")
 
 
@@ -353,17 +349,6 @@ def start_rows(traj: data.Trajectories, episodes, n: int, goal_offset: int, seed
         )
     # DEVIATION: choice(len(valid)) rather than the original LeWM choice(len(valid) - 1), an off-by-one (ENVS.md 3).
     return np.sort(valid[np.random.default_rng(seed=seed).choice(len(valid), n, replace=False)])
-
-
-def goal_distance(name: str, state: np.ndarray, goal_state: np.ndarray) -> float:
-    """Distance to the goal in state units over the dims the success test uses (angles and velocities ignored).
-
-    PushT: agent and block xy jointly, px of the 512 canvas (success < 20, and block angle < 20 deg); TwoRoom: agent
-    xy, px of 224 (success < 16); Reacher: the two joint angles, rad; Cube: cube centre, metres (success <= 0.04).
-    """
-    k = {"pusht": 4, "tworoom": 2, "reacher": 2, "cube": 3}[name]
-    diff = np.asarray(state, np.float64).reshape(-1)[:k] - np.asarray(goal_state, np.float64).reshape(-1)[:k]
-    return float(np.linalg.norm(diff))
 
 
 def encode_frames(model: LeWM, frames: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -449,7 +434,7 @@ def run_plan(cfg: EvalConfig) -> dict:
         goal = envs.goal_from_state(name, goal_states[i])
         _, info = env.reset(seed=cfg.seed + i, options={"state": start_states[i], "goal_state": goal})
         solved0[i] = bool(info["is_success"])
-        dist0[i] = goal_distance(name, info["state"], info["goal_state"])
+        dist0[i] = envs.REGISTRY[name].goal_distance(info["state"], info["goal_state"])
         env_list.append(env)
     # The first frame the planner sees is the dataset frame, not a render (ENVS.md 3, step 5); later ones are renders.
     obs = start_frames.copy()  # (B, H, W, 3)
@@ -497,7 +482,7 @@ def run_plan(cfg: EvalConfig) -> dict:
             # Sent unclipped, as the reference: PushT moves its target by 100 x action with no clip; TwoRoom,
             # Reacher and Cube clip to [-1, 1] inside step(), as their originals do.
             obs[i], _, terminated, _, info = env_list[i].step(action)
-            dist[i] = goal_distance(name, info["state"], info["goal_state"])
+            dist[i] = envs.REGISTRY[name].goal_distance(info["state"], info["goal_state"])
             if terminated:
                 success[i], first_step[i] = True, t + 1
             if videos is not None:
@@ -569,24 +554,6 @@ def run_plan(cfg: EvalConfig) -> dict:
 
 # --- probing (METHOD.md §5): what the frozen embedding knows about the physical state
 
-# Physical quantities per env: name -> (candidate (column, first, last) sources, is_angle). The first column the
-# dataset holds is used; an angle is regressed as (sin, cos) so that wrap-around is no discontinuity.
-PROBE_QUANTITIES = {
-    "pusht": {
-        "agent_pos": ([("state", 0, 2)], False),
-        "block_pos": ([("state", 2, 4)], False),
-        "block_angle": ([("state", 4, 5)], True),
-    },
-    "tworoom": {"agent_pos": ([("state", 0, 2), ("proprio", 0, 2)], False)},
-    "reacher": {  # raw joint angles are never wrapped (the shoulder is unlimited): sin/cos of each
-        "shoulder_angle": ([("state", 0, 1), ("qpos", 0, 1), ("observation", 0, 1)], True),
-        "wrist_angle": ([("state", 1, 2), ("qpos", 1, 2), ("observation", 1, 2)], True),
-    },
-    "cube": {
-        "cube_pos": ([("state", 0, 3), ("privileged_block_0_pos", 0, 3)], False),
-        "effector_pos": ([("state", 4, 7), ("proprio_effector_pos", 0, 3)], False),
-    },
-}
 PROBE_HIDDEN = 256  # MLP probe: one hidden layer of this width, GELU
 PROBE_LR = 1e-3  # MLP probe AdamW peak learning rate (cosine to 0 over the run)
 PROBE_BATCH = 256
@@ -622,7 +589,7 @@ def embed_rows(models: list[LeWM], traj: data.Trajectories, rows: np.ndarray, de
 def probe_targets(traj: data.Trajectories, env: str, rows: np.ndarray) -> dict[str, np.ndarray]:
     """Raw physical quantities at dataset rows: name -> (N, k) float64 (angles as sin, cos)."""
     targets = {}
-    for name, (sources, is_angle) in PROBE_QUANTITIES[env].items():
+    for name, (sources, is_angle) in envs.REGISTRY[env].probe.items():
         found = [(c, lo, hi) for c, lo, hi in sources if c in traj.columns]
         if not found:
             raise ValueError(f"{traj.path} has none of the columns {[s[0] for s in sources]} needed for {name}")
@@ -725,7 +692,7 @@ def run_probe(cfg: EvalConfig) -> dict:
         f"{n_val} of {len(world.val_eps)} held-out ones | MSE on standardised targets, r: Pearson (mean over dims)"
     )
     print(f"{'quantity':16s} {'model':10s} {'linear MSE':>10s} {'linear r':>9s} {'MLP MSE':>9s} {'MLP r':>7s}")
-    for name in PROBE_QUANTITIES[world.env]:
+    for name in envs.REGISTRY[world.env].probe:
         for label in results:
             lin, mlp = results[label][name]["linear"], results[label][name]["mlp"]
             print(f"{name:16s} {label:10s} {lin['mse']:10.4f} {lin['r']:9.3f} {mlp['mse']:9.4f} {mlp['r']:7.3f}")
@@ -735,7 +702,7 @@ def run_probe(cfg: EvalConfig) -> dict:
         "source": world.source,
         "frames": {"train": n_train, "val": n_val},
         "episodes": {"train": len(world.train_eps), "val": len(world.val_eps)},
-        "quantities": {n: "sin, cos" if a else "raw" for n, (_, a) in PROBE_QUANTITIES[world.env].items()},
+        "quantities": {n: "sin, cos" if a else "raw" for n, (_, a) in envs.REGISTRY[world.env].probe.items()},
         "results": results,
         "seconds": time.time() - t0,
         "config": dataclasses.asdict(cfg),
@@ -756,31 +723,9 @@ def teleport_state(env: str, state: np.ndarray, rng: np.random.Generator) -> np.
     """The dataset state with its object moved somewhere it cannot reach in one frame (same room / workspace)."""
     s = np.array(state, np.float64)
     for _ in range(1000):
-        if env == "pusht":  # T block shifted 100 px (of 512) in a random direction, kept on the table
-            a = rng.uniform(0, 2 * np.pi)
-            new = s[2:4] + 100.0 * np.array([np.cos(a), np.sin(a)])
-            if np.all((new >= 100) & (new <= 412)):
-                s[2:4] = new
-                return s
-        elif env == "tworoom":  # agent moved >= 60 px (of 224) inside its own room
-            left_room = s[0] < envs.TWOROOM_WALL_X
-            lo, hi = (envs.TWOROOM_POS_LOW, envs.TWOROOM_LEFT_LIMIT) if left_room else (
-                envs.TWOROOM_RIGHT_LIMIT, envs.TWOROOM_POS_HIGH)  # fmt: skip
-            new = rng.uniform((lo, envs.TWOROOM_POS_LOW), (hi, envs.TWOROOM_POS_HIGH))  # (x, y)
-            if np.linalg.norm(new - s[:2]) >= 60:
-                s[:2] = new
-                return s
-        elif env == "reacher":  # whole arm rotated by 90 degrees about the shoulder
-            s[0] += rng.choice([-1.0, 1.0]) * np.pi / 2
-            return s
-        elif env == "cube":  # cube moved 12 cm on the table (dropped there if it was held)
-            a = rng.uniform(0, 2 * np.pi)
-            new = s[0:2] + 0.12 * np.array([np.cos(a), np.sin(a)])
-            if np.all((new >= envs.CUBE_WALL_LOW) & (new <= envs.CUBE_WALL_HIGH)):
-                s[0:2], s[2], s[9], s[10] = new, envs.CUBE_HALF, 0.0, 0.0
-                return s
-        else:
-            raise ValueError(f"no teleport defined for env {env!r}")
+        new = envs.REGISTRY[env].teleport(s, rng)
+        if new is not None:
+            return new
     raise RuntimeError(f"{env}: found no teleport target for state {state}")
 
 
@@ -788,30 +733,15 @@ def recolour(env: str, frame: np.ndarray) -> np.ndarray:
     """The same frame with the object's colour changed in pixel space: x + w (f(x) - x), w = per-pixel weight
     of the object's colour (soft at anti-aliased edges), f a colour map. Nothing moves."""
     x = frame.astype(np.float32)  # (H, W, 3)
-    r, g, b = x[..., 0], x[..., 1], x[..., 2]
-    if env == "pusht":  # T block (fill and outline) -> its complementary colour, dark brown
-        d = np.minimum(*(np.linalg.norm(x - np.float32(c), axis=-1) for c in (envs.BLOCK_FILL, envs.BLOCK_COLOR)))
-        w, fx = np.clip(1 - d / 40, 0, 1), 255 - x
-    elif env == "tworoom":  # red agent -> blue: the blob is red over white or black, so w = redness is its alpha
-        w, fx = np.clip((r - g) / 255, 0, 1), x[..., ::-1]
-    elif env == "reacher":  # tan arm -> light blue (red and blue swapped); the floor is blue (R < B): untouched
-        w, fx = np.clip((r - b) / 100, 0, 1), x[..., ::-1]
-    elif env == "cube":  # red cube -> green (red and green swapped); shading scales all channels, so kept
-        redness = (r - np.maximum(g, b)) / np.maximum(r, 1)  # 0.66 on every shaded face of the cube, < 0 elsewhere
-        w, fx = np.clip((redness - 0.2) / 0.4, 0, 1), x[..., [1, 0, 2]]
-    else:
-        raise ValueError(f"no colour change defined for env {env!r}")
+    w, fx = envs.REGISTRY[env].recolour(x)  # (H, W), (H, W, 3)
     return np.clip(np.rint(x + w[..., None] * (fx - x)), 0, 255).astype(np.uint8)
 
 
 def render_state(env, name: str, state: np.ndarray, goal_state: np.ndarray | None) -> np.ndarray:
-    """A dataset state re-rendered through the env. PushT's reset runs one 0.01 s physics step (after one for the
-    goal, which warm-starts the contact solver), so the pusher's velocity is zeroed and the recorded goal passed:
-    the frame then equals the recorded one, except where the recorded pose interpenetrates and the solver nudges
-    the block (< 0.2 px of 512, a few grey levels). The other envs re-render recorded states exactly."""
-    s = np.array(state, np.float64)
-    if name == "pusht":
-        s[5:7] = 0.0
+    """A dataset state re-rendered through the env, from the env's replay state (PushT: the pusher at rest) and with
+    the recorded goal passed; the other envs re-render recorded states exactly."""
+    replay = envs.REGISTRY[name].replay_state
+    s = np.array(state, np.float64) if replay is None else replay(state)
     return env.reset(options={"state": s, "goal_state": goal_state})[0]
 
 

@@ -391,7 +391,7 @@ def test_sigreg_ddp_matches_single_process():
 # --- env tests (pusht and common)
 
 
-REGISTERED_ENVS = [name for name, env_id in envs.ENV_IDS.items() if env_id in gym.registry]
+REGISTERED_ENVS = [name for name, spec in envs.REGISTRY.items() if spec.id in gym.registry]
 
 
 def _rollout(env, seed: int, actions) -> tuple[list, list]:
@@ -416,7 +416,7 @@ def assert_same_rollouts(frames1, infos1, frames2, infos2):
 
 def test_env_pusht_check_env():
     """PushT passes gymnasium's env checker (spaces, seeding, render)."""
-    check_env(gym.make(envs.ENV_IDS["pusht"], img_size=64).unwrapped, skip_render_check=False)
+    check_env(gym.make(envs.REGISTRY["pusht"].id, img_size=64).unwrapped, skip_render_check=False)
 
 
 def test_env_pusht_deterministic():
@@ -526,7 +526,7 @@ def test_env_pusht_frames(img_size):
     np.testing.assert_array_equal(env.render(), obs2)
     assert (obs2 != obs).any()
     x = int(100.5 * img_size / 512)  # the pusher's centre pixel is its inner (light blue) colour
-    np.testing.assert_allclose(obs[x, x], envs.AGENT_FILL, atol=2)
+    np.testing.assert_allclose(obs[x, x], envs.PUSHT_AGENT_FILL, atol=2)
 
 
 def test_env_make_env_rejects_unknown_name():
@@ -538,10 +538,10 @@ def test_env_make_env_rejects_unknown_name():
 @pytest.mark.parametrize("name", REGISTERED_ENVS)
 def test_env_registered_check_env_and_determinism(name):
     """Every registered env passes check_env, and the same seed and actions give the same frames and infos."""
-    env = gym.make(envs.ENV_IDS[name], img_size=64)
+    env = gym.make(envs.REGISTRY[name].id, img_size=64)
     check_env(env.unwrapped, skip_render_check=False)
     actions = np.random.default_rng(0).uniform(-1, 1, (10, *env.action_space.shape)).astype(np.float32)
-    (f1, i1), (f2, i2) = (_rollout(gym.make(envs.ENV_IDS[name], img_size=64), 3, actions) for _ in range(2))
+    (f1, i1), (f2, i2) = (_rollout(gym.make(envs.REGISTRY[name].id, img_size=64), 3, actions) for _ in range(2))
     assert_same_rollouts(f1, i1, f2, i2)
 
 
@@ -784,7 +784,7 @@ def test_env_cube_options_reproduce_state():
     """reset(options) puts state and goal exactly, and continuing from a restored mid-episode state is identical."""
     env = envs.CubeEnv(img_size=32)
     obs, info = env.reset(seed=3)
-    policy = envs.CubePlanOracle(env, rng=np.random.default_rng(3))
+    policy = envs.CubeOraclePolicy(env, rng=np.random.default_rng(3))
     policy.reset(info)
     for _ in range(30):  # the cube is in the air by now
         obs, _, _, _, info = env.step(policy(info))
@@ -823,7 +823,7 @@ def test_env_cube_static_pair_fraction():
     still = []
     for episode in range(6):
         _, info = env.reset(seed=episode)
-        policy = envs.CubePlanOracle(env, rng=np.random.default_rng(episode))
+        policy = envs.CubeOraclePolicy(env, rng=np.random.default_rng(episode))
         policy.reset(info)
         cube = [info["state"][:3]]
         for _ in range(200):

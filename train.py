@@ -101,7 +101,7 @@ RECIPES = {
 }
 
 # Valid values, checked before any work: choices, and (rule, test) for the fields with a range.
-CHOICES = {"env": list(envs.ENV_IDS), "preset": ["", *RECIPES], "device": ["auto", "cuda", "mps", "cpu"]}
+CHOICES = {"env": list(envs.REGISTRY), "preset": ["", *RECIPES], "device": ["auto", "cuda", "mps", "cpu"]}
 RANGES = {
     "episodes": (">= 0", lambda v: v >= 0),
     "max_steps": (">= 0", lambda v: v >= 0),
