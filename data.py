@@ -9,7 +9,8 @@ last row of each episode is NaN), and the env's info columns (state, goal_state,
 
 Clips (spec/METHOD.md §2.1): T = history + num_preds = 3 + 1 frames at raw rows s, s+5, s+10, s+15, for every start
 s = 0..len-20 of every episode, with all 20 raw actions z-scored per raw step, NaN -> 0, and reshaped row-major into
-T blocks of frameskip * A. The model's `preprocess` turns the uint8 frames into floats; this file never does.
+T blocks of frameskip * A (history, num_preds and frameskip are the model config's, passed in by the caller). The
+model's `preprocess` turns the uint8 frames into floats; this file never does.
 
 Deliberately absent: image transforms, lance/folder formats, clip-level splitting (see the DEVIATION in
 `split_episodes`).
@@ -25,11 +26,13 @@ Dimension letters: B batch, T frames per clip, H/W image, A raw action dim, E ep
 
 import argparse
 import dataclasses
+import inspect
 import json
 import math
 import multiprocessing as mp
 import os
 import queue
+import re
 import shutil
 import signal
 import sys
@@ -37,16 +40,14 @@ import threading
 import time
 import warnings
 from collections.abc import Iterator, Sequence
-from typing import Self
+from typing import Self, get_args
 
 import h5py
 import numpy as np
 import torch
 from tqdm import tqdm
 
-HISTORY = 3  # context frames (METHOD.md §2.1)
-NUM_PREDS = 1  # predicted frames per clip
-FRAMESKIP = 5  # raw steps between clip frames = raw actions per action block
+SPLIT_SEED = 3072  # seed of the train / validation split of episodes (training and evaluation must agree)
 INDEX_COLUMNS = ("ep_idx", "episode_idx")  # our name, the official files' name
 EPISODE_COLUMNS = ("ep_len", "ep_offset")  # per-episode datasets; every other dataset is per-row
 REQUIRED_COLUMNS = ("ep_len", "ep_offset", "pixels", "action")
@@ -68,12 +69,61 @@ def check_fields(cfg, choices: dict, ranges: dict) -> None:
     among the fields of the dataclass `cfg`; ranges: name -> (description, predicate)."""
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
+        if value is None:  # not given: resolved later from a preset
+            continue
         if isinstance(value, float) and not math.isfinite(value):
             raise UsageError(f"--{f.name} {value}: must be a finite number")
         if f.name in choices and value not in choices[f.name]:
             raise UsageError(f"--{f.name} {value!r}: invalid choice; valid: {', '.join(map(repr, choices[f.name]))}")
         if f.name in ranges and not ranges[f.name][1](value):
             raise UsageError(f"--{f.name} {value}: must be {ranges[f.name][0]}")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The script's docstring as written, and every flag's default after its help text."""
+
+
+def field_comments(cls) -> dict[str, str]:
+    """The trailing comment of every field of the dataclass `cls` (`name: type = default  # comment`)."""
+    found = (re.match(r"\s+(\w+)\s*:[^#]*#\s*(.*)", line) for line in inspect.getsource(cls).splitlines())
+    return {m[1]: m[2] for m in found if m}
+
+
+def add_config_flags(
+    parser: argparse.ArgumentParser, cls, *, names=None, choices=None, nargs=None, metavars=None
+) -> None:
+    """One flag per field of the config dataclass `cls` (only those in `names`, if given): `--field value`, typed as
+    the default (or as the annotation when the default is None); booleans as --field/--no-field; tuples take
+    `nargs[field]` values (default: one or more). The field's trailing comment is the help text, followed by the
+    default; `choices[field]` (None, meaning not given, left out) are enforced and listed."""
+    helps, choices, nargs, metavars = field_comments(cls), choices or {}, nargs or {}, metavars or {}
+    for f in dataclasses.fields(cls):
+        if names is not None and f.name not in names:
+            continue
+        if isinstance(f.default, bool):
+            kind = {"action": argparse.BooleanOptionalAction}
+        elif isinstance(f.default, tuple):
+            kind = {"nargs": nargs.get(f.name, "+"), "metavar": metavars.get(f.name)}
+        else:
+            types = [t for t in get_args(f.type) if t is not type(None)]
+            kind = {"type": type(f.default) if f.default is not None else types[0]}
+            if f.name in choices:
+                kind["choices"] = [c for c in choices[f.name] if c is not None]
+        text = helps.get(f.name, "").replace("%", "%%")
+        parser.add_argument(f"--{f.name}", default=f.default, help=text, **kind)
+
+
+def pyplot(what: str):
+    """matplotlib.pyplot on the headless Agg backend, or None (saying that `what` is skipped) when not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"matplotlib not installed: skipping the {what} (pip install matplotlib)")
+        return None
+    return plt
 
 
 def _import_hdf5plugin() -> bool:
@@ -209,6 +259,11 @@ class Trajectories:
                 out[i:j] = ds[lo:hi][uniq[i:j] - lo]
         return out[inverse.reshape(-1)]
 
+    def episode_rows(self, episodes: Sequence[int], drop_last: int = 0) -> np.ndarray:
+        """Global rows (R,) int64 of `episodes`, in the given order, each episode without its last `drop_last` rows."""
+        rows = [self.ep_offset[e] + np.arange(max(0, self.ep_len[e] - drop_last)) for e in episodes]
+        return np.concatenate([*rows, np.zeros(0, np.int64)])
+
     def episode(self, e: int, columns: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         """All rows of episode e for the given columns (default: every per-row column)."""
         if not 0 <= e < self.num_episodes:
@@ -250,7 +305,9 @@ def _check_filters(ds: h5py.Dataset, name: str) -> None:
 # --- split and normalisation
 
 
-def split_episodes(num_episodes: int, val_fraction: float = 0.1, seed: int = 3072) -> tuple[np.ndarray, np.ndarray]:
+def split_episodes(
+    num_episodes: int, val_fraction: float = 0.1, seed: int = SPLIT_SEED
+) -> tuple[np.ndarray, np.ndarray]:
     """Deterministic random split of episode indices into (train, val), each sorted."""
     # DEVIATION: split by episode, not by clip (the official code splits clips 90/10, so validation clips share
     # frames with training clips; evaluation and an honest validation loss need held-out episodes).
@@ -270,7 +327,7 @@ def action_stats(traj: Trajectories, episodes: Sequence[int]) -> dict[str, list[
     """
     # DEVIATION: statistics over the training episodes only (the official code uses the whole file, train and val).
     episodes = np.asarray(episodes, dtype=np.int64)
-    rows = np.concatenate([np.arange(traj.ep_offset[e], traj.ep_offset[e] + traj.ep_len[e]) for e in episodes])
+    rows = traj.episode_rows(episodes)
     action = traj.read("action", rows).astype(np.float64)  # (rows, A)
     action = action[np.isfinite(action).all(axis=1)]
     if len(action) < 2:
@@ -314,7 +371,8 @@ def cache_limit_bytes() -> int:
 class ClipLoader:
     """Batches of clips from some episodes: (pixels uint8 (B, T, H, W, 3), actions float32 (B, T, frameskip * A)).
 
-    One clip per raw start row s = 0..len - T*frameskip of each episode (METHOD.md §2.1). Iterate one epoch with
+    One clip per raw start row s = 0..len - T*frameskip of each episode (METHOD.md §2.1), T = history + num_preds
+    frames every `frameskip` raw rows (the model config's fields of those names). Iterate one epoch with
     `for batch in loader` / `loader.epoch(k)`, or forever (resumable by step) with `loader.steps(start_step)`.
     The order of epoch k is a permutation from `np.random.default_rng([seed, k])`, so it is deterministic and
     independent of how many epochs were run before. Batches are assembled in a background thread (`prefetch`
@@ -329,9 +387,10 @@ class ClipLoader:
         episodes: Sequence[int],
         stats: dict,
         batch_size: int = 64,
-        history: int = HISTORY,
-        num_preds: int = NUM_PREDS,
-        frameskip: int = FRAMESKIP,
+        *,
+        history: int,
+        num_preds: int,
+        frameskip: int,
         shuffle: bool = True,
         drop_last: bool = True,
         seed: int = 0,
@@ -359,9 +418,7 @@ class ClipLoader:
                 f"{traj.path}: skipping {short} of {len(episodes)} episodes shorter than one clip ({span} rows)",
                 stacklevel=2,
             )
-        self.starts = np.concatenate(
-            [traj.ep_offset[e] + np.arange(traj.ep_len[e] - span + 1) for e in episodes[lens >= span]]
-        )  # (clips,) global row of each clip's first frame
+        self.starts = traj.episode_rows(episodes[lens >= span], drop_last=span - 1)  # (clips,) first row of each clip
         self.action = normalize_actions(traj.cache("action"), stats)  # (N, A), normalised once for every clip
         pixel_bytes = traj.num_rows * int(np.prod(traj.img_shape))
         if cache or (cache is None and pixel_bytes <= cache_limit_bytes()):

@@ -22,7 +22,6 @@ Dimension letters: B episodes planned at once, S planner samples, N horizon (blo
 
 import argparse
 import dataclasses
-import inspect
 import json
 import math
 import os
@@ -37,8 +36,8 @@ from tqdm import tqdm
 import data
 import envs
 from data import UsageError
-from model import LeWM, load_checkpoint, load_official, model_from_checkpoint
-from planner import cem, gradient_plan, warm_start
+from model import LeWM, load_checkpoint, load_official, model_from_checkpoint, pick_device
+from planner import cem, gradient_plan, make_cost, warm_start
 
 # Flags every subcommand takes; COMMANDS: subcommand -> (help, its flags). A new subcommand is one entry.
 COMMON_FIELDS = ("ckpt", "official", "data", "env", "episodes", "out", "seed", "device")
@@ -127,39 +126,17 @@ RANGES = {
 # --- helpers
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The module docstring as written, and every flag's default after its help text."""
-
-
-def _comments(cls) -> dict[str, str]:
-    lines = inspect.getsource(cls).splitlines()
-    return {ln.split(":")[0].strip(): ln.split("#", 1)[1].strip() for ln in lines if ":" in ln and "#" in ln}
-
-
-def _add_fields(parser: argparse.ArgumentParser, names) -> None:
-    """One flag per EvalConfig field, its trailing comment the help text."""
-    helps = _comments(EvalConfig)
-    for f in dataclasses.fields(EvalConfig):
-        if f.name not in names:
-            continue
-        if isinstance(f.default, bool):
-            kind = {"action": argparse.BooleanOptionalAction}
-        elif isinstance(f.default, tuple):
-            kind = {"nargs": 2, "metavar": ("WEIGHTS", "CONFIG")}
-        else:
-            kind = {"type": type(f.default), "choices": CHOICES.get(f.name)}
-        parser.add_argument(f"--{f.name}", default=f.default, help=helps.get(f.name), **kind)
-
-
 def parse_args(argv: list[str] | None = None) -> EvalConfig:
     """argparse generated from EvalConfig, with subcommands; no subcommand means `plan`."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help")):
         argv = ["plan", *argv]
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=data.HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     for command, (text, fields) in COMMANDS.items():
-        _add_fields(sub.add_parser(command, help=text, description=text, formatter_class=HelpFormatter), fields)
+        data.add_config_flags(sub.add_parser(command, help=text, description=text, formatter_class=data.HelpFormatter),
+                              EvalConfig, names=fields, choices=CHOICES, nargs={"official": 2},
+                              metavars={"official": ("WEIGHTS", "CONFIG")})  # fmt: skip
     args = vars(parser.parse_args(argv))
     args["official"] = tuple(args.get("official") or ())
     return EvalConfig(**args)
@@ -195,16 +172,6 @@ def check_config(cfg: EvalConfig) -> None:
         if os.path.exists(cfg.video) and not os.path.isdir(cfg.video):
             raise UsageError(f"--video {cfg.video}: is a file, expected a folder")
         data.check_writable_file(os.path.join(cfg.video, "episode.png"), "--video")
-
-
-def pick_device(name: str) -> torch.device:
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
 
 
 def open_dataset(path: str) -> data.Trajectories:
@@ -339,9 +306,7 @@ def start_rows(traj: data.Trajectories, episodes, n: int, goal_offset: int, seed
     Valid rows have step_idx <= L - goal_offset - 1, listed in file order; the draw is the reference's
     `np.random.default_rng(seed).choice(len(valid), n, replace=False)`, sorted.
     """
-    valid = np.concatenate(
-        [traj.ep_offset[e] + np.arange(max(0, traj.ep_len[e] - goal_offset)) for e in np.sort(episodes)] + [[]]
-    ).astype(np.int64)  # (V,)
+    valid = traj.episode_rows(np.sort(episodes), drop_last=goal_offset)  # (V,)
     if n > len(valid):
         raise ValueError(
             f"{traj.path}: only {len(valid)} valid start rows in the chosen episodes (need step + {goal_offset} "
@@ -355,17 +320,6 @@ def encode_frames(model: LeWM, frames: np.ndarray, device: torch.device) -> torc
     """uint8 frames (B, H, W, 3) -> z (B, 1, D), encoded once (eval-mode BN: each row independent)."""
     pixels = model.preprocess(torch.as_tensor(frames).to(device)[:, None])  # (B, 1, 3, S, S)
     return model.encode(pixels)  # (B, 1, D)
-
-
-def make_cost(model: LeWM, z0: torch.Tensor, z_goal: torch.Tensor, bf16: bool):
-    """METHOD.md §4.1 cost: sum over D of the squared error between the last predicted embedding and the goal."""
-
-    def cost_fn(candidates: torch.Tensor) -> torch.Tensor:  # (B, S, N, A) -> (B, S)
-        with torch.autocast(z0.device.type, dtype=torch.bfloat16, enabled=bf16):
-            z_pred = model.rollout(z0, candidates)[:, :, -1]  # (B, S, D)
-        return (z_pred.float() - z_goal[:, None]).pow(2).sum(dim=-1)  # (B, S)
-
-    return cost_fn
 
 
 def plan_batch(world: World, cfg: EvalConfig, frames: np.ndarray, z_goal: torch.Tensor, generators, init_mean):
@@ -660,7 +614,7 @@ def probe_model(z_train, z_val, targets_train, targets_val, epochs: int, seed: i
 
 def sample_rows(traj: data.Trajectories, episodes: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
     """Up to n distinct dataset rows drawn uniformly from the given episodes, sorted (chunk-friendly reads)."""
-    rows = np.concatenate([traj.ep_offset[e] + np.arange(traj.ep_len[e]) for e in episodes])
+    rows = traj.episode_rows(episodes)
     return np.sort(rng.choice(rows, size=min(n, len(rows)), replace=False))
 
 
@@ -843,13 +797,8 @@ def measure_surprise(world: World, episodes: int, steps: int, seed: int, n_perm:
 
 def plot_surprise(summary: dict, out_png: str) -> None:
     """Surprise along the first held-out episode with its perturbed steps, and the mean surprise of each kind."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: skipping the surprise plot (pip install matplotlib)")
+    plt = data.pyplot("surprise plot")
+    if plt is None:
         return
     ex, res = summary["example"], summary["results"]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 3.5))
