@@ -289,8 +289,9 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
         return ((x32 - mean) / torch.sqrt(var + self.eps) * self.weight + self.bias).to(x.dtype)
 
 
-def ensure_dataset(cfg: TrainConfig, rank: int) -> data.Trajectories:
-    """The opened dataset of a resolved config; collected first (rank 0, with its progress bar) if not on disk."""
+def ensure_dataset(cfg: TrainConfig, rank: int, say=None) -> data.Trajectories:
+    """The opened dataset of a resolved config; collected first (rank 0, with its progress bar) if not on disk.
+    `say`: where notes on a file that does not record its env, or holds frames of another size, go."""
     if not os.path.exists(cfg.data):
         if rank == 0:
             print(f"dataset {cfg.data} not found: collecting {cfg.episodes} episodes of {cfg.env} at {cfg.img_size} px")
@@ -302,6 +303,10 @@ def ensure_dataset(cfg: TrainConfig, rank: int) -> data.Trajectories:
     except (ValueError, FileNotFoundError) as e:
         raise UsageError(f"--data {cfg.data}: {e}") from e
     data.check_env(traj, cfg.env)
+    if say is not None and "env" not in traj.file.attrs:
+        say(f"note: {cfg.data} does not record its environment; trusting --env {cfg.env}")
+    if say is not None and traj.img_shape[0] != cfg.img_size:
+        say(f"note: {cfg.data} holds {traj.img_shape[0]} px frames; the model resizes them to {cfg.img_size} px")
     return traj
 
 
@@ -421,6 +426,22 @@ def save_run(path: str, model: LeWM, opt, step: int, cfg: TrainConfig, mcfg: Mod
         })  # fmt: skip
 
 
+def write_run_files(cfg: TrainConfig, mcfg: ModelConfig, metrics_path: str, step: int) -> None:
+    """Rank 0 at the start: the final config (printed, and saved as config.json), and metrics.jsonl cut back to
+    the rows up to the step the run (re)starts from."""
+    with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
+        json.dump({"train": dataclasses.asdict(cfg), "model": dataclasses.asdict(mcfg)}, f, indent=2)
+    trim_metrics(metrics_path, step)
+    print(json.dumps(dataclasses.asdict(cfg)))
+
+
+def describe_run(cfg: TrainConfig, model: LeWM, loader, n_train: int, n_val: int, where: str) -> str:
+    """The start-of-run line: model size, split, clips and steps."""
+    return (f"model {cfg.preset}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters | {n_train} "
+            f"train / {n_val} val episodes | {len(loader.starts)} train clips, {len(loader)} steps/epoch | "
+            f"{cfg.max_steps} steps on {where}")  # fmt: skip
+
+
 def trim_metrics(path: str, step: int) -> None:
     """Keep only the rows of metrics.jsonl up to the step the run (re)starts from."""
     if os.path.exists(path):
@@ -532,15 +553,52 @@ def plot_metrics(path: str, out_png: str):
     plt.close(fig)
 
 
-# --- main
+def setup_run(cfg: TrainConfig, cleanup: ExitStack, device, rank: int, world: int, say) -> TrainConfig:
+    """The resolved config, checked; rank 0 holds the run folder, refused if it holds another run."""
+    if cfg.preset is None:
+        found = "CUDA found" if device.type == "cuda" else "no CUDA"
+        say(f"--preset not given: using '{'paper' if device.type == 'cuda' else 'cpu'}' ({found})")
+    cfg = resolve_config(cfg, cuda=device.type == "cuda", steps_per_epoch=lambda c: epoch_steps(c, rank, world))
+    if cfg.img_size % cfg.patch_size:
+        raise UsageError(f"--img_size {cfg.img_size}: not a multiple of --patch_size {cfg.patch_size}")
+    if cfg.batch_size % world:
+        raise UsageError(f"--batch_size {cfg.batch_size}: not divisible by the {world} ranks")
+    if rank == 0:
+        prepare_run_folder(cfg.out_dir, cfg, cleanup)
+    return cfg
 
 
-def main(cfg: TrainConfig) -> dict:
-    """Train and return a summary (checkpoint path, final validation losses, wall time). The run folder's lock and
-    the signal handlers are released by `cleanup` however the run ends."""
-    check_config(cfg)
-    with ExitStack() as cleanup:
-        return run(cfg, cleanup)
+def model_config(cfg: TrainConfig, raw_action_dim: int) -> ModelConfig:
+    """The preset's model at the resolved sizes; the action block is frameskip x the dataset's raw action dim."""
+    mcfg = dataclasses.replace(PRESETS[cfg.preset], img_size=cfg.img_size, patch_size=cfg.patch_size,
+                               pred_dropout=cfg.dropout)  # fmt: skip
+    return dataclasses.replace(mcfg, action_dim=mcfg.frameskip * raw_action_dim)
+
+
+def stop_run(step: int, signum: int, save: dict, bar, log) -> None:
+    """After a signal: checkpoint this step (if not just done), say how to resume, exit with 128 + signum."""
+    if step % save["cfg"].ckpt_every:
+        save_run(step=step, **save)
+    bar.close()
+    log(f"interrupted at step {step}: checkpoint {save['path']}\nresume with: {resume_command(save['cfg'])}")
+    raise SystemExit(128 + signum)
+
+
+def sync_stop(stop: list, device) -> None:
+    """Under DDP every rank stops at the same step when any of them got the signal."""
+    flag = torch.tensor([stop[0] if stop else 0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if int(flag) and not stop:
+        stop.append(int(flag))
+
+
+def report_end(summary: dict, cfg: TrainConfig) -> None:
+    """The end-of-run lines: steps, time, final validation losses, and the command that evaluates the model."""
+    nan = float("nan")
+    print(f"done: {summary['steps']} steps in {summary['minutes']:.1f} min | val pred_loss "
+          f"{summary.get('val_pred_loss', nan):.4f} | val sigreg {summary.get('val_sigreg_loss', nan):.3f} | model: "
+          f"{summary['checkpoint']}")  # fmt: skip
+    print(f"next: python evaluate.py --ckpt {summary['checkpoint']} --env {cfg.env}")
 
 
 def log_step(step: int, loss, parts: dict, grad_norm, lr: float, dt: float, cfg: TrainConfig, world: int) -> dict:
@@ -554,31 +612,26 @@ def log_step(step: int, loss, parts: dict, grad_norm, lr: float, dt: float, cfg:
             "ms_per_step": 1000 * dt, "samples_per_s": cfg.batch_size / dt}  # fmt: skip
 
 
+# --- main
+
+
+def main(cfg: TrainConfig) -> dict:
+    """Train and return a summary (checkpoint path, final validation losses, wall time). The run folder's lock and
+    the signal handlers are released by `cleanup` however the run ends."""
+    check_config(cfg)
+    with ExitStack() as cleanup:
+        return run(cfg, cleanup)
+
+
 def run(cfg: TrainConfig, cleanup: ExitStack) -> dict:
     t_start = time.time()
     device, rank, world = setup_device(cfg.device)
     say = print if rank == 0 else (lambda *a, **k: None)
-    if cfg.preset is None:
-        found = "CUDA found" if device.type == "cuda" else "no CUDA"
-        say(f"--preset not given: using '{'paper' if device.type == 'cuda' else 'cpu'}' ({found})")
-    cfg = resolve_config(cfg, cuda=device.type == "cuda", steps_per_epoch=lambda c: epoch_steps(c, rank, world))
-    if cfg.img_size % cfg.patch_size:
-        raise UsageError(f"--img_size {cfg.img_size}: not a multiple of --patch_size {cfg.patch_size}")
-    if cfg.batch_size % world:
-        raise UsageError(f"--batch_size {cfg.batch_size}: not divisible by the {world} ranks")
+    cfg = setup_run(cfg, cleanup, device, rank, world, say)
     ckpt_path, metrics_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "metrics.jsonl")
-    if rank == 0:
-        prepare_run_folder(cfg.out_dir, cfg, cleanup)
 
-    traj = ensure_dataset(cfg, rank)
-    if "env" not in traj.file.attrs:
-        say(f"note: {cfg.data} does not record its environment; trusting --env {cfg.env}")
-    if traj.img_shape[0] != cfg.img_size:
-        say(f"note: {cfg.data} holds {traj.img_shape[0]} px frames; the model resizes them to {cfg.img_size} px")
-    # Model. The action block is frameskip x the dataset's raw action dim.
-    mcfg = dataclasses.replace(PRESETS[cfg.preset], img_size=cfg.img_size, patch_size=cfg.patch_size,
-                               pred_dropout=cfg.dropout)  # fmt: skip
-    mcfg = dataclasses.replace(mcfg, action_dim=mcfg.frameskip * traj.action_dim)
+    traj = ensure_dataset(cfg, rank, say)
+    mcfg = model_config(cfg, traj.action_dim)
     train_eps, val_eps, stats, (loader, val_loader, bn_loader) = make_loaders(cfg, traj, mcfg, rank, world)
     torch.manual_seed(cfg.seed)
     model = LeWM(mcfg).to(device)
@@ -586,13 +639,8 @@ def run(cfg: TrainConfig, cleanup: ExitStack) -> dict:
     sigreg = SIGReg(num_proj=cfg.num_proj).to(device)
     step = resume_state(cfg, ckpt_path, mcfg, model, opt, device, say)
     if rank == 0:
-        with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
-            json.dump({"train": dataclasses.asdict(cfg), "model": dataclasses.asdict(mcfg)}, f, indent=2)
-        trim_metrics(metrics_path, step)
-    say(json.dumps(dataclasses.asdict(cfg)))
-    say(f"model {cfg.preset}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters | {len(train_eps)} "
-        f"train / {len(val_eps)} val episodes | {len(loader.starts)} train clips, {len(loader)} steps/epoch | "
-        f"{cfg.max_steps} steps on {device} x{world}")  # fmt: skip
+        write_run_files(cfg, mcfg, metrics_path, step)
+    say(describe_run(cfg, model, loader, len(train_eps), len(val_eps), f"{device} x{world}"))
     raw_model, model = model, wrap_model(model, cfg, device, world)  # raw_model: saved and validated
     warmup_steps = max(1, int(cfg.warmup * cfg.schedule_steps))
     bar = tqdm(total=cfg.max_steps, initial=step, desc="train", unit="step", disable=rank != 0, dynamic_ncols=True)
@@ -642,26 +690,16 @@ def run(cfg: TrainConfig, cleanup: ExitStack) -> dict:
             if step % cfg.ckpt_every:
                 save_run(step=step, **save)
             shutil.copyfile(ckpt_path, os.path.join(cfg.out_dir, f"ckpt_{step}.pt"))
-        if world > 1:  # every rank stops at the same step when any of them got the signal
-            flag = torch.tensor([stop[0] if stop else 0], device=device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            if int(flag) and not stop:
-                stop.append(int(flag))
+        if world > 1:
+            sync_stop(stop, device)
         if stop and not end:
-            if step % cfg.ckpt_every:
-                save_run(step=step, **save)
-            bar.close()
-            log(f"interrupted at step {step}: checkpoint {ckpt_path}\nresume with: {resume_command(cfg)}")
-            raise SystemExit(128 + stop[0])
+            stop_run(step, stop[0], save, bar, log)
     bar.close()
 
     summary = {"checkpoint": ckpt_path, "steps": step, "minutes": (time.time() - t_start) / 60, **last}
     if rank == 0:
         plot_metrics(metrics_path, os.path.join(cfg.out_dir, "metrics.png"))
-        print(f"done: {step} steps in {summary['minutes']:.1f} min | val pred_loss "
-              f"{last.get('val_pred_loss', float('nan')):.4f} | val sigreg {last.get('val_sigreg_loss', float('nan')):.3f}"
-              f" | model: {ckpt_path}")  # fmt: skip
-        print(f"next: python evaluate.py --ckpt {ckpt_path} --env {cfg.env}")
+        report_end(summary, cfg)
     if world > 1:
         dist.destroy_process_group()
     return summary
