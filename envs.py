@@ -10,6 +10,10 @@ Deliberately absent: human rendering, reward shaping (rewards are the reference'
 spaces (colours and sizes are the reference defaults), a TimeLimit in the registration (callers pass
 max_episode_steps).
 
+Everything the rest of the project needs to know about an environment (its id, policies, success test, data
+defaults, goal and distance dims, state columns, probes, perturbation hooks) is its `REGISTRY` entry at the end of
+the file; adding an environment means one new section and one entry.
+
 Usage:
     import envs
     env = envs.make_env("pusht", img_size=64, max_episode_steps=100)   # or gym.make("LeWM/PushT-v0", img_size=64)
