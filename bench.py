@@ -16,8 +16,8 @@ import torch
 import data
 import envs
 from model import PRESETS, LeWM
-from planner import cem
-from train import attention_kernel
+from planner import cem, make_cost
+from train import attention_kernel, clip_shape
 
 # --- simulators
 
@@ -25,12 +25,9 @@ from train import attention_kernel
 def bench_envs(sizes: tuple[int, ...] = (64, 224), seconds: float = 2.0) -> list[dict]:
     """Env steps/s including rendering the observation frame, uniform random actions, one process."""
     rows = []
-    for name in envs.ENV_IDS:
+    for name in envs.REGISTRY:
         for size in sizes:
-            try:
-                env = envs.make_env(name, img_size=size)
-            except ValueError:  # simulator not in envs.py (yet)
-                continue
+            env = envs.make_env(name, img_size=size)
             rng = np.random.default_rng(0)
             env.reset(seed=0)
             steps, start = 0, None
@@ -68,7 +65,8 @@ def bench_data(env: str = "pusht", episodes: int = 30, sizes: tuple = (64, 224),
             for mode, cache, chunk_cache in (("cached", True, data.READ_CACHE_BYTES), ("streamed", False, 0)):
                 with data.Trajectories(path, chunk_cache_bytes=chunk_cache) as traj:
                     episodes_all = range(traj.num_episodes)
-                    loader = data.ClipLoader(traj, episodes_all, data.action_stats(traj, episodes_all), cache=cache)
+                    stats = data.action_stats(traj, episodes_all)
+                    loader = data.ClipLoader(traj, episodes_all, stats, cache=cache, **clip_shape(PRESETS["paper"]))
                     stream = loader.steps()
                     next(stream)  # warm-up: thread start (and the RAM cache is already filled)
                     start = time.perf_counter()
@@ -174,17 +172,6 @@ def _plan_embeddings(model: LeWM, batch: int) -> tuple[torch.Tensor, torch.Tenso
     return z[:, :1], z[:, 1]
 
 
-def _plan_cost(model: LeWM, z0: torch.Tensor, z_goal: torch.Tensor, bf16: bool):
-    """The LeWM planning cost of METHOD.md §4.1: squared error of the last predicted embedding, summed over D."""
-
-    def cost_fn(candidates: torch.Tensor) -> torch.Tensor:  # (B, S, N, A) -> (B, S)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            z_pred = model.rollout(z0, candidates)[:, :, -1]  # (B, S, D)
-        return (z_pred.float() - z_goal[:, None]).pow(2).sum(dim=-1)  # (B, S)
-
-    return cost_fn
-
-
 def _spearman(x: torch.Tensor, y: torch.Tensor) -> float:
     """Rank correlation of two 1-d cost vectors (no ties expected for continuous costs)."""
     rx, ry = (v.argsort().argsort().double() for v in (x, y))  # (S,), (S,)
@@ -204,7 +191,7 @@ def _time_plan(model: LeWM, batch: int, bf16: bool, iterations: int) -> tuple[fl
         t0 = time.perf_counter()
         z0, z_goal = _plan_embeddings(model, batch)  # (B, 1, D), (B, D)
         t_encode = time.perf_counter() - t0
-        cost = _plan_cost(model, z0, z_goal, bf16)
+        cost = make_cost(model, z0, z_goal, bf16)
 
         def cost_fn(candidates: torch.Tensor) -> torch.Tensor:  # (B, S, N, A) -> (B, S)
             starts.append(time.perf_counter())  # one call per iteration
@@ -222,7 +209,7 @@ def _bf16_agreement(model: LeWM) -> dict:
     spearman, overlap = [], []
     with torch.inference_mode():
         z0, z_goal = _plan_embeddings(model, 1)  # (1, 1, D), (1, D)
-        cost32, cost16 = _plan_cost(model, z0, z_goal, False), _plan_cost(model, z0, z_goal, True)
+        cost32, cost16 = make_cost(model, z0, z_goal, False), make_cost(model, z0, z_goal, True)
 
         def cost_fn(candidates: torch.Tensor) -> torch.Tensor:  # (1, S, N, A) -> (1, S)
             c32, c16 = cost32(candidates)[0], cost16(candidates)[0]  # (S,), (S,)
@@ -273,7 +260,7 @@ def bench_plan(presets: tuple[str, ...] | None = None, batches: tuple[int, ...] 
         if len(plans) == 2:
             with torch.inference_mode():
                 z0, z_goal = _plan_embeddings(model, 1)  # (1, 1, D), (1, D)
-                cost32 = _plan_cost(model, z0, z_goal, False)
+                cost32 = make_cost(model, z0, z_goal, False)
                 c32, c16 = (cost32(plans[bf16][:, None]) for bf16 in (False, True))  # (1, 1) each
             row["bf16_plan_fp32_cost_ratio"] = round(float(c16 / c32), 4)
         rows.append(row)

@@ -9,7 +9,8 @@ last row of each episode is NaN), and the env's info columns (state, goal_state,
 
 Clips (spec/METHOD.md §2.1): T = history + num_preds = 3 + 1 frames at raw rows s, s+5, s+10, s+15, for every start
 s = 0..len-20 of every episode, with all 20 raw actions z-scored per raw step, NaN -> 0, and reshaped row-major into
-T blocks of frameskip * A. The model's `preprocess` turns the uint8 frames into floats; this file never does.
+T blocks of frameskip * A (history, num_preds and frameskip are the model config's, passed in by the caller). The
+model's `preprocess` turns the uint8 frames into floats; this file never does.
 
 Deliberately absent: image transforms, lance/folder formats, clip-level splitting (see the DEVIATION in
 `split_episodes`).
@@ -25,11 +26,13 @@ Dimension letters: B batch, T frames per clip, H/W image, A raw action dim, E ep
 
 import argparse
 import dataclasses
+import inspect
 import json
 import math
 import multiprocessing as mp
 import os
 import queue
+import re
 import shutil
 import signal
 import sys
@@ -37,16 +40,14 @@ import threading
 import time
 import warnings
 from collections.abc import Iterator, Sequence
-from typing import Self
+from typing import Self, get_args
 
 import h5py
 import numpy as np
 import torch
 from tqdm import tqdm
 
-HISTORY = 3  # context frames (METHOD.md §2.1)
-NUM_PREDS = 1  # predicted frames per clip
-FRAMESKIP = 5  # raw steps between clip frames = raw actions per action block
+SPLIT_SEED = 3072  # seed of the train / validation split of episodes (training and evaluation must agree)
 INDEX_COLUMNS = ("ep_idx", "episode_idx")  # our name, the official files' name
 EPISODE_COLUMNS = ("ep_len", "ep_offset")  # per-episode datasets; every other dataset is per-row
 REQUIRED_COLUMNS = ("ep_len", "ep_offset", "pixels", "action")
@@ -68,12 +69,61 @@ def check_fields(cfg, choices: dict, ranges: dict) -> None:
     among the fields of the dataclass `cfg`; ranges: name -> (description, predicate)."""
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
+        if value is None:  # not given: resolved later from a preset
+            continue
         if isinstance(value, float) and not math.isfinite(value):
             raise UsageError(f"--{f.name} {value}: must be a finite number")
         if f.name in choices and value not in choices[f.name]:
             raise UsageError(f"--{f.name} {value!r}: invalid choice; valid: {', '.join(map(repr, choices[f.name]))}")
         if f.name in ranges and not ranges[f.name][1](value):
             raise UsageError(f"--{f.name} {value}: must be {ranges[f.name][0]}")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The script's docstring as written, and every flag's default after its help text."""
+
+
+def field_comments(cls) -> dict[str, str]:
+    """The trailing comment of every field of the dataclass `cls` (`name: type = default  # comment`)."""
+    found = (re.match(r"\s+(\w+)\s*:[^#]*#\s*(.*)", line) for line in inspect.getsource(cls).splitlines())
+    return {m[1]: m[2] for m in found if m}
+
+
+def add_config_flags(
+    parser: argparse.ArgumentParser, cls, *, names=None, choices=None, nargs=None, metavars=None
+) -> None:
+    """One flag per field of the config dataclass `cls` (only those in `names`, if given): `--field value`, typed as
+    the default (or as the annotation when the default is None); booleans as --field/--no-field; tuples take
+    `nargs[field]` values (default: one or more). The field's trailing comment is the help text, followed by the
+    default; `choices[field]` (None, meaning not given, left out) are enforced and listed."""
+    helps, choices, nargs, metavars = field_comments(cls), choices or {}, nargs or {}, metavars or {}
+    for f in dataclasses.fields(cls):
+        if names is not None and f.name not in names:
+            continue
+        if isinstance(f.default, bool):
+            kind = {"action": argparse.BooleanOptionalAction}
+        elif isinstance(f.default, tuple):
+            kind = {"nargs": nargs.get(f.name, "+"), "metavar": metavars.get(f.name)}
+        else:
+            types = [t for t in get_args(f.type) if t is not type(None)]
+            kind = {"type": type(f.default) if f.default is not None else types[0]}
+            if f.name in choices:
+                kind["choices"] = [c for c in choices[f.name] if c is not None]
+        text = helps.get(f.name, "").replace("%", "%%")
+        parser.add_argument(f"--{f.name}", default=f.default, help=text, **kind)
+
+
+def pyplot(what: str):
+    """matplotlib.pyplot on the headless Agg backend, or None (saying that `what` is skipped) when not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"matplotlib not installed: skipping the {what} (pip install matplotlib)")
+        return None
+    return plt
 
 
 def _import_hdf5plugin() -> bool:
@@ -209,6 +259,11 @@ class Trajectories:
                 out[i:j] = ds[lo:hi][uniq[i:j] - lo]
         return out[inverse.reshape(-1)]
 
+    def episode_rows(self, episodes: Sequence[int], drop_last: int = 0) -> np.ndarray:
+        """Global rows (R,) int64 of `episodes`, in the given order, each episode without its last `drop_last` rows."""
+        rows = [self.ep_offset[e] + np.arange(max(0, self.ep_len[e] - drop_last)) for e in episodes]
+        return np.concatenate([*rows, np.zeros(0, np.int64)])
+
     def episode(self, e: int, columns: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         """All rows of episode e for the given columns (default: every per-row column)."""
         if not 0 <= e < self.num_episodes:
@@ -250,7 +305,9 @@ def _check_filters(ds: h5py.Dataset, name: str) -> None:
 # --- split and normalisation
 
 
-def split_episodes(num_episodes: int, val_fraction: float = 0.1, seed: int = 3072) -> tuple[np.ndarray, np.ndarray]:
+def split_episodes(
+    num_episodes: int, val_fraction: float = 0.1, seed: int = SPLIT_SEED
+) -> tuple[np.ndarray, np.ndarray]:
     """Deterministic random split of episode indices into (train, val), each sorted."""
     # DEVIATION: split by episode, not by clip (the official code splits clips 90/10, so validation clips share
     # frames with training clips; evaluation and an honest validation loss need held-out episodes).
@@ -270,7 +327,7 @@ def action_stats(traj: Trajectories, episodes: Sequence[int]) -> dict[str, list[
     """
     # DEVIATION: statistics over the training episodes only (the official code uses the whole file, train and val).
     episodes = np.asarray(episodes, dtype=np.int64)
-    rows = np.concatenate([np.arange(traj.ep_offset[e], traj.ep_offset[e] + traj.ep_len[e]) for e in episodes])
+    rows = traj.episode_rows(episodes)
     action = traj.read("action", rows).astype(np.float64)  # (rows, A)
     action = action[np.isfinite(action).all(axis=1)]
     if len(action) < 2:
@@ -314,7 +371,8 @@ def cache_limit_bytes() -> int:
 class ClipLoader:
     """Batches of clips from some episodes: (pixels uint8 (B, T, H, W, 3), actions float32 (B, T, frameskip * A)).
 
-    One clip per raw start row s = 0..len - T*frameskip of each episode (METHOD.md §2.1). Iterate one epoch with
+    One clip per raw start row s = 0..len - T*frameskip of each episode (METHOD.md §2.1), T = history + num_preds
+    frames every `frameskip` raw rows (the model config's fields of those names). Iterate one epoch with
     `for batch in loader` / `loader.epoch(k)`, or forever (resumable by step) with `loader.steps(start_step)`.
     The order of epoch k is a permutation from `np.random.default_rng([seed, k])`, so it is deterministic and
     independent of how many epochs were run before. Batches are assembled in a background thread (`prefetch`
@@ -329,9 +387,10 @@ class ClipLoader:
         episodes: Sequence[int],
         stats: dict,
         batch_size: int = 64,
-        history: int = HISTORY,
-        num_preds: int = NUM_PREDS,
-        frameskip: int = FRAMESKIP,
+        *,
+        history: int,
+        num_preds: int,
+        frameskip: int,
         shuffle: bool = True,
         drop_last: bool = True,
         seed: int = 0,
@@ -359,9 +418,7 @@ class ClipLoader:
                 f"{traj.path}: skipping {short} of {len(episodes)} episodes shorter than one clip ({span} rows)",
                 stacklevel=2,
             )
-        self.starts = np.concatenate(
-            [traj.ep_offset[e] + np.arange(traj.ep_len[e] - span + 1) for e in episodes[lens >= span]]
-        )  # (clips,) global row of each clip's first frame
+        self.starts = traj.episode_rows(episodes[lens >= span], drop_last=span - 1)  # (clips,) first row of each clip
         self.action = normalize_actions(traj.cache("action"), stats)  # (N, A), normalised once for every clip
         pixel_bytes = traj.num_rows * int(np.prod(traj.img_shape))
         if cache or (cache is None and pixel_bytes <= cache_limit_bytes()):
@@ -481,7 +538,7 @@ def _rollout(job: tuple) -> dict[str, np.ndarray]:
         frames.append(obs)
         infos.append(info)
         actions.append(a)
-        if truncated or (terminated and envs.ENV_DEFAULTS[name]["stop_on_success"]):
+        if truncated or (terminated and envs.REGISTRY[name].stop_on_success):
             break
     nan_row = np.full((1, len(actions[0])), np.nan, dtype=np.float32)  # no action is taken at the last observation
     episode = {"pixels": np.stack(frames), "action": np.concatenate([np.stack(actions), nan_row])}
@@ -633,10 +690,10 @@ def check_collect_args(env: str, episodes: int, out: str, img_size: int, policy:
     """Every collection argument checked before any work: a UsageError naming the flag and its value."""
     import envs
 
-    if env not in envs.ENV_DEFAULTS:
-        raise UsageError(f"--env {env}: unknown environment; valid: {', '.join(envs.ENV_DEFAULTS)}")
-    if policy is not None and policy not in envs.POLICIES[env]:
-        raise UsageError(f"--policy {policy}: not a policy of {env}; valid: {', '.join(envs.POLICIES[env])}")
+    if env not in envs.REGISTRY:
+        raise UsageError(f"--env {env}: unknown environment; valid: {', '.join(envs.REGISTRY)}")
+    if policy is not None and policy not in envs.REGISTRY[env].policies:
+        raise UsageError(f"--policy {policy}: not a policy of {env}; valid: {', '.join(envs.REGISTRY[env].policies)}")
     for flag, value, ok, rule in (
         ("--episodes", episodes, episodes >= 1, ">= 1"),
         ("--workers", workers, workers >= 1, ">= 1"),
@@ -689,14 +746,14 @@ def collect(
 
     out = os.fspath(out)
     check_collect_args(env, episodes, out, img_size, policy, noise, workers, episode_steps)
-    defaults = envs.ENV_DEFAULTS[env]
+    spec = envs.REGISTRY[env]
     meta = {
         "env": env,
         "img_size": int(img_size),
-        "policy": policy or defaults["policy"],
-        "noise": float(defaults["noise"] if noise is None else noise),
+        "policy": policy or spec.policy,
+        "noise": float(spec.noise if noise is None else noise),
         "seed": int(seed),
-        "episode_steps": int(episode_steps or defaults["episode_steps"]),
+        "episode_steps": int(episode_steps or spec.episode_steps),
     }
     tmp, parts = out + ".tmp", out + ".parts"
     progress = _read_meta(os.path.join(parts, "progress.json"))
@@ -784,7 +841,7 @@ def describe(path: str, goal_offset: int = 25) -> dict:
                "episode_length": {"mean": float(traj.ep_len.mean()), "min": int(traj.ep_len.min()),
                                   "max": int(traj.ep_len.max())},
                "action_mean": action[finite].mean(0).tolist(), "action_std": action[finite].std(0).tolist()}  # fmt: skip
-        if "state" in traj.columns and env in envs.ENV_IDS:
+        if "state" in traj.columns and env in envs.REGISTRY:
             state = traj.cache("state").astype(np.float64)
             out["state_mean"], out["state_std"] = state.mean(0).tolist(), state.std(0).tolist()
             solved = total = 0
@@ -802,13 +859,13 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
     import envs
 
-    parser.add_argument("--env", required=True, choices=list(envs.ENV_DEFAULTS), help="environment")
+    parser.add_argument("--env", required=True, choices=list(envs.REGISTRY), help="environment")
     parser.add_argument("--episodes", type=int, required=True, help="episodes to collect (to add, with --append)")
     parser.add_argument("--img_size", type=int, default=64, help="frame side in pixels (224 in the paper)")
     parser.add_argument("--out", default=None, help="output .h5 (default data/<env>_<img>px_<episodes>ep.h5)")
-    parser.add_argument("--policy", default=None, help="scripted policy kind (default: envs.ENV_DEFAULTS)")
-    parser.add_argument("--noise", type=float, default=None, help="policy noise (default: envs.ENV_DEFAULTS)")
-    parser.add_argument("--episode_steps", type=int, default=None, help="max steps (default: envs.ENV_DEFAULTS)")
+    parser.add_argument("--policy", default=None, help="scripted policy kind (default: the env's, envs.REGISTRY)")
+    parser.add_argument("--noise", type=float, default=None, help="policy noise (default: the env's, envs.REGISTRY)")
+    parser.add_argument("--episode_steps", type=int, default=None, help="max steps (default: the env's, envs.REGISTRY)")
     parser.add_argument("--seed", type=int, default=0, help="episode e uses np.random.default_rng(seed + e)")
     parser.add_argument("--workers", type=int, default=2, help="worker processes rolling out episodes")
     parser.add_argument("--append", action="store_true", help="add --episodes episodes to an existing --out")

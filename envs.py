@@ -10,6 +10,10 @@ Deliberately absent: human rendering, reward shaping (rewards are the reference'
 spaces (colours and sizes are the reference defaults), a TimeLimit in the registration (callers pass
 max_episode_steps).
 
+Everything the rest of the project needs to know about an environment (its id, policies, success test, data
+defaults, goal and distance dims, state columns, probes, perturbation hooks) is its `REGISTRY` entry at the end of
+the file; adding an environment means one new section and one entry.
+
 Usage:
     import envs
     env = envs.make_env("pusht", img_size=64, max_episode_steps=100)   # or gym.make("LeWM/PushT-v0", img_size=64)
@@ -22,6 +26,8 @@ Usage:
 import functools
 import math
 import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import gymnasium as gym
 import numpy as np
@@ -37,13 +43,6 @@ from gymnasium import spaces
 # for a straight edge and a good approximation elsewhere. Only the shape's bounding box is touched, so drawing a
 # small shape on a large canvas is cheap. To draw into a sub-window, pass a view `canvas[y0:y1, x0:x1]` and shift
 # the coordinates by (-x0, -y0).
-
-
-def new_canvas(*, size: int, color=(255, 255, 255)) -> np.ndarray:
-    """A (size, size, 3) float32 canvas filled with `color`."""
-    canvas = np.empty((size, size, 3), np.float32)
-    canvas[:] = color
-    return canvas
 
 
 def to_uint8(canvas: np.ndarray) -> np.ndarray:
@@ -75,6 +74,87 @@ def _coverage(d: np.ndarray, grow: float = 0.0) -> np.ndarray:
     return np.clip(0.5 + grow - d, 0.0, 1.0)
 
 
+def capsule_alpha(canvas: np.ndarray, *, a, b, radius: float):
+    """(box, alpha) coverage of the capsule (fat segment) of `radius` around segment a-b; box None if off-canvas."""
+    ax, ay, bx, by = float(a[0]), float(a[1]), float(b[0]), float(b[1])
+    pad = radius + 1
+    box = _bbox(canvas, min(ax, bx) - pad, min(ay, by) - pad, max(ax, bx) + pad, max(ay, by) + pad)
+    if box is None:
+        return None, None
+    xs, ys = box[4], box[5]
+    ex, ey = bx - ax, by - ay
+    t = ((xs - ax) * ex + (ys - ay) * ey) / max(ex * ex + ey * ey, 1e-12)  # (h, w) projection parameter
+    t = np.clip(t, 0.0, 1.0)
+    d = np.sqrt((xs - ax - t * ex) ** 2 + (ys - ay - t * ey) ** 2) - radius  # (h, w)
+    return box, _coverage(d)
+
+
+def _box_downsample(img: np.ndarray, k: int) -> np.ndarray:
+    """Average the k x k sample blocks of an (H k, W k, C) float image: box-filter anti-aliasing."""
+    h, w, c = img.shape[0] // k, img.shape[1] // k, img.shape[2]
+    return img.reshape(h, k, w, k, c).mean(axis=(1, 3))
+
+
+def save_png(path: str, image: np.ndarray) -> None:
+    """Write an (H, W, 3) uint8 image as a PNG (zlib only, no imaging library)."""
+    img = np.ascontiguousarray(image, np.uint8)
+    h, w = img.shape[:2]
+    raw = np.concatenate([np.zeros((h, 1), np.uint8), img.reshape(h, w * 3)], axis=1).tobytes()  # filter 0 rows
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+
+    header = w.to_bytes(4, "big") + h.to_bytes(4, "big") + bytes([8, 2, 0, 0, 0])  # 8-bit RGB
+    with open(path, "wb") as f:
+        f.write(
+            b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b"")
+        )
+
+
+# --- common: scripted policies
+
+
+def _clip_action(a: np.ndarray) -> np.ndarray:
+    """A policy's action as the env expects it: float32, clipped to the action box [-1, 1]."""
+    return np.clip(a, -1.0, 1.0).astype(np.float32)
+
+
+# --- PushT (ENVS.md section 4): pymunk pusher disc and T block, 512 x 512 world, y down
+
+PUSHT_WORLD = 512.0
+PUSHT_TEE_BAR = ((-60.0, 30.0), (60.0, 30.0), (60.0, 0.0), (-60.0, 0.0))  # body-local vertices, order as the reference
+PUSHT_TEE_STEM = ((-15.0, 30.0), (-15.0, 120.0), (15.0, 120.0), (15.0, 30.0))
+PUSHT_TEE_COG = (0.0, 45.0)  # mean of the two rectangle centroids (reference), not the area centroid (0, 40.7)
+PUSHT_GOAL_POSE = (256.0, 256.0, math.pi / 4)  # where the green T is drawn; fixed for every episode
+PUSHT_AGENT_RADIUS = 15.0
+PUSHT_K_P, PUSHT_K_V = 100, 20  # PD gains of the pusher
+PUSHT_DT, PUSHT_SUBSTEPS = 0.01, 10  # 10 substeps of 0.01 s per env step (control at 10 Hz)
+PUSHT_WALLS = (((5, 506), (5, 5)), ((5, 5), (506, 5)), ((506, 5), (506, 506)), ((5, 506), (506, 506)))
+PUSHT_WALL_RADIUS = 2.0
+PUSHT_GOAL_COLOR = (144, 238, 144)  # LightGreen
+PUSHT_BLOCK_COLOR = (119, 136, 153)  # LightSlateGray: outlines
+PUSHT_BLOCK_FILL = (142, 163, 183)  # min(1.2 c, 255): pymunk debug-draw fill
+PUSHT_AGENT_COLOR = (65, 105, 225)  # RoyalBlue
+PUSHT_AGENT_FILL = (78, 126, 255)
+PUSHT_WALL_COLOR = (211, 211, 211)  # LightGray
+
+
+def pusht_success(state, goal_state) -> bool:
+    """ENVS.md 4.6: agent xy and block xy jointly within 20 px, and block angle within pi/9 (mod 2 pi)."""
+    s, g = np.asarray(state, np.float64), np.asarray(goal_state, np.float64)
+    pos_diff = np.linalg.norm(g[:4] - s[:4])
+    angle_diff = np.abs(g[4] - s[4]) % (2 * np.pi)
+    angle_diff = min(angle_diff, 2 * np.pi - angle_diff)
+    return bool(pos_diff < 20 and angle_diff < np.pi / 9)
+
+
+def rotate(points, angle: float) -> np.ndarray:
+    """Rotate (N, 2) points by `angle` radians: R = [[c, -s], [s, c]] (counter-clockwise for y up)."""
+    c, s = math.cos(angle), math.sin(angle)
+    p = np.asarray(points, np.float64)
+    return np.stack([c * p[..., 0] - s * p[..., 1], s * p[..., 0] + c * p[..., 1]], axis=-1)
+
+
 def polygon_distance(xs: np.ndarray, ys: np.ndarray, vertices) -> np.ndarray:
     """Signed distance (negative inside) of points to a convex polygon, as the max over its edges' half-planes.
 
@@ -97,6 +177,15 @@ def polygon_distance(xs: np.ndarray, ys: np.ndarray, vertices) -> np.ndarray:
     return d
 
 
+def draw_polygon(canvas: np.ndarray, *, vertices, color) -> None:
+    """Fill a convex polygon (vertices (K, 2) in pixel coordinates)."""
+    v = np.asarray(vertices, np.float64)
+    box = _bbox(canvas, v[:, 0].min() - 1.0, v[:, 1].min() - 1.0, v[:, 0].max() + 1.0, v[:, 1].max() + 1.0)
+    if box is None:
+        return
+    _blend(canvas, box, _coverage(polygon_distance(box[4], box[5], v)), color)
+
+
 def composite(background: np.ndarray, layers) -> np.ndarray:
     """Alpha-composite constant-colour layers, bottom to top, over a channel-first (3, h, w) float background.
 
@@ -114,106 +203,6 @@ def composite(background: np.ndarray, layers) -> np.ndarray:
     out = (colors.T @ weights.reshape(n, h * w)).reshape(3, h, w)  # (3, h, w)
     out += background * above
     return out
-
-
-def draw_polygon(canvas: np.ndarray, *, vertices, color, outline_color=None, outline_width: float = 0.0) -> None:
-    """Fill a convex polygon (vertices (K, 2) in pixel coordinates), optionally with an outline of `outline_width`
-    pixels centred on its boundary (like pygame's fat-segment outlines: the filled area grows by half the width)."""
-    v = np.asarray(vertices, np.float64)
-    pad = outline_width / 2 + 1.0
-    box = _bbox(canvas, v[:, 0].min() - pad, v[:, 1].min() - pad, v[:, 0].max() + pad, v[:, 1].max() + pad)
-    if box is None:
-        return
-    d = polygon_distance(box[4], box[5], v)  # (h, w)
-    if outline_color is not None and outline_width > 0:
-        _blend(canvas, box, _coverage(d, outline_width / 2), outline_color)
-        _blend(canvas, box, _coverage(d, -outline_width / 2), color)
-    else:
-        _blend(canvas, box, _coverage(d), color)
-
-
-def draw_disc(canvas: np.ndarray, *, center, radius: float, color) -> None:
-    """Fill a disc of `radius` pixels centred at `center` (x, y) in pixel coordinates."""
-    cx, cy = float(center[0]), float(center[1])
-    box = _bbox(canvas, cx - radius - 1, cy - radius - 1, cx + radius + 1, cy + radius + 1)
-    if box is None:
-        return
-    d = np.sqrt((box[4] - cx) ** 2 + (box[5] - cy) ** 2) - radius  # (h, w)
-    _blend(canvas, box, _coverage(d), color)
-
-
-def capsule_alpha(canvas: np.ndarray, *, a, b, radius: float):
-    """(box, alpha) coverage of the capsule (fat segment) of `radius` around segment a-b; box None if off-canvas."""
-    ax, ay, bx, by = float(a[0]), float(a[1]), float(b[0]), float(b[1])
-    pad = radius + 1
-    box = _bbox(canvas, min(ax, bx) - pad, min(ay, by) - pad, max(ax, bx) + pad, max(ay, by) + pad)
-    if box is None:
-        return None, None
-    xs, ys = box[4], box[5]
-    ex, ey = bx - ax, by - ay
-    t = ((xs - ax) * ex + (ys - ay) * ey) / max(ex * ex + ey * ey, 1e-12)  # (h, w) projection parameter
-    t = np.clip(t, 0.0, 1.0)
-    d = np.sqrt((xs - ax - t * ex) ** 2 + (ys - ay - t * ey) ** 2) - radius  # (h, w)
-    return box, _coverage(d)
-
-
-def draw_capsule(canvas: np.ndarray, *, a, b, radius: float, color) -> None:
-    """Fill the capsule (segment a-b thickened by `radius` pixels, round ends): walls, robot links."""
-    box, alpha = capsule_alpha(canvas, a=a, b=b, radius=radius)
-    if box is not None:
-        _blend(canvas, box, alpha, color)
-
-
-def save_png(path: str, image: np.ndarray) -> None:
-    """Write an (H, W, 3) uint8 image as a PNG (zlib only, no imaging library)."""
-    img = np.ascontiguousarray(image, np.uint8)
-    h, w = img.shape[:2]
-    raw = np.concatenate([np.zeros((h, 1), np.uint8), img.reshape(h, w * 3)], axis=1).tobytes()  # filter 0 rows
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
-
-    header = w.to_bytes(4, "big") + h.to_bytes(4, "big") + bytes([8, 2, 0, 0, 0])  # 8-bit RGB
-    with open(path, "wb") as f:
-        f.write(
-            b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b"")
-        )
-
-
-def rotate(points, angle: float) -> np.ndarray:
-    """Rotate (N, 2) points by `angle` radians: R = [[c, -s], [s, c]] (counter-clockwise for y up)."""
-    c, s = math.cos(angle), math.sin(angle)
-    p = np.asarray(points, np.float64)
-    return np.stack([c * p[..., 0] - s * p[..., 1], s * p[..., 0] + c * p[..., 1]], axis=-1)
-
-
-# --- PushT (ENVS.md section 4): pymunk pusher disc and T block, 512 x 512 world, y down
-
-PUSHT_WORLD = 512.0
-TEE_BAR = ((-60.0, 30.0), (60.0, 30.0), (60.0, 0.0), (-60.0, 0.0))  # body-local vertices, order as the reference
-TEE_STEM = ((-15.0, 30.0), (-15.0, 120.0), (15.0, 120.0), (15.0, 30.0))
-TEE_COG = (0.0, 45.0)  # mean of the two rectangle centroids (reference), not the area centroid (0, 40.7)
-PUSHT_GOAL_POSE = (256.0, 256.0, math.pi / 4)  # where the green T is drawn; fixed for every episode
-AGENT_RADIUS = 15.0
-PUSHT_K_P, PUSHT_K_V = 100, 20  # PD gains of the pusher
-PUSHT_DT, PUSHT_SUBSTEPS = 0.01, 10  # 10 substeps of 0.01 s per env step (control at 10 Hz)
-WALLS = (((5, 506), (5, 5)), ((5, 5), (506, 5)), ((506, 5), (506, 506)), ((5, 506), (506, 506)))
-WALL_RADIUS = 2.0
-GOAL_COLOR = (144, 238, 144)  # LightGreen
-BLOCK_COLOR = (119, 136, 153)  # LightSlateGray: outlines
-BLOCK_FILL = (142, 163, 183)  # min(1.2 c, 255): pymunk debug-draw fill
-AGENT_COLOR = (65, 105, 225)  # RoyalBlue
-AGENT_FILL = (78, 126, 255)
-WALL_COLOR = (211, 211, 211)  # LightGray
-
-
-def pusht_success(state, goal_state) -> bool:
-    """ENVS.md 4.6: agent xy and block xy jointly within 20 px, and block angle within pi/9 (mod 2 pi)."""
-    s, g = np.asarray(state, np.float64), np.asarray(goal_state, np.float64)
-    pos_diff = np.linalg.norm(g[:4] - s[:4])
-    angle_diff = np.abs(g[4] - s[4]) % (2 * np.pi)
-    angle_diff = min(angle_diff, 2 * np.pi - angle_diff)
-    return bool(pos_diff < 20 and angle_diff < np.pi / 9)
 
 
 def _to_px(points_world, img_size: int) -> np.ndarray:
@@ -234,18 +223,18 @@ def _tee_world(pose, part) -> np.ndarray:
 def _pusht_background(img_size: int, goal_pose: tuple):
     """Static layers, cached per (size, goal pose): white + goal T (under the moving parts, channel-first), the
     wall coverage (drawn over them, as pymunk's debug-draw draws the walls last) and the full static uint8 frame."""
-    under = new_canvas(size=img_size)
-    for part in (TEE_BAR, TEE_STEM):
-        draw_polygon(under, vertices=_to_px(_tee_world(goal_pose, part), img_size), color=GOAL_COLOR)
+    under = np.full((img_size, img_size, 3), 255.0, np.float32)  # white
+    for part in (PUSHT_TEE_BAR, PUSHT_TEE_STEM):
+        draw_polygon(under, vertices=_to_px(_tee_world(goal_pose, part), img_size), color=PUSHT_GOAL_COLOR)
     wall_alpha = np.zeros((img_size, img_size), np.float32)
-    for a, b in WALLS:
+    for a, b in PUSHT_WALLS:
         pa, pb = _to_px([a, b], img_size)
-        box, alpha = capsule_alpha(wall_alpha[..., None], a=pa, b=pb, radius=WALL_RADIUS * img_size / PUSHT_WORLD)
+        box, alpha = capsule_alpha(wall_alpha[..., None], a=pa, b=pb, radius=PUSHT_WALL_RADIUS * img_size / PUSHT_WORLD)
         x0, y0, x1, y1 = box[:4]
         np.maximum(wall_alpha[y0:y1, x0:x1], alpha, out=wall_alpha[y0:y1, x0:x1])
-    full = under + (np.asarray(WALL_COLOR, np.float32) - under) * wall_alpha[..., None]
+    full = under + (np.asarray(PUSHT_WALL_COLOR, np.float32) - under) * wall_alpha[..., None]
     # walls reach (506 + 0.5 + 2) world px from the origin; pixels farther than `band` from the border never see them
-    band = math.ceil((5 + 0.5 + WALL_RADIUS) * img_size / PUSHT_WORLD) + 2
+    band = math.ceil((5 + 0.5 + PUSHT_WALL_RADIUS) * img_size / PUSHT_WORLD) + 2
     under = np.ascontiguousarray(under.transpose(2, 0, 1))  # (3, H, W) channel-first for `composite`
     full = to_uint8(full)
     for arr in (under, wall_alpha, full):
@@ -315,17 +304,17 @@ class PushTEnv(gym.Env):
         self.space = pymunk.Space()
         self.space.gravity = 0, 0
         self.space.damping = 0  # velocities are multiplied by 0**dt = 0 each substep: the block has no momentum
-        walls = [pymunk.Segment(self.space.static_body, a, b, WALL_RADIUS) for a, b in WALLS]
+        walls = [pymunk.Segment(self.space.static_body, a, b, PUSHT_WALL_RADIUS) for a, b in PUSHT_WALLS]
         self.space.add(*walls)
 
         self.agent = pymunk.Body(body_type=pymunk.Body.KINEMATIC)  # infinite mass, passes through walls
         self.agent.position = agent_position
-        self.space.add(self.agent, pymunk.Circle(self.agent, AGENT_RADIUS))
+        self.space.add(self.agent, pymunk.Circle(self.agent, PUSHT_AGENT_RADIUS))
 
         # The reference adds the bar's moment twice (about the body origin: 1500 each) -> moment 3000; reproduce it.
-        moment = pymunk.moment_for_poly(1, vertices=TEE_BAR) + pymunk.moment_for_poly(1, vertices=TEE_BAR)
+        moment = pymunk.moment_for_poly(1, vertices=PUSHT_TEE_BAR) + pymunk.moment_for_poly(1, vertices=PUSHT_TEE_BAR)
         self.block = pymunk.Body(1, moment)
-        bar, stem = pymunk.Poly(self.block, TEE_BAR), pymunk.Poly(self.block, TEE_STEM)
+        bar, stem = pymunk.Poly(self.block, PUSHT_TEE_BAR), pymunk.Poly(self.block, PUSHT_TEE_STEM)
         self.block.center_of_gravity = (bar.center_of_gravity + stem.center_of_gravity) / 2
         self.block.position = block_position
         self.block.angle = block_angle
@@ -456,7 +445,7 @@ class PushTEnv(gym.Env):
         (ax, ay), c, sn = self.agent.position, math.cos(angle), math.sin(angle)
         ox, oy, cx, cy = (bx + 0.5) * s, (by + 0.5) * s, (ax + 0.5) * s, (ay + 0.5) * s  # see _to_px
         outline = 4.0 * s  # pygame fat segments of radius 2 on every edge
-        r_out, r_in = AGENT_RADIUS * s, 11.0 * s
+        r_out, r_in = PUSHT_AGENT_RADIUS * s, 11.0 * s
 
         # Rectangles as (centre, half extents) in block-local pixel units, and their world bounding boxes.
         rects = [((0.0, 15.0 * s), (60.0 * s, 15.0 * s)), ((0.0, 75.0 * s), (15.0 * s, 45.0 * s))]  # bar, stem
@@ -490,12 +479,15 @@ class PushTEnv(gym.Env):
                 v = ys * c - (xs * sn + (oy * c - ox * sn))  # (h, w) block-local y
                 for (mu, mv), (hu, hv) in rects:
                     d = np.maximum(np.abs(u - mu) - hu, np.abs(v - mv) - hv)  # (h, w) box distance (square corners)
-                    layers += [(_coverage(d, outline / 2), BLOCK_COLOR), (_coverage(d, -outline / 2), BLOCK_FILL)]
+                    layers += [
+                        (_coverage(d, outline / 2), PUSHT_BLOCK_COLOR),
+                        (_coverage(d, -outline / 2), PUSHT_BLOCK_FILL),
+                    ]
             if with_agent:
                 d = np.sqrt((xs - cx) ** 2 + (ys - cy) ** 2)  # (h, w)
-                layers += [(_coverage(d, r_out), AGENT_COLOR), (_coverage(d, r_in), AGENT_FILL)]
+                layers += [(_coverage(d, r_out), PUSHT_AGENT_COLOR), (_coverage(d, r_in), PUSHT_AGENT_FILL)]
             if x0 < band or y0 < band or x1 > size - band or y1 > size - band:
-                layers.append((wall_alpha[y0:y1, x0:x1], WALL_COLOR))
+                layers.append((wall_alpha[y0:y1, x0:x1], PUSHT_WALL_COLOR))
             frame[y0:y1, x0:x1] = to_uint8(composite(under[:, y0:y1, x0:x1], layers)).transpose(1, 2, 0)
         self._frame = frame
         return frame
@@ -516,10 +508,6 @@ def tee_distance(points, pose) -> np.ndarray:
     """Distance (negative inside) of world points (..., 2) to the T block at pose (x, y, angle)."""
     local = rotate(np.asarray(points, np.float64) - np.asarray(pose[:2]), -pose[2])
     return np.minimum(_box_distance(local, (-60, 0), (60, 30)), _box_distance(local, (-15, 30), (15, 120)))
-
-
-def _clip_action(a: np.ndarray) -> np.ndarray:
-    return np.clip(a, -1.0, 1.0).astype(np.float32)
 
 
 class PushTRandomPolicy:
@@ -544,7 +532,7 @@ class PushTRandomPolicy:
 
 # Contact candidates for the expert, in body-local coordinates: (outward normal, points on the edge). Ranges keep
 # the pusher disc (radius 15) clear of the other part of the T and away from corners, where it would slide off.
-_EDGES = (
+_PUSHT_EDGES = (
     ((0, -1), [(x, 0) for x in np.linspace(-56, 56, 9)]),  # bar top
     ((1, 0), [(60, y) for y in (8, 15, 22)]),  # bar right end
     ((-1, 0), [(-60, y) for y in (8, 15, 22)]),  # bar left end
@@ -554,9 +542,9 @@ _EDGES = (
     ((-1, 0), [(-15, y) for y in np.linspace(50, 116, 5)]),  # stem left side
     ((0, 1), [(x, 120) for x in (-10, 0, 10)]),  # stem bottom
 )
-_CONTACT_N = np.array([n for n, pts in _EDGES for _ in pts], np.float64)  # (K, 2) outward normals
-_CONTACT_P = np.array([p for _, pts in _EDGES for p in pts], np.float64)  # (K, 2) contact points
-_PUSH_LENGTHS = np.array([4.0, 8.0, 16.0, 32.0])  # candidate push depths (px) evaluated by the expert
+_PUSHT_CONTACT_N = np.array([n for n, pts in _PUSHT_EDGES for _ in pts], np.float64)  # (K, 2) outward normals
+_PUSHT_CONTACT_P = np.array([p for _, pts in _PUSHT_EDGES for p in pts], np.float64)  # (K, 2) contact points
+_PUSHT_PUSH_LENGTHS = np.array([4.0, 8.0, 16.0, 32.0])  # candidate push depths (px) evaluated by the expert
 
 
 def _pd_step_gains(k_p: float, k_v: float, dt: float, substeps: int) -> tuple[float, float]:
@@ -602,7 +590,7 @@ class PushTExpertPolicy:
         """Whether segments a[i]-b[i] (world) keep the pusher `margin` px clear of the T. a, b: (N, 2) -> (N,)."""
         t = np.linspace(0.0, 1.0, 12)[:, None, None]
         pts = a[None] + t * (b - a)[None]  # (12, N, 2)
-        return tee_distance(pts, pose).min(0) > AGENT_RADIUS + margin
+        return tee_distance(pts, pose).min(0) > PUSHT_AGENT_RADIUS + margin
 
     def _waypoint(self, agent: np.ndarray, goal: np.ndarray, pose, cog: np.ndarray) -> np.ndarray:
         """Next point on a short block-avoiding path agent -> goal (straight, or via a ring around the block)."""
@@ -658,8 +646,8 @@ class PushTExpertPolicy:
         s, g = np.asarray(info["state"], np.float64), np.asarray(info["goal_state"], np.float64)
         agent, vel = s[:2], s[5:7]
         pose = (s[2], s[3], s[4])
-        cog = s[2:4] + rotate(TEE_COG, s[4])
-        goal_cog = g[2:4] + rotate(TEE_COG, g[4])
+        cog = s[2:4] + rotate(PUSHT_TEE_COG, s[4])
+        goal_cog = g[2:4] + rotate(PUSHT_TEE_COG, g[4])
         d_ang = (g[4] - s[4] + np.pi) % (2 * np.pi) - np.pi
         block_err = np.linalg.norm(g[2:4] - s[2:4])
 
@@ -673,22 +661,22 @@ class PushTExpertPolicy:
             return self._move(agent, vel, self._waypoint(agent, g[:2], pose, cog))
 
         # Score all (contact, depth) pushes with the quasi-static frictionless model (body-local frame).
-        f = -_CONTACT_N  # (K, 2) push direction = into the block
-        r = _CONTACT_P - np.asarray(TEE_COG)  # (K, 2) lever arm from the CoG
+        f = -_PUSHT_CONTACT_N  # (K, 2) push direction = into the block
+        r = _PUSHT_CONTACT_P - np.asarray(PUSHT_TEE_COG)  # (K, 2) lever arm from the CoG
         cross = r[:, 0] * f[:, 1] - r[:, 1] * f[:, 0]  # (K,)
-        impulse = _PUSH_LENGTHS[None] / (1.0 + cross[:, None] ** 2 / 3000.0)  # (K, L)
+        impulse = _PUSHT_PUSH_LENGTHS[None] / (1.0 + cross[:, None] ** 2 / 3000.0)  # (K, L)
         move = rotate(f, s[4])[:, None] * impulse[..., None]  # (K, L, 2) world CoG displacement
         turn = impulse * cross[:, None] / 3000.0  # (K, L)
         err = np.linalg.norm(goal_cog - cog - move, axis=-1) + self.angle_weight * np.abs(d_ang - turn)  # (K, L)
 
         # Where the pusher is relative to every contact: on the outside of its edge and near the push line = ready.
-        contact_w = s[2:4] + rotate(_CONTACT_P, s[4])  # (K, 2) world contact points
-        normal_w = rotate(_CONTACT_N, s[4])  # (K, 2)
+        contact_w = s[2:4] + rotate(_PUSHT_CONTACT_P, s[4])  # (K, 2) world contact points
+        normal_w = rotate(_PUSHT_CONTACT_N, s[4])  # (K, 2)
         rel = agent - contact_w  # (K, 2)
         normal = np.sum(rel * normal_w, -1)  # (K,) pusher-centre height above the edge
         lateral = rel[:, 0] * -normal_w[:, 1] + rel[:, 1] * normal_w[:, 0]  # (K,) offset along the edge
-        ready = (np.abs(lateral) < 12) & (normal > AGENT_RADIUS - 4) & (normal < AGENT_RADIUS + 30)
-        standoff = contact_w + normal_w * (AGENT_RADIUS + 8)  # where the pusher waits before pushing
+        ready = (np.abs(lateral) < 12) & (normal > PUSHT_AGENT_RADIUS - 4) & (normal < PUSHT_AGENT_RADIUS + 30)
+        standoff = contact_w + normal_w * (PUSHT_AGENT_RADIUS + 8)  # where the pusher waits before pushing
         travel = np.linalg.norm(standoff - agent, axis=-1)
         blocked = ~self._clear(np.repeat(agent[None], len(travel), 0), standoff, pose, 0.0)
         travel = np.where(ready, 0.0, travel + 150.0 * blocked)  # going around costs about half a circumference
@@ -701,10 +689,10 @@ class PushTExpertPolicy:
         if self.contact is not None and score[self.contact] < score[k] + self.switch_margin:
             k = self.contact
         self.contact = k
-        depth = _PUSH_LENGTHS[int(np.argmin(err[k]))]
+        depth = _PUSHT_PUSH_LENGTHS[int(np.argmin(err[k]))]
 
         if ready[k]:
-            end = contact_w[k] + normal_w[k] * (AGENT_RADIUS - depth)
+            end = contact_w[k] + normal_w[k] * (PUSHT_AGENT_RADIUS - depth)
             return self._move(agent, vel, end, gain=1.0)
         return self._move(agent, vel, self._waypoint(agent, standoff[k], pose, cog))
 
@@ -747,6 +735,36 @@ class PushTDemoPolicy(PushTExpertPolicy):
         return _clip_action(a)
 
 
+# --- PushT evaluation hooks (evaluate.py: surprise events)
+
+
+def pusht_teleport(state: np.ndarray, rng: np.random.Generator) -> np.ndarray | None:
+    """One try: the T block shifted 100 px (of 512) in a random direction; None unless it stays on the table."""
+    a = rng.uniform(0, 2 * np.pi)
+    new = state[2:4] + 100.0 * np.array([np.cos(a), np.sin(a)])
+    if not np.all((new >= 100) & (new <= 412)):
+        return None
+    s = np.array(state, np.float64)
+    s[2:4] = new
+    return s
+
+
+def pusht_recolour(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """T block (fill and outline) -> its complementary colour, dark brown: (weight (H, W), recoloured (H, W, 3))."""
+    d = np.minimum(*(np.linalg.norm(x - np.float32(c), axis=-1) for c in (PUSHT_BLOCK_FILL, PUSHT_BLOCK_COLOR)))
+    return np.clip(1 - d / 40, 0, 1), 255 - x
+
+
+def pusht_replay_state(state: np.ndarray) -> np.ndarray:
+    """The state a recorded frame is re-rendered from: reset runs one 0.01 s physics step (after one for the goal,
+    which warm-starts the contact solver), so the pusher's velocity is zeroed. The frame then equals the recorded
+    one, except where the recorded pose interpenetrates and the solver nudges the block (< 0.2 px of 512, a few
+    grey levels)."""
+    s = np.array(state, np.float64)
+    s[5:7] = 0.0
+    return s
+
+
 # --- TwoRoom (ENVS.md section 5): point agent, two rooms, one door; 224-px image coordinates, no physics engine
 
 TWOROOM_IMG = 224  # reference image size; all TwoRoom geometry is in 224-px image coordinates (x = column, y = row)
@@ -773,12 +791,6 @@ def tworoom_success(state, goal_state) -> bool:
     """ENVS.md 5.7: agent within 16 px of the target."""
     diff = np.asarray(state, np.float32)[:2] - np.asarray(goal_state, np.float32)[:2]
     return bool(np.sqrt(np.sum(diff * diff)) < TWOROOM_SUCCESS_DIST)
-
-
-def _box_downsample(img: np.ndarray, k: int) -> np.ndarray:
-    """Average the k x k sample blocks of an (H k, W k, C) float image: box-filter anti-aliasing."""
-    h, w, c = img.shape[0] // k, img.shape[1] // k, img.shape[2]
-    return img.reshape(h, k, w, k, c).mean(axis=(1, 3))
 
 
 @functools.lru_cache(maxsize=16)
@@ -946,6 +958,26 @@ class TwoRoomExpertPolicy:
         return _clip_action(a + self.rng.normal(0.0, self.noise, 2))
 
 
+# --- TwoRoom evaluation hooks (evaluate.py: surprise events)
+
+
+def tworoom_teleport(state: np.ndarray, rng: np.random.Generator) -> np.ndarray | None:
+    """One try: the agent moved to a random point of its own room; None unless it moved >= 60 px (of 224)."""
+    left_room = state[0] < TWOROOM_WALL_X
+    lo, hi = (TWOROOM_POS_LOW, TWOROOM_LEFT_LIMIT) if left_room else (TWOROOM_RIGHT_LIMIT, TWOROOM_POS_HIGH)
+    new = rng.uniform((lo, TWOROOM_POS_LOW), (hi, TWOROOM_POS_HIGH))  # (x, y)
+    if np.linalg.norm(new - state[:2]) < 60:
+        return None
+    s = np.array(state, np.float64)
+    s[:2] = new
+    return s
+
+
+def tworoom_recolour(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Red agent -> blue: the blob is red over white or black, so its redness is its alpha."""
+    return np.clip((x[..., 0] - x[..., 1]) / 255, 0, 1), x[..., ::-1]
+
+
 # --- Reacher (ENVS.md section 6): dm_control two-link arm, equations of motion written out
 
 REACHER_DT = 0.02  # MuJoCo timestep (Euler)
@@ -1007,6 +1039,23 @@ def reacher_finger_pos(qpos) -> np.ndarray:
             REACHER_L1 * math.sin(q1) + REACHER_FINGER * math.sin(q12),
         ]
     )
+
+
+def draw_disc(canvas: np.ndarray, *, center, radius: float, color) -> None:
+    """Fill a disc of `radius` pixels centred at `center` (x, y) in pixel coordinates."""
+    cx, cy = float(center[0]), float(center[1])
+    box = _bbox(canvas, cx - radius - 1, cy - radius - 1, cx + radius + 1, cy + radius + 1)
+    if box is None:
+        return
+    d = np.sqrt((box[4] - cx) ** 2 + (box[5] - cy) ** 2) - radius  # (h, w)
+    _blend(canvas, box, _coverage(d), color)
+
+
+def draw_capsule(canvas: np.ndarray, *, a, b, radius: float, color) -> None:
+    """Fill the capsule (segment a-b thickened by `radius` pixels, round ends): walls, robot links."""
+    box, alpha = capsule_alpha(canvas, a=a, b=b, radius=radius)
+    if box is not None:
+        _blend(canvas, box, alpha, color)
 
 
 @functools.lru_cache(maxsize=16)
@@ -1082,14 +1131,15 @@ class ReacherEnv(gym.Env):
         self.target_qpos = np.zeros(2)
         self.target_pos = np.zeros(2)
 
-    def set_state(self, qpos, qvel) -> None:
-        """Reference setter: joint angles and velocities."""
-        self.qpos = np.array(qpos, np.float64).reshape(2)
-        self.qvel = np.array(qvel, np.float64).reshape(2)
+    def _set_state(self, state) -> None:
+        """Reference setter: joint angles and velocities (q1, q2, dq1, dq2); a 2-D state means zero velocity."""
+        state = np.asarray(state, np.float64).reshape(-1)
+        self.qpos = state[:2].copy()
+        self.qvel = state[2:4].copy() if len(state) >= 4 else np.zeros(2)
 
-    def set_target_qpos(self, target_qpos) -> None:
+    def _set_goal_state(self, goal_state) -> None:
         """Reference setter (qpos_match task): goal joint angles of the success test."""
-        self.target_qpos = np.array(target_qpos, np.float64).reshape(-1)[:2]
+        self.target_qpos = np.array(goal_state, np.float64).reshape(-1)[:2]
 
     def _physics_step(self, u: np.ndarray) -> None:
         """One 0.02 s Euler step of the two-link arm (ENVS.md 6.1)."""
@@ -1130,16 +1180,15 @@ class ReacherEnv(gym.Env):
         super().reset(seed=seed)
         options = options or {}
         rng = self.np_random  # all draws happen whatever the options, so the stream does not depend on them
-        self.set_state([rng.uniform(-np.pi, np.pi), rng.uniform(-REACHER_WRIST_LIMIT, REACHER_WRIST_LIMIT)], [0, 0])
+        self._set_state([rng.uniform(-np.pi, np.pi), rng.uniform(-REACHER_WRIST_LIMIT, REACHER_WRIST_LIMIT)])
         angle, radius = rng.uniform(0.0, 2.0 * np.pi), rng.uniform(0.05, 0.20)
         self.target_pos = radius * np.array([math.sin(angle), math.cos(angle)])
         # UNKNOWN how the reference's qpos_match task initialises its goal (eval always sets it): drawn like the start
-        self.set_target_qpos([rng.uniform(-np.pi, np.pi), rng.uniform(-REACHER_WRIST_LIMIT, REACHER_WRIST_LIMIT)])
+        self._set_goal_state([rng.uniform(-np.pi, np.pi), rng.uniform(-REACHER_WRIST_LIMIT, REACHER_WRIST_LIMIT)])
         if options.get("state") is not None:
-            state = np.asarray(options["state"], np.float64).reshape(-1)
-            self.set_state(state[:2], state[2:4] if len(state) >= 4 else np.zeros(2))
+            self._set_state(options["state"])
         if options.get("goal_state") is not None:
-            self.set_target_qpos(options["goal_state"])
+            self._set_goal_state(options["goal_state"])
         return self.render(), self._get_info()
 
     def step(self, action):
@@ -1180,16 +1229,36 @@ class ReacherEnv(gym.Env):
 
 
 class ReacherRandomPolicy:
-    """The LeWM Reacher data policy (ENVS.md 6.5): a fresh uniform action in [-1, 1]^2 every env step."""
+    """The LeWM Reacher data policy (ENVS.md 6.5): a fresh uniform action in [-1, 1]^2 every env step, plus
+    N(0, noise^2) per component, clipped (noise 0, the LeWM data, draws nothing more)."""
 
     def __init__(self, env=None, noise: float = 0.0, rng: np.random.Generator | None = None):
-        self.rng = rng if rng is not None else np.random.default_rng()  # noise is unused (uniform actions)
+        self.noise = noise
+        self.rng = rng if rng is not None else np.random.default_rng()
 
     def reset(self, info: dict) -> None:
         pass
 
     def __call__(self, info: dict) -> np.ndarray:
-        return self.rng.uniform(-1.0, 1.0, 2).astype(np.float32)
+        a = self.rng.uniform(-1.0, 1.0, 2).astype(np.float32)
+        if self.noise > 0:
+            a = _clip_action(a + self.rng.normal(0.0, self.noise, 2))
+        return a
+
+
+# --- Reacher evaluation hooks (evaluate.py: surprise events)
+
+
+def reacher_teleport(state: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The whole arm rotated by 90 degrees about the shoulder (always possible)."""
+    s = np.array(state, np.float64)
+    s[0] += rng.choice([-1.0, 1.0]) * np.pi / 2
+    return s
+
+
+def reacher_recolour(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Tan arm -> light blue (red and blue swapped); the floor is blue (R < B): untouched."""
+    return np.clip((x[..., 0] - x[..., 2]) / 100, 0, 1), x[..., ::-1]
 
 
 # --- Cube (ENVS.md section 7): kinematic single-cube pick-and-place, numpy perspective rasteriser
@@ -1521,6 +1590,15 @@ class CubeEnv(gym.Env):
         self.time = 0.0
         self._frame = None
 
+    def _set_state(self, state) -> None:
+        """The full (11,) state, exactly."""
+        self.state = np.array(state, dtype=np.float64).reshape(CUBE_STATE_DIM)
+
+    def _set_goal_state(self, goal_state) -> None:
+        """Target (x, y, z[, yaw]) (yaw 0 if absent); a full (11,) state gives its first four entries."""
+        g = np.asarray(goal_state, dtype=np.float64).reshape(-1)
+        self.goal_state = np.array([*g[:3], g[3] if len(g) > 3 else 0.0])
+
     def _get_info(self) -> dict:
         s, g = self.state, self.goal_state
         cube_yaw = float(_cube_wrap(s[3]))
@@ -1557,13 +1635,12 @@ class CubeEnv(gym.Env):
         s[4:7] = CUBE_EE_START
         s[7] = rng.uniform(-np.pi, np.pi)
         goal = np.array([*rng.uniform(CUBE_SPAWN_LOW, CUBE_SPAWN_HIGH), CUBE_HALF, rng.uniform(0.0, 2 * np.pi)])
+        self.state, self.goal_state = s, goal
         options = options or {}
         if options.get("state") is not None:
-            s = np.array(options["state"], dtype=np.float64).reshape(CUBE_STATE_DIM)
+            self._set_state(options["state"])
         if options.get("goal_state") is not None:
-            g = np.asarray(options["goal_state"], dtype=np.float64).reshape(-1)
-            goal = np.array([*g[:3], g[3] if len(g) > 3 else 0.0])
-        self.state, self.goal_state = s, goal
+            self._set_goal_state(options["goal_state"])
         self.qvel = np.zeros(11)
         self.time = 0.0
         self._frame = cube_render(self.state, self.img_size)
@@ -1629,7 +1706,7 @@ def _cube_quarter_turn(yaw: float, reference: float) -> float:
     return reference + float(_cube_wrap(4 * (yaw - reference))) / 4
 
 
-class CubePlanOracle:
+class CubeOraclePolicy:
     """The LeWM Cube data policy (ENVS.md 7.5): OGBench's plan oracle with smoothed noise.
 
     A subtask picks the cube and places it at the target (both read from info), then moves to a random pose. Its
@@ -1692,69 +1769,185 @@ class CubePlanOracle:
         return np.clip(delta / CUBE_ACTION_SCALE, -1.0, 1.0).astype(np.float32)  # normalize() of ENVS.md 7.2
 
 
-# --- registry: ids, factory, data-collection defaults, policies
+# --- Cube evaluation hooks (evaluate.py: surprise events)
 
-ENV_IDS = {"pusht": "LeWM/PushT-v0", "tworoom": "LeWM/TwoRoom-v0", "reacher": "LeWM/Reacher-v0", "cube": "LeWM/Cube-v0"}
-ENV_CLASSES = {"pusht": PushTEnv, "tworoom": TwoRoomEnv, "reacher": ReacherEnv, "cube": CubeEnv}
-POLICIES = {
-    "pusht": {"demo": PushTDemoPolicy, "expert": PushTExpertPolicy, "random": PushTRandomPolicy},
-    "tworoom": {"expert": TwoRoomExpertPolicy},
-    "reacher": {"random": ReacherRandomPolicy},
-    "cube": {"oracle": CubePlanOracle},
-}
-SUCCESS = {"pusht": pusht_success, "tworoom": tworoom_success, "reacher": reacher_success, "cube": cube_success}
-# Defaults for data collection (data.py). PushT: the paper's data are noisy replays of human demonstrations that
-# push the T onto the green one (paper, data of DINO-WM's PushT); the `demo` policy reproduces their statistics (README, data table):
+
+def cube_teleport(state: np.ndarray, rng: np.random.Generator) -> np.ndarray | None:
+    """One try: the cube moved 12 cm on the table (dropped there if it was held); None if that leaves the walls."""
+    a = rng.uniform(0, 2 * np.pi)
+    new = state[0:2] + 0.12 * np.array([np.cos(a), np.sin(a)])
+    if not np.all((new >= CUBE_WALL_LOW) & (new <= CUBE_WALL_HIGH)):
+        return None
+    s = np.array(state, np.float64)
+    s[0:2], s[2], s[9], s[10] = new, CUBE_HALF, 0.0, 0.0
+    return s
+
+
+def cube_recolour(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Red cube -> green (red and green swapped); shading scales all channels, so it is kept."""
+    r, g, b = x[..., 0], x[..., 1], x[..., 2]
+    redness = (r - np.maximum(g, b)) / np.maximum(r, 1)  # 0.66 on every shaded face of the cube, < 0 elsewhere
+    return np.clip((redness - 0.2) / 0.4, 0, 1), x[..., [1, 0, 2]]
+
+
+# --- registry: one entry per environment, everything the other files need to know about it
+
+
+@dataclass(frozen=True)
+class EnvSpec:
+    """One environment as the rest of the project sees it: data collection, evaluation and probing read only this."""
+
+    id: str  # Gymnasium id
+    env_class: type  # the gym.Env
+    policies: dict  # scripted policy kind (the name data files record) -> class(env, noise=, rng=)
+    success: Callable  # (state, goal_state) -> bool: the env's termination test on raw state vectors
+    policy: str  # data collection default: policy kind
+    noise: float  # data collection default: noise of that policy
+    episode_steps: int  # data collection default: steps per episode at most
+    stop_on_success: bool  # data collection: an episode ends when the env terminates (else it runs on)
+    goal_dims: int  # leading dims of a recorded `state` that are the `goal_state` reaching that state asks for
+    distance_dims: int  # leading state dims of `goal_distance` (the ones the success test compares)
+    state_columns: tuple  # dataset columns that give the `state` reset option, alternatives in order (concatenated)
+    probe: dict  # physical quantity -> (candidate (column, first, last) sources, is_angle)
+    teleport: Callable  # (state, rng) -> the object moved where it cannot get in one frame, or None (one try)
+    recolour: Callable  # float frame (H, W, 3) -> (weight (H, W) of the object's pixels, the recoloured frame)
+    replay_state: Callable | None = None  # state -> the state a recorded frame is re-rendered from (None: as is)
+
+    def goal_from_state(self, state) -> np.ndarray:
+        """The `goal_state` option (reset) that asks the env to reach the recorded `state`."""
+        return np.asarray(state, np.float64).reshape(-1)[: self.goal_dims].copy()
+
+    def goal_distance(self, state, goal_state) -> float:
+        """Distance to the goal in state units over the dims the success test uses (angles, velocities ignored)."""
+        k = self.distance_dims
+        diff = np.asarray(state, np.float64).reshape(-1)[:k] - np.asarray(goal_state, np.float64).reshape(-1)[:k]
+        return float(np.linalg.norm(diff))
+
+
+# Data collection defaults: PushT's paper data are noisy replays of human demonstrations that push the T onto the
+# green one (paper, data of DINO-WM's PushT); the `demo` policy reproduces their statistics (README, data table):
 # action std ~0.2, pusher speed std ~75 px/s, ~125-150 steps per episode, which ends when the T is placed (the policy
 # says `done`) or after 300 steps. TwoRoom and Reacher: as the LeWM data (README, "Data"). Cube: 200-step
 # plan-oracle episodes, as the LeWM data.
-ENV_DEFAULTS = {
-    "pusht": dict(episode_steps=300, policy="demo", noise=0.1, stop_on_success=True),
-    "tworoom": dict(episode_steps=100, policy="expert", noise=2.0, stop_on_success=True),
-    "reacher": dict(episode_steps=200, policy="random", noise=0.0, stop_on_success=False),
-    "cube": dict(episode_steps=200, policy="oracle", noise=0.1, stop_on_success=False),
+# Goal dims (ENVS.md 3, step 4 setters): PushT the full 7-D state, TwoRoom the agent xy, Reacher the two joint
+# angles, Cube the cube position and yaw. Distances: PushT agent and block xy jointly, px of the 512 canvas (success
+# < 20, and block angle < 20 deg); TwoRoom agent xy, px of 224 (success < 16); Reacher the two joint angles, rad;
+# Cube the cube centre, metres (success <= 0.04). Probes: an angle is regressed as (sin, cos) so that wrap-around is
+# no discontinuity; Reacher's raw joint angles are never wrapped (the shoulder is unlimited).
+REGISTRY = {
+    "pusht": EnvSpec(
+        id="LeWM/PushT-v0",
+        env_class=PushTEnv,
+        policies={"demo": PushTDemoPolicy, "expert": PushTExpertPolicy, "random": PushTRandomPolicy},
+        success=pusht_success,
+        policy="demo",
+        noise=0.1,
+        episode_steps=300,
+        stop_on_success=True,
+        goal_dims=7,
+        distance_dims=4,
+        state_columns=(("state",),),
+        probe={
+            "agent_pos": ([("state", 0, 2)], False),
+            "block_pos": ([("state", 2, 4)], False),
+            "block_angle": ([("state", 4, 5)], True),
+        },
+        teleport=pusht_teleport,
+        recolour=pusht_recolour,
+        replay_state=pusht_replay_state,
+    ),
+    "tworoom": EnvSpec(
+        id="LeWM/TwoRoom-v0",
+        env_class=TwoRoomEnv,
+        policies={"expert": TwoRoomExpertPolicy},
+        success=tworoom_success,
+        policy="expert",
+        noise=2.0,
+        episode_steps=100,
+        stop_on_success=True,
+        goal_dims=2,
+        distance_dims=2,
+        state_columns=(("state",), ("proprio",)),  # official files: the agent xy is `proprio` (ENVS.md 3, step 4)
+        probe={"agent_pos": ([("state", 0, 2), ("proprio", 0, 2)], False)},
+        teleport=tworoom_teleport,
+        recolour=tworoom_recolour,
+    ),
+    "reacher": EnvSpec(
+        id="LeWM/Reacher-v0",
+        env_class=ReacherEnv,
+        policies={"random": ReacherRandomPolicy},
+        success=reacher_success,
+        policy="random",
+        noise=0.0,
+        episode_steps=200,
+        stop_on_success=False,
+        goal_dims=2,
+        distance_dims=2,
+        state_columns=(("state",), ("qpos", "qvel")),
+        probe={
+            "shoulder_angle": ([("state", 0, 1), ("qpos", 0, 1), ("observation", 0, 1)], True),
+            "wrist_angle": ([("state", 1, 2), ("qpos", 1, 2), ("observation", 1, 2)], True),
+        },
+        teleport=reacher_teleport,
+        recolour=reacher_recolour,
+    ),
+    "cube": EnvSpec(
+        id="LeWM/Cube-v0",
+        env_class=CubeEnv,
+        policies={"oracle": CubeOraclePolicy},
+        success=cube_success,
+        policy="oracle",
+        noise=0.1,
+        episode_steps=200,
+        stop_on_success=False,
+        goal_dims=4,
+        distance_dims=3,
+        state_columns=(("state",),),
+        probe={
+            "cube_pos": ([("state", 0, 3), ("privileged_block_0_pos", 0, 3)], False),
+            "effector_pos": ([("state", 4, 7), ("proprio_effector_pos", 0, 3)], False),
+        },
+        teleport=cube_teleport,
+        recolour=cube_recolour,
+    ),
 }
 
-for _name, _cls in ENV_CLASSES.items():
-    if ENV_IDS[_name] not in gym.registry:
-        gym.register(id=ENV_IDS[_name], entry_point=f"{__name__}:{_cls.__name__}")
+for _spec in REGISTRY.values():
+    if _spec.id not in gym.registry:
+        gym.register(id=_spec.id, entry_point=f"{__name__}:{_spec.env_class.__name__}")
+
+
+def spec(name: str) -> EnvSpec:
+    """The registry entry of env `name` ("pusht", ...); ValueError naming the valid names."""
+    if name not in REGISTRY:
+        raise ValueError(f"unknown env {name!r}; valid names: {sorted(REGISTRY)}")
+    return REGISTRY[name]
 
 
 def make_env(name: str, img_size: int = 224, max_episode_steps: int | None = None) -> gym.Env:
     """Build a registered env by short name ("pusht", ...); frames are img_size x img_size."""
-    if name not in ENV_CLASSES:
-        raise ValueError(f"unknown env {name!r}; valid names: {sorted(ENV_CLASSES)}")
-    return gym.make(ENV_IDS[name], img_size=img_size, max_episode_steps=max_episode_steps)
+    return gym.make(spec(name).id, img_size=img_size, max_episode_steps=max_episode_steps)
 
 
 def make_policy(
     name: str, env, kind: str | None = None, noise: float | None = None, rng: np.random.Generator | None = None
 ):
-    """Scripted policy for env `name`: kind None -> the env's data-collection default (ENV_DEFAULTS); noise None ->
-    that default's noise for the default kind, 0 for other kinds."""
-    if name not in POLICIES:
-        raise ValueError(f"unknown env {name!r}; valid names: {sorted(POLICIES)}")
-    defaults = ENV_DEFAULTS[name]
-    kind = defaults["policy"] if kind is None else kind
-    if kind not in POLICIES[name]:
-        raise ValueError(f"unknown policy {kind!r} for {name}; valid kinds: {sorted(POLICIES[name])}")
+    """Scripted policy for env `name`: kind None -> the env's data-collection default; noise None -> that default's
+    noise for the default kind, 0 for other kinds."""
+    s = spec(name)
+    kind = s.policy if kind is None else kind
+    if kind not in s.policies:
+        raise ValueError(f"unknown policy {kind!r} for {name}; valid kinds: {sorted(s.policies)}")
     if noise is None:  # the default noise belongs to the default data policy
-        noise = defaults["noise"] if kind == defaults["policy"] else 0.0
-    return POLICIES[name][kind](env, noise=noise, rng=rng if rng is not None else np.random.default_rng())
+        noise = s.noise if kind == s.policy else 0.0
+    return s.policies[kind](env, noise=noise, rng=rng if rng is not None else np.random.default_rng())
 
 
 def success(name: str, state, goal_state) -> bool:
     """The env's termination predicate on raw state vectors (evaluation uses `terminated` from step())."""
-    return SUCCESS[name](state, goal_state)
-
-
-# The part of a recorded `state` that is the goal when that state is reached (ENVS.md 3, step 4 setters):
-# PushT the full 7-D state, TwoRoom the agent xy, Reacher the two joint angles, Cube the cube position and yaw.
-GOAL_DIMS = {"pusht": 7, "tworoom": 2, "reacher": 2, "cube": 4}
+    return spec(name).success(state, goal_state)
 
 
 def goal_from_state(name: str, state) -> np.ndarray:
     """The `goal_state` option (reset) that asks the env to reach the recorded `state`."""
-    if name not in GOAL_DIMS:
-        raise ValueError(f"unknown env {name!r}; valid names: {sorted(GOAL_DIMS)}")
-    return np.asarray(state, np.float64).reshape(-1)[: GOAL_DIMS[name]].copy()
+    return spec(name).goal_from_state(state)

@@ -22,7 +22,6 @@ Dimension letters: B episodes planned at once, S planner samples, N horizon (blo
 
 import argparse
 import dataclasses
-import inspect
 import json
 import math
 import os
@@ -37,8 +36,8 @@ from tqdm import tqdm
 import data
 import envs
 from data import UsageError
-from model import LeWM, load_checkpoint, load_official, model_from_checkpoint
-from planner import cem, gradient_plan, warm_start
+from model import LeWM, load_checkpoint, load_official, model_from_checkpoint, pick_device
+from planner import cem, gradient_plan, make_cost, warm_start
 
 # Flags every subcommand takes; COMMANDS: subcommand -> (help, its flags). A new subcommand is one entry.
 COMMON_FIELDS = ("ckpt", "official", "data", "env", "episodes", "out", "seed", "device")
@@ -106,7 +105,7 @@ class World:
 
 
 # Valid values, checked before any work: choices, and (rule, test) for the fields with a range.
-CHOICES = {"env": ["", *envs.ENV_IDS], "split": ["val", "train"], "policy": ["planner", "random"],
+CHOICES = {"env": ["", *envs.REGISTRY], "split": ["val", "train"], "policy": ["planner", "random"],
            "solver": ["cem", "adam"], "device": ["auto", "cuda", "mps", "cpu"]}  # fmt: skip
 RANGES = {
     "episodes": (">= 1", lambda v: v >= 1),
@@ -129,39 +128,17 @@ RANGES = {
 # --- helpers
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The module docstring as written, and every flag's default after its help text."""
-
-
-def _comments(cls) -> dict[str, str]:
-    lines = inspect.getsource(cls).splitlines()
-    return {ln.split(":")[0].strip(): ln.split("#", 1)[1].strip() for ln in lines if ":" in ln and "#" in ln}
-
-
-def _add_fields(parser: argparse.ArgumentParser, names) -> None:
-    """One flag per EvalConfig field, its trailing comment the help text."""
-    helps = _comments(EvalConfig)
-    for f in dataclasses.fields(EvalConfig):
-        if f.name not in names:
-            continue
-        if isinstance(f.default, bool):
-            kind = {"action": argparse.BooleanOptionalAction}
-        elif isinstance(f.default, tuple):
-            kind = {"nargs": 2, "metavar": ("WEIGHTS", "CONFIG")}
-        else:
-            kind = {"type": type(f.default), "choices": CHOICES.get(f.name)}
-        parser.add_argument(f"--{f.name}", default=f.default, help=helps.get(f.name), **kind)
-
-
 def parse_args(argv: list[str] | None = None) -> EvalConfig:
     """argparse generated from EvalConfig, with subcommands; no subcommand means `plan`."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help")):
         argv = ["plan", *argv]
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=data.HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     for command, (text, fields) in COMMANDS.items():
-        _add_fields(sub.add_parser(command, help=text, description=text, formatter_class=HelpFormatter), fields)
+        data.add_config_flags(sub.add_parser(command, help=text, description=text, formatter_class=data.HelpFormatter),
+                              EvalConfig, names=fields, choices=CHOICES, nargs={"official": 2},
+                              metavars={"official": ("WEIGHTS", "CONFIG")})  # fmt: skip
     args = vars(parser.parse_args(argv))
     args["official"] = tuple(args.get("official") or ())
     return EvalConfig(**args)
@@ -197,16 +174,6 @@ def check_config(cfg: EvalConfig) -> None:
         if os.path.exists(cfg.video) and not os.path.isdir(cfg.video):
             raise UsageError(f"--video {cfg.video}: is a file, expected a folder")
         data.check_writable_file(os.path.join(cfg.video, "episode.png"), "--video")
-
-
-def pick_device(name: str) -> torch.device:
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
 
 
 def open_dataset(path: str) -> data.Trajectories:
@@ -258,8 +225,8 @@ def load_world(cfg: EvalConfig) -> World:
         train_eps, val_eps = data.split_episodes(traj.num_episodes)
         stats = data.action_stats(traj, train_eps)
         source = " ".join(cfg.official)
-    if env not in envs.ENV_IDS:
-        raise UsageError(f"--env {env}: unknown environment; valid: {', '.join(envs.ENV_IDS)}")
+    if env not in envs.REGISTRY:
+        raise UsageError(f"--env {env}: unknown environment; valid: {', '.join(envs.REGISTRY)}")
     data.check_env(traj, env)
     frameskip = model.cfg.frameskip
     if traj.action_dim * frameskip != model.cfg.action_dim:
@@ -284,13 +251,9 @@ def default_out(cfg: EvalConfig, world: World, name: str) -> str:
 
 def dataset_states(world: World, rows: np.ndarray) -> np.ndarray:
     """The env `state` (reset option) recorded at the given rows; official files name the columns differently."""
-    cols = world.traj.columns
-    if "state" in cols:
-        return world.traj.read("state", rows)
-    if world.env == "tworoom" and "proprio" in cols:
-        return world.traj.read("proprio", rows)  # agent xy (ENVS.md 3, step 4)
-    if world.env == "reacher" and {"qpos", "qvel"} <= set(cols):
-        return np.concatenate([world.traj.read("qpos", rows), world.traj.read("qvel", rows)], axis=-1)
+    for columns in envs.REGISTRY[world.env].state_columns:
+        if set(columns) <= set(world.traj.columns):
+            return np.concatenate([world.traj.read(c, rows) for c in columns], axis=-1)
     raise ValueError(f"{world.traj.path} has no 'state' column from which to set the {world.env} env")
 
 
@@ -332,9 +295,7 @@ def start_rows(traj: data.Trajectories, episodes, n: int, goal_offset: int, seed
     Valid rows have step_idx <= L - goal_offset - 1, listed in file order; the draw is the reference's
     `np.random.default_rng(seed).choice(len(valid), n, replace=False)`, sorted.
     """
-    valid = np.concatenate(
-        [traj.ep_offset[e] + np.arange(max(0, traj.ep_len[e] - goal_offset)) for e in np.sort(episodes)] + [[]]
-    ).astype(np.int64)  # (V,)
+    valid = traj.episode_rows(np.sort(episodes), drop_last=goal_offset)  # (V,)
     if n > len(valid):
         raise ValueError(
             f"{traj.path}: only {len(valid)} valid start rows in the chosen episodes (need step + {goal_offset} "
@@ -344,32 +305,10 @@ def start_rows(traj: data.Trajectories, episodes, n: int, goal_offset: int, seed
     return np.sort(valid[np.random.default_rng(seed=seed).choice(len(valid), n, replace=False)])
 
 
-def goal_distance(name: str, state: np.ndarray, goal_state: np.ndarray) -> float:
-    """Distance to the goal in state units over the dims the success test uses (angles and velocities ignored).
-
-    PushT: agent and block xy jointly, px of the 512 canvas (success < 20, and block angle < 20 deg); TwoRoom: agent
-    xy, px of 224 (success < 16); Reacher: the two joint angles, rad; Cube: cube centre, metres (success <= 0.04).
-    """
-    k = {"pusht": 4, "tworoom": 2, "reacher": 2, "cube": 3}[name]
-    diff = np.asarray(state, np.float64).reshape(-1)[:k] - np.asarray(goal_state, np.float64).reshape(-1)[:k]
-    return float(np.linalg.norm(diff))
-
-
 def encode_frames(model: LeWM, frames: np.ndarray, device: torch.device) -> torch.Tensor:
     """uint8 frames (B, H, W, 3) -> z (B, 1, D), encoded once (eval-mode BN: each row independent)."""
     pixels = model.preprocess(torch.as_tensor(frames).to(device)[:, None])  # (B, 1, 3, S, S)
     return model.encode(pixels)  # (B, 1, D)
-
-
-def make_cost(model: LeWM, z0: torch.Tensor, z_goal: torch.Tensor, bf16: bool):
-    """METHOD.md §4.1 cost: sum over D of the squared error between the last predicted embedding and the goal."""
-
-    def cost_fn(candidates: torch.Tensor) -> torch.Tensor:  # (B, S, N, A) -> (B, S)
-        with torch.autocast(z0.device.type, dtype=torch.bfloat16, enabled=bf16):
-            z_pred = model.rollout(z0, candidates)[:, :, -1]  # (B, S, D)
-        return (z_pred.float() - z_goal[:, None]).pow(2).sum(dim=-1)  # (B, S)
-
-    return cost_fn
 
 
 def plan_batch(world: World, cfg: EvalConfig, frames: np.ndarray, z_goal: torch.Tensor, generators, init_mean):
@@ -440,7 +379,7 @@ def run_plan(cfg: EvalConfig) -> dict:
         goal = envs.goal_from_state(name, goal_states[i])
         _, info = env.reset(seed=cfg.seed + i, options={"state": start_states[i], "goal_state": goal})
         solved0[i] = bool(info["is_success"])
-        dist0[i] = goal_distance(name, info["state"], info["goal_state"])
+        dist0[i] = envs.REGISTRY[name].goal_distance(info["state"], info["goal_state"])
         env_list.append(env)
     # The first frame the planner sees is the dataset frame, not a render (ENVS.md 3, step 5); later ones are renders.
     obs = start_frames.copy()  # (B, H, W, 3)
@@ -490,7 +429,7 @@ def run_plan(cfg: EvalConfig) -> dict:
             # Sent unclipped, as the reference: PushT moves its target by 100 x action with no clip; TwoRoom,
             # Reacher and Cube clip to [-1, 1] inside step(), as their originals do.
             obs[i], _, terminated, _, info = env_list[i].step(action)
-            dist[i] = goal_distance(name, info["state"], info["goal_state"])
+            dist[i] = envs.REGISTRY[name].goal_distance(info["state"], info["goal_state"])
             if terminated:
                 success[i], first_step[i] = True, t + 1
             if videos is not None:
@@ -557,24 +496,6 @@ def run_plan(cfg: EvalConfig) -> dict:
 
 # --- probing (METHOD.md §5): what the frozen embedding knows about the physical state
 
-# Physical quantities per env: name -> (candidate (column, first, last) sources, is_angle). The first column the
-# dataset holds is used; an angle is regressed as (sin, cos) so that wrap-around is no discontinuity.
-PROBE_QUANTITIES = {
-    "pusht": {
-        "agent_pos": ([("state", 0, 2)], False),
-        "block_pos": ([("state", 2, 4)], False),
-        "block_angle": ([("state", 4, 5)], True),
-    },
-    "tworoom": {"agent_pos": ([("state", 0, 2), ("proprio", 0, 2)], False)},
-    "reacher": {  # raw joint angles are never wrapped (the shoulder is unlimited): sin/cos of each
-        "shoulder_angle": ([("state", 0, 1), ("qpos", 0, 1), ("observation", 0, 1)], True),
-        "wrist_angle": ([("state", 1, 2), ("qpos", 1, 2), ("observation", 1, 2)], True),
-    },
-    "cube": {
-        "cube_pos": ([("state", 0, 3), ("privileged_block_0_pos", 0, 3)], False),
-        "effector_pos": ([("state", 4, 7), ("proprio_effector_pos", 0, 3)], False),
-    },
-}
 PROBE_HIDDEN = 256  # MLP probe: one hidden layer of this width, GELU
 PROBE_LR = 1e-3  # MLP probe AdamW peak learning rate (cosine to 0 over the run)
 PROBE_BATCH = 256
@@ -610,7 +531,7 @@ def embed_rows(models: list[LeWM], traj: data.Trajectories, rows: np.ndarray, de
 def probe_targets(traj: data.Trajectories, env: str, rows: np.ndarray) -> dict[str, np.ndarray]:
     """Raw physical quantities at dataset rows: name -> (N, k) float64 (angles as sin, cos)."""
     targets = {}
-    for name, (sources, is_angle) in PROBE_QUANTITIES[env].items():
+    for name, (sources, is_angle) in envs.REGISTRY[env].probe.items():
         found = [(c, lo, hi) for c, lo, hi in sources if c in traj.columns]
         if not found:
             raise ValueError(f"{traj.path} has none of the columns {[s[0] for s in sources]} needed for {name}")
@@ -681,7 +602,7 @@ def probe_model(z_train, z_val, targets_train, targets_val, epochs: int, seed: i
 
 def sample_rows(traj: data.Trajectories, episodes: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
     """Up to n distinct dataset rows drawn uniformly from the given episodes, sorted (chunk-friendly reads)."""
-    rows = np.concatenate([traj.ep_offset[e] + np.arange(traj.ep_len[e]) for e in episodes])
+    rows = traj.episode_rows(episodes)
     return np.sort(rng.choice(rows, size=min(n, len(rows)), replace=False))
 
 
@@ -713,7 +634,7 @@ def run_probe(cfg: EvalConfig) -> dict:
         f"{n_val} of {len(world.val_eps)} held-out ones | MSE on standardised targets, r: Pearson (mean over dims)"
     )
     print(f"{'quantity':16s} {'model':10s} {'linear MSE':>10s} {'linear r':>9s} {'MLP MSE':>9s} {'MLP r':>7s}")
-    for name in PROBE_QUANTITIES[world.env]:
+    for name in envs.REGISTRY[world.env].probe:
         for label in results:
             lin, mlp = results[label][name]["linear"], results[label][name]["mlp"]
             print(f"{name:16s} {label:10s} {lin['mse']:10.4f} {lin['r']:9.3f} {mlp['mse']:9.4f} {mlp['r']:7.3f}")
@@ -723,7 +644,7 @@ def run_probe(cfg: EvalConfig) -> dict:
         "source": world.source,
         "frames": {"train": n_train, "val": n_val},
         "episodes": {"train": len(world.train_eps), "val": len(world.val_eps)},
-        "quantities": {n: "sin, cos" if a else "raw" for n, (_, a) in PROBE_QUANTITIES[world.env].items()},
+        "quantities": {n: "sin, cos" if a else "raw" for n, (_, a) in envs.REGISTRY[world.env].probe.items()},
         "results": results,
         "seconds": time.time() - t0,
         "config": dataclasses.asdict(cfg),
@@ -744,31 +665,9 @@ def teleport_state(env: str, state: np.ndarray, rng: np.random.Generator) -> np.
     """The dataset state with its object moved somewhere it cannot reach in one frame (same room / workspace)."""
     s = np.array(state, np.float64)
     for _ in range(1000):
-        if env == "pusht":  # T block shifted 100 px (of 512) in a random direction, kept on the table
-            a = rng.uniform(0, 2 * np.pi)
-            new = s[2:4] + 100.0 * np.array([np.cos(a), np.sin(a)])
-            if np.all((new >= 100) & (new <= 412)):
-                s[2:4] = new
-                return s
-        elif env == "tworoom":  # agent moved >= 60 px (of 224) inside its own room
-            left_room = s[0] < envs.TWOROOM_WALL_X
-            lo, hi = (envs.TWOROOM_POS_LOW, envs.TWOROOM_LEFT_LIMIT) if left_room else (
-                envs.TWOROOM_RIGHT_LIMIT, envs.TWOROOM_POS_HIGH)  # fmt: skip
-            new = rng.uniform((lo, envs.TWOROOM_POS_LOW), (hi, envs.TWOROOM_POS_HIGH))  # (x, y)
-            if np.linalg.norm(new - s[:2]) >= 60:
-                s[:2] = new
-                return s
-        elif env == "reacher":  # whole arm rotated by 90 degrees about the shoulder
-            s[0] += rng.choice([-1.0, 1.0]) * np.pi / 2
-            return s
-        elif env == "cube":  # cube moved 12 cm on the table (dropped there if it was held)
-            a = rng.uniform(0, 2 * np.pi)
-            new = s[0:2] + 0.12 * np.array([np.cos(a), np.sin(a)])
-            if np.all((new >= envs.CUBE_WALL_LOW) & (new <= envs.CUBE_WALL_HIGH)):
-                s[0:2], s[2], s[9], s[10] = new, envs.CUBE_HALF, 0.0, 0.0
-                return s
-        else:
-            raise ValueError(f"no teleport defined for env {env!r}")
+        new = envs.REGISTRY[env].teleport(s, rng)
+        if new is not None:
+            return new
     raise RuntimeError(f"{env}: found no teleport target for state {state}")
 
 
@@ -776,30 +675,15 @@ def recolour(env: str, frame: np.ndarray) -> np.ndarray:
     """The same frame with the object's colour changed in pixel space: x + w (f(x) - x), w = per-pixel weight
     of the object's colour (soft at anti-aliased edges), f a colour map. Nothing moves."""
     x = frame.astype(np.float32)  # (H, W, 3)
-    r, g, b = x[..., 0], x[..., 1], x[..., 2]
-    if env == "pusht":  # T block (fill and outline) -> its complementary colour, dark brown
-        d = np.minimum(*(np.linalg.norm(x - np.float32(c), axis=-1) for c in (envs.BLOCK_FILL, envs.BLOCK_COLOR)))
-        w, fx = np.clip(1 - d / 40, 0, 1), 255 - x
-    elif env == "tworoom":  # red agent -> blue: the blob is red over white or black, so w = redness is its alpha
-        w, fx = np.clip((r - g) / 255, 0, 1), x[..., ::-1]
-    elif env == "reacher":  # tan arm -> light blue (red and blue swapped); the floor is blue (R < B): untouched
-        w, fx = np.clip((r - b) / 100, 0, 1), x[..., ::-1]
-    elif env == "cube":  # red cube -> green (red and green swapped); shading scales all channels, so kept
-        redness = (r - np.maximum(g, b)) / np.maximum(r, 1)  # 0.66 on every shaded face of the cube, < 0 elsewhere
-        w, fx = np.clip((redness - 0.2) / 0.4, 0, 1), x[..., [1, 0, 2]]
-    else:
-        raise ValueError(f"no colour change defined for env {env!r}")
+    w, fx = envs.REGISTRY[env].recolour(x)  # (H, W), (H, W, 3)
     return np.clip(np.rint(x + w[..., None] * (fx - x)), 0, 255).astype(np.uint8)
 
 
 def render_state(env, name: str, state: np.ndarray, goal_state: np.ndarray | None) -> np.ndarray:
-    """A dataset state re-rendered through the env. PushT's reset runs one 0.01 s physics step (after one for the
-    goal, which warm-starts the contact solver), so the pusher's velocity is zeroed and the recorded goal passed:
-    the frame then equals the recorded one, except where the recorded pose interpenetrates and the solver nudges
-    the block (< 0.2 px of 512, a few grey levels). The other envs re-render recorded states exactly."""
-    s = np.array(state, np.float64)
-    if name == "pusht":
-        s[5:7] = 0.0
+    """A dataset state re-rendered through the env, from the env's replay state (PushT: the pusher at rest) and with
+    the recorded goal passed; the other envs re-render recorded states exactly."""
+    replay = envs.REGISTRY[name].replay_state
+    s = np.array(state, np.float64) if replay is None else replay(state)
     return env.reset(options={"state": s, "goal_state": goal_state})[0]
 
 
@@ -901,13 +785,8 @@ def measure_surprise(world: World, episodes: int, steps: int, seed: int, n_perm:
 
 def plot_surprise(summary: dict, out_png: str) -> None:
     """Surprise along the first held-out episode with its perturbed steps, and the mean surprise of each kind."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: skipping the surprise plot (pip install matplotlib)")
+    plt = data.pyplot("surprise plot")
+    if plt is None:
         return
     ex, res = summary["example"], summary["results"]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 3.5))

@@ -89,6 +89,20 @@ PRESETS = {
     ),
 }
 
+# --- device
+
+
+def pick_device(name: str) -> torch.device:
+    """`name`, or for "auto" the best available: CUDA (the device of this torchrun rank, LOCAL_RANK) > MPS > CPU."""
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
 # --- image preprocessing (the one place frames are normalised)
 
 

@@ -10,7 +10,8 @@ Run:
     python train.py --env pusht --resume                 # continue a killed or interrupted run from its checkpoint
     torchrun --standalone --nproc_per_node=2 train.py --env pusht   # DDP: gloo on CPU, NCCL on GPU
 
-Precedence: dataclass defaults < preset (--preset) < explicit flags. The final config is printed and saved in
+Precedence (`resolve_config`): dataclass defaults < preset (--preset: model sizes) < its recipe < explicit flags.
+The final config, every field holding its real value, is printed and saved in
 <out_dir>/config.json; metrics go to <out_dir>/metrics.jsonl (and metrics.png when matplotlib is installed).
 Arguments are checked before any work (a wrong one: one line naming it, exit code 2). Ctrl-C or SIGTERM finishes
 the current step, writes a checkpoint and exits (130 or 143) with the command that resumes.
@@ -18,7 +19,6 @@ the current step, writes a checkpoint and exits (130 or 143) with the command th
 
 import argparse
 import dataclasses
-import inspect
 import json
 import math
 import os
@@ -28,6 +28,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 
@@ -40,7 +41,16 @@ from tqdm import tqdm
 import data
 import envs
 from data import UsageError
-from model import PRESETS, LeWM, check_state_dict, lewm_loss, load_checkpoint, save_checkpoint
+from model import (
+    PRESETS,
+    LeWM,
+    ModelConfig,
+    check_state_dict,
+    lewm_loss,
+    load_checkpoint,
+    pick_device,
+    save_checkpoint,
+)
 from sigreg import AllReduceSum, SIGReg
 
 # --- configuration
@@ -49,21 +59,21 @@ from sigreg import AllReduceSum, SIGReg
 @dataclass
 class TrainConfig:
     env: str = "pusht"  # environment: pusht, tworoom, reacher or cube
-    preset: str = ""  # model and recipe preset: paper, cpu or tiny ('' = paper with CUDA, else cpu)
+    preset: str | None = None  # model and recipe preset: paper, cpu or tiny (None = paper with CUDA, else cpu)
     data: str = ""  # HDF5 dataset ('' = the preset's default file, collected first if missing)
-    episodes: int = 0  # episodes to collect when the dataset is missing (0 = preset's)
-    img_size: int = 0  # frame side the model sees, and of collected data (0 = preset's: 224 paper, 64 cpu)
-    patch_size: int = 0  # ViT patch side; img_size must be a multiple (0 = preset's: 14 paper, 16 cpu)
+    episodes: int | None = None  # episodes to collect when the dataset is missing (None = the recipe's)
+    img_size: int | None = None  # frame side the model sees, and of collected data (None = the preset's)
+    patch_size: int | None = None  # ViT patch side; img_size must be a multiple (None = the preset's)
     out_dir: str = ""  # run folder for checkpoints and metrics ('' = runs/<env>_<preset>)
-    max_steps: int = 0  # optimiser steps to run (0 = preset's; paper: 10 epochs)
-    schedule_steps: int = 0  # length of the warmup + cosine schedule (0 = preset's; paper: 100 epochs)
+    max_steps: int | None = None  # optimiser steps to run (None = the recipe's; paper: 10 epochs)
+    schedule_steps: int | None = None  # length of the warmup + cosine schedule (None = the recipe's)
     warmup: float = 0.01  # linear warmup from lr 0, as a fraction of schedule_steps
-    batch_size: int = 0  # global batch, split across ranks (0 = preset's)
-    lr: float = 0.0  # peak AdamW learning rate (0 = preset's)
+    batch_size: int | None = None  # global batch, split across ranks (None = the recipe's)
+    lr: float | None = None  # peak AdamW learning rate (None = the recipe's)
     weight_decay: float = 1e-3  # AdamW weight decay on all parameters (official)
     lambd: float = 0.09  # SIGReg weight
     num_proj: int = 1024  # SIGReg random directions
-    dropout: float = -1.0  # predictor dropout (-1 = model preset's, 0.1 in the paper)
+    dropout: float | None = None  # predictor dropout (None = the preset's, 0.1 in the paper)
     grad_clip: float = 1.0  # global L2 norm clip
     val_fraction: float = 0.1  # episodes held out for validation and evaluation
     val_batches: int = 20  # batches per validation pass (0 = whole validation split)
@@ -81,38 +91,61 @@ class TrainConfig:
     workers: int = 2  # processes for data collection
 
 
-# Per-preset recipe. `paper` is the official one (METHOD.md §2.3): 10 epochs of a 100-epoch schedule.
+# Per-preset training recipe; the model sizes (img_size and patch_size included) are model.PRESETS. Every recipe
+# states the same keys. `max_steps` and `schedule_steps` count optimiser steps, or epochs of the training clips when
+# `per_epoch` is set: the paper states its recipe in epochs, so those are converted to steps once the dataset is
+# known (steps per epoch = training clips // global batch). `schedule_steps` None: the schedule is the run (a full
+# cosine over max_steps, after flags). `env`: per-environment overrides of any of these keys.
 RECIPES = {
-    "paper": dict(batch_size=128, lr=5e-5, epochs=10, schedule_epochs=100, img_size=224, episodes=10000),
+    # The official recipe (METHOD.md §2.3): 10 epochs of a 100-epoch schedule.
+    "paper": {
+        "batch_size": 128,
+        "lr": 5e-5,
+        "episodes": 10000,
+        "max_steps": 10,
+        "schedule_steps": 100,
+        "per_epoch": True,
+        "env": {},
+    },
     # DEVIATION: 2-core CPU recipe: a few thousand steps instead of ~100k, so a larger peak lr and a full cosine
     # over the run (chosen on validation loss, README). Batch 64: SIGReg tests the batch, keep it >= 64.
     # DEVIATION (PushT): 3000 demo episodes and 6000 steps. Chosen on validation loss and `evaluate.py diagnose`
     # against patch 8 at equal wall time (README, "Choosing the PushT recipe"); about 65 min with collection.
-    "cpu": dict(
-        batch_size=64,
-        lr=3e-4,
-        max_steps=3000,
-        img_size=64,
-        episodes=2000,
-        env={"pusht": dict(max_steps=6000, episodes=3000)},
-    ),
+    "cpu": {
+        "batch_size": 64,
+        "lr": 3e-4,
+        "episodes": 2000,
+        "max_steps": 3000,
+        "schedule_steps": None,
+        "per_epoch": False,
+        "env": {"pusht": {"max_steps": 6000, "episodes": 3000}},
+    },
     # Tests and smoke runs: seconds.
-    "tiny": dict(batch_size=16, lr=1e-3, max_steps=20, img_size=32, episodes=6),
+    "tiny": {
+        "batch_size": 16,
+        "lr": 1e-3,
+        "episodes": 6,
+        "max_steps": 20,
+        "schedule_steps": None,
+        "per_epoch": False,
+        "env": {},
+    },
 }
 
-# Valid values, checked before any work: choices, and (rule, test) for the fields with a range.
-CHOICES = {"env": list(envs.ENV_IDS), "preset": ["", *RECIPES], "device": ["auto", "cuda", "mps", "cpu"]}
+# Valid values, checked before any work: choices, and (rule, test) for the fields with a range (a field left None
+# is resolved from the preset later, and skipped here).
+CHOICES = {"env": list(envs.REGISTRY), "preset": [None, *RECIPES], "device": ["auto", "cuda", "mps", "cpu"]}
 RANGES = {
-    "episodes": (">= 0", lambda v: v >= 0),
-    "max_steps": (">= 0", lambda v: v >= 0),
-    "schedule_steps": (">= 0", lambda v: v >= 0),
+    "episodes": (">= 1", lambda v: v >= 1),
+    "max_steps": (">= 1", lambda v: v >= 1),
+    "schedule_steps": (">= 1", lambda v: v >= 1),
     "warmup": ("in [0, 1]", lambda v: 0 <= v <= 1),
-    "batch_size": (">= 0", lambda v: v >= 0),
-    "lr": (">= 0", lambda v: v >= 0),
+    "batch_size": (">= 1", lambda v: v >= 1),
+    "lr": ("> 0", lambda v: v > 0),
     "weight_decay": (">= 0", lambda v: v >= 0),
     "lambd": (">= 0", lambda v: v >= 0),
     "num_proj": (">= 1", lambda v: v >= 1),
-    "dropout": ("-1 or in [0, 1)", lambda v: v == -1 or 0 <= v < 1),
+    "dropout": ("in [0, 1)", lambda v: 0 <= v < 1),
     "grad_clip": ("> 0", lambda v: v > 0),
     "val_fraction": ("in [0, 1)", lambda v: 0 <= v < 1),
     "val_batches": (">= 0", lambda v: v >= 0),
@@ -121,30 +154,42 @@ RANGES = {
     "eval_every": (">= 1", lambda v: v >= 1),
     "ckpt_every": (">= 1", lambda v: v >= 1),
     "workers": (">= 1", lambda v: v >= 1),
-    "img_size": ("0 or >= 32", lambda v: v == 0 or v >= 32),
-    "patch_size": (">= 0", lambda v: v >= 0),
+    "img_size": (">= 32", lambda v: v >= 32),
+    "patch_size": (">= 1", lambda v: v >= 1),
     "keep_every": (">= 0", lambda v: v >= 0),
 }
 
 # --- helpers
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The module docstring as written, and every flag's default after its help text."""
-
-
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
     """argparse generated from TrainConfig: every field a flag, its trailing comment the help text."""
-    lines = inspect.getsource(TrainConfig).splitlines()
-    comments = {ln.split(":")[0].strip(): ln.split("#", 1)[1].strip() for ln in lines if ":" in ln and "#" in ln}
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    for f in dataclasses.fields(TrainConfig):
-        if isinstance(f.default, bool):
-            kind = {"action": argparse.BooleanOptionalAction}
-        else:
-            kind = {"type": type(f.default), "choices": CHOICES.get(f.name)}
-        parser.add_argument(f"--{f.name}", default=f.default, help=comments.get(f.name), **kind)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=data.HelpFormatter)
+    data.add_config_flags(parser, TrainConfig, choices=CHOICES)
     return TrainConfig(**vars(parser.parse_args(argv)))
+
+
+def resolve_config(cfg: TrainConfig, *, cuda: bool, steps_per_epoch: Callable[[TrainConfig], int]) -> TrainConfig:
+    """The config with every field holding its real value. Precedence: dataclass defaults < preset (model sizes,
+    model.PRESETS) < its recipe (with the env's overrides) < explicit flags, which are the fields not left None.
+    `steps_per_epoch(cfg)` (everything but the lengths resolved) is called only for a recipe counted in epochs."""
+    preset = cfg.preset or ("paper" if cuda else "cpu")
+    recipe = {**RECIPES[preset], **RECIPES[preset]["env"].get(cfg.env, {})}
+    model = PRESETS[preset]
+    layers = {"img_size": model.img_size, "patch_size": model.patch_size, "dropout": model.pred_dropout}
+    layers |= {k: recipe[k] for k in ("batch_size", "lr", "episodes")}
+    given = {k: v for k, v in dataclasses.asdict(cfg).items() if k in layers and v is not None}
+    cfg = dataclasses.replace(cfg, preset=preset, **{**layers, **given})
+    # The absolute path: evaluation finds the dataset from any working directory.
+    path = cfg.data or data.default_data_path(cfg.env, cfg.img_size, cfg.episodes)
+    cfg = dataclasses.replace(
+        cfg, data=os.path.abspath(path), out_dir=cfg.out_dir or os.path.join("runs", f"{cfg.env}_{preset}")
+    )
+    unit = steps_per_epoch(cfg) if recipe["per_epoch"] else 1
+    max_steps = cfg.max_steps if cfg.max_steps is not None else recipe["max_steps"] * unit
+    schedule = recipe["schedule_steps"] * unit if recipe["schedule_steps"] is not None else max_steps
+    schedule = cfg.schedule_steps if cfg.schedule_steps is not None else schedule
+    return dataclasses.replace(cfg, max_steps=max_steps, schedule_steps=schedule)
 
 
 def check_config(cfg: TrainConfig) -> None:
@@ -209,16 +254,6 @@ def resume_command(cfg: TrainConfig) -> str:
     return " ".join(["python train.py", *flags, "--resume"])
 
 
-def pick_device(name: str) -> torch.device:
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
 def attention_kernel(device: torch.device):
     """On CPUs the plain (math) attention kernel trains these short sequences ~20 % faster than the fused one."""
     return sdpa_kernel(SDPBackend.MATH) if device.type == "cpu" else nullcontext()
@@ -254,17 +289,198 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
         return ((x32 - mean) / torch.sqrt(var + self.eps) * self.weight + self.bias).to(x.dtype)
 
 
-def ensure_dataset(cfg: TrainConfig, recipe: dict, rank: int) -> str:
-    """The dataset path; collected (rank 0, with its progress bar) if it is not on disk."""
-    episodes = cfg.episodes or recipe["episodes"]
-    path = cfg.data or data.default_data_path(cfg.env, recipe["img_size"], episodes)
-    if not os.path.exists(path):
+def ensure_dataset(cfg: TrainConfig, rank: int, say=None) -> data.Trajectories:
+    """The opened dataset of a resolved config; collected first (rank 0, with its progress bar) if not on disk.
+    `say`: where notes on a file that does not record its env, or holds frames of another size, go."""
+    if not os.path.exists(cfg.data):
         if rank == 0:
-            print(f"dataset {path} not found: collecting {episodes} episodes of {cfg.env} at {recipe['img_size']} px")
-            data.collect(cfg.env, episodes, path, img_size=recipe["img_size"], workers=cfg.workers)
+            print(f"dataset {cfg.data} not found: collecting {cfg.episodes} episodes of {cfg.env} at {cfg.img_size} px")
+            data.collect(cfg.env, cfg.episodes, cfg.data, img_size=cfg.img_size, workers=cfg.workers)
     if dist.is_initialized():
         dist.barrier()
-    return path
+    try:
+        traj = data.Trajectories(cfg.data)
+    except (ValueError, FileNotFoundError) as e:
+        raise UsageError(f"--data {cfg.data}: {e}") from e
+    data.check_env(traj, cfg.env)
+    if say is not None and "env" not in traj.file.attrs:
+        say(f"note: {cfg.data} does not record its environment; trusting --env {cfg.env}")
+    if say is not None and traj.img_shape[0] != cfg.img_size:
+        say(f"note: {cfg.data} holds {traj.img_shape[0]} px frames; the model resizes them to {cfg.img_size} px")
+    return traj
+
+
+def clip_shape(mcfg: ModelConfig) -> dict:
+    """The clip layout the model trains on (history, num_preds, frameskip): what data.ClipLoader needs to know."""
+    return {"history": mcfg.history, "num_preds": mcfg.num_preds, "frameskip": mcfg.frameskip}
+
+
+def make_loaders(cfg: TrainConfig, traj: data.Trajectories, mcfg: ModelConfig, rank: int, world: int) -> tuple:
+    """(train episodes, val episodes, action statistics, train / val / BN-refresh loaders): the episodes are split,
+    and the action statistics taken from the training episodes only."""
+    train_eps, val_eps = data.split_episodes(traj.num_episodes, cfg.val_fraction)
+    stats = data.action_stats(traj, train_eps)
+    kw = {**clip_shape(mcfg), "rank": rank, "world_size": world}
+    loader = data.ClipLoader(traj, train_eps, stats, cfg.batch_size // world, seed=cfg.seed, **kw)
+    # Validation draws the same random clips every time (epoch 0 of a fixed seed): consecutive clips of a few
+    # episodes would make SIGReg, a test of the batch's distribution, meaningless. BN statistics are refreshed on
+    # a fixed draw of training clips.
+    val_loader = data.ClipLoader(traj, val_eps, stats, cfg.batch_size // world, drop_last=False, seed=cfg.seed, **kw)
+    bn_loader = data.ClipLoader(traj, train_eps, stats, cfg.batch_size // world, seed=cfg.seed + 1, **kw)
+    return train_eps, val_eps, stats, (loader, val_loader, bn_loader)
+
+
+def epoch_steps(cfg: TrainConfig, rank: int, world: int) -> int:
+    """Optimiser steps in one epoch of the training clips of cfg's dataset (collected first if missing)."""
+    with ensure_dataset(cfg, rank) as traj:
+        train_eps, _ = data.split_episodes(traj.num_episodes, cfg.val_fraction)
+        stats = data.action_stats(traj, train_eps)
+        shape = clip_shape(PRESETS[cfg.preset])
+        return len(data.ClipLoader(traj, train_eps, stats, cfg.batch_size // world, cache=False, world_size=world,
+                                   rank=rank, prefetch=0, **shape))  # fmt: skip
+
+
+def setup_device(name: str) -> tuple[torch.device, int, int]:
+    """(device, rank, world size); under torchrun the process group is started (NCCL on GPUs, gloo on CPUs)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = pick_device(name)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device, dist.get_rank() if world > 1 else 0, world
+
+
+def prepare_run_folder(out_dir: str, cfg: TrainConfig, cleanup: ExitStack) -> None:
+    """Rank 0: lock the run folder; refuse one holding a run unless resuming, or empty it for --overwrite."""
+    lock_run_folder(out_dir, cleanup)
+    found = [n for n in ("ckpt.pt", "metrics.jsonl", "config.json") if os.path.exists(os.path.join(out_dir, n))]
+    if found and not cfg.resume and not cfg.overwrite:
+        raise UsageError(f"--out_dir {out_dir}: already holds a run ({', '.join(found)}); pass --resume to "
+                         "continue it or --overwrite to start afresh")  # fmt: skip
+    if cfg.overwrite:
+        for n in (*found, "metrics.png"):
+            if os.path.exists(os.path.join(out_dir, n)):
+                os.remove(os.path.join(out_dir, n))
+
+
+def resume_state(cfg: TrainConfig, ckpt_path: str, mcfg: ModelConfig, model: LeWM, opt, device, say) -> int:
+    """Load the run's checkpoint into model and optimiser (and the RNG state) when resuming; returns its step."""
+    if not cfg.resume or not os.path.exists(ckpt_path):
+        if cfg.resume:
+            say(f"--resume: no checkpoint at {ckpt_path}, starting from scratch")
+        return 0
+    try:
+        ckpt = load_checkpoint(ckpt_path)
+    except ValueError as e:
+        raise UsageError(f"--resume: {e}") from e
+    saved_data = ckpt["train_config"]["data"]
+    if ckpt["env"] != cfg.env:
+        raise UsageError(f"--env {cfg.env}: {ckpt_path} is a {ckpt['env']} run; resume it with --env {ckpt['env']}")
+    if os.path.realpath(saved_data) != os.path.realpath(cfg.data):
+        raise UsageError(f"--data {cfg.data}: {ckpt_path} was trained on {saved_data}; resume it with that --data")
+    if ckpt["model_config"] != dataclasses.asdict(mcfg):
+        diff = {k: (v, ckpt["model_config"].get(k)) for k, v in dataclasses.asdict(mcfg).items()
+                if ckpt["model_config"].get(k) != v}  # fmt: skip
+        raise UsageError(f"--resume: {ckpt_path} has another model config; (now, checkpoint): {diff}")
+    try:
+        check_state_dict(model, ckpt["model"], ckpt_path)
+    except ValueError as e:
+        raise UsageError(f"--resume: {e}") from e
+    model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["optimizer"])
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    if device.type == "cuda" and "cuda" in ckpt["rng"]:
+        torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
+    say(f"resumed from {ckpt_path} at step {ckpt['step']}")
+    return ckpt["step"]
+
+
+def wrap_model(model: LeWM, cfg: TrainConfig, device, world: int) -> nn.Module:
+    """The model the loop steps: DDP-wrapped under torchrun, compiled with --compile (the raw one is saved)."""
+    if world > 1:
+        # DEVIATION: BN statistics over the global batch under DDP (Lightning's default is per-GPU statistics), so
+        # a torchrun run computes the same loss as one process with the whole batch.
+        for m in model.modules():
+            if type(m) is nn.BatchNorm1d:
+                m.__class__ = GlobalBatchNorm1d
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return torch.compile(model) if cfg.compile else model
+
+
+def save_run(path: str, model: LeWM, opt, step: int, cfg: TrainConfig, mcfg: ModelConfig, stats, val_eps, device,
+             rank: int) -> None:  # fmt: skip
+    """Checkpoint the raw model (rank 0 writes; every rank refuses non-finite weights, which are never saved)."""
+    bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not v.isfinite().all()]
+    if bad:
+        raise FloatingPointError(f"non-finite weights at step {step} ({', '.join(bad[:3])}, ...); not saved. "
+                                 f"The last good checkpoint {path} is untouched; try a lower --lr")  # fmt: skip
+    if rank == 0:
+        rng = {"torch": torch.get_rng_state()}
+        if device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state()
+        save_checkpoint(path, {
+            "model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "rng": rng,
+            "model_config": dataclasses.asdict(mcfg), "train_config": dataclasses.asdict(cfg),
+            "action_stats": stats, "env": cfg.env, "val_episodes": [int(e) for e in val_eps],
+        })  # fmt: skip
+
+
+def write_run_files(cfg: TrainConfig, mcfg: ModelConfig, metrics_path: str, step: int) -> None:
+    """Rank 0 at the start: the final config (printed, and saved as config.json), and metrics.jsonl cut back to
+    the rows up to the step the run (re)starts from."""
+    with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
+        json.dump({"train": dataclasses.asdict(cfg), "model": dataclasses.asdict(mcfg)}, f, indent=2)
+    trim_metrics(metrics_path, step)
+    print(json.dumps(dataclasses.asdict(cfg)))
+
+
+def describe_run(cfg: TrainConfig, model: LeWM, loader, n_train: int, n_val: int, where: str) -> str:
+    """The start-of-run line: model size, split, clips and steps."""
+    return (f"model {cfg.preset}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters | {n_train} "
+            f"train / {n_val} val episodes | {len(loader.starts)} train clips, {len(loader)} steps/epoch | "
+            f"{cfg.max_steps} steps on {where}")  # fmt: skip
+
+
+def trim_metrics(path: str, step: int) -> None:
+    """Keep only the rows of metrics.jsonl up to the step the run (re)starts from."""
+    if os.path.exists(path):
+        rows = [r for r in read_metrics(path) if r["step"] <= step]
+        with open(path + ".tmp", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+        os.replace(path + ".tmp", path)  # atomic: a kill now leaves the old file or the new one
+
+
+def stop_on_signals(cleanup: ExitStack, log) -> list:
+    """SIGINT / SIGTERM: finish the current step, checkpoint, exit (the returned list gets the signal number). A
+    second signal stops at once (the last checkpoint stays valid: checkpoints are written atomically)."""
+    stop = []
+
+    def on_signal(signum, frame):
+        if stop:
+            raise KeyboardInterrupt
+        stop.append(signum)
+        log(f"{signal.Signals(signum).name}: stopping after this step (again to stop now)")
+
+    if threading.current_thread() is threading.main_thread():
+        for s in (signal.SIGINT, signal.SIGTERM):
+            cleanup.callback(signal.signal, s, signal.signal(s, on_signal))
+    return stop
+
+
+def check_finite(loss, parts: dict, grad_norm, step: int, ckpt_path: str) -> None:
+    """Stop (before the update) on a non-finite loss or gradient norm; the last good checkpoint is untouched."""
+    if not torch.isfinite(loss):
+        raise FloatingPointError(
+            f"non-finite loss {loss.item()} at step {step} (pred_loss {parts['pred_loss'].item()}, sigreg_loss "
+            f"{parts['sigreg_loss'].item()}); stopping. The last good checkpoint {ckpt_path} is untouched; "
+            "try a lower --lr or --no-bf16."
+        )
+    if grad_norm is not None and not torch.isfinite(grad_norm):  # the same on every rank: all-reduced gradients
+        raise FloatingPointError(
+            f"non-finite gradient norm {grad_norm.item()} at step {step}; stopping before the update. The last "
+            f"good checkpoint {ckpt_path} is untouched; try a lower --lr or --no-bf16."
+        )
 
 
 @torch.no_grad()
@@ -317,13 +533,8 @@ def validate(model: LeWM, loader, sigreg, cfg: TrainConfig, device, max_batches:
 
 
 def plot_metrics(path: str, out_png: str):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: skipping the loss plot (pip install matplotlib)")
+    plt = data.pyplot("loss plot")
+    if plt is None:
         return
     rows = read_metrics(path)
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
@@ -342,6 +553,65 @@ def plot_metrics(path: str, out_png: str):
     plt.close(fig)
 
 
+def setup_run(cfg: TrainConfig, cleanup: ExitStack, device, rank: int, world: int, say) -> TrainConfig:
+    """The resolved config, checked; rank 0 holds the run folder, refused if it holds another run."""
+    if cfg.preset is None:
+        found = "CUDA found" if device.type == "cuda" else "no CUDA"
+        say(f"--preset not given: using '{'paper' if device.type == 'cuda' else 'cpu'}' ({found})")
+    cfg = resolve_config(cfg, cuda=device.type == "cuda", steps_per_epoch=lambda c: epoch_steps(c, rank, world))
+    if cfg.img_size % cfg.patch_size:
+        raise UsageError(f"--img_size {cfg.img_size}: not a multiple of --patch_size {cfg.patch_size}")
+    if cfg.batch_size % world:
+        raise UsageError(f"--batch_size {cfg.batch_size}: not divisible by the {world} ranks")
+    if rank == 0:
+        prepare_run_folder(cfg.out_dir, cfg, cleanup)
+    return cfg
+
+
+def model_config(cfg: TrainConfig, raw_action_dim: int) -> ModelConfig:
+    """The preset's model at the resolved sizes; the action block is frameskip x the dataset's raw action dim."""
+    mcfg = dataclasses.replace(PRESETS[cfg.preset], img_size=cfg.img_size, patch_size=cfg.patch_size,
+                               pred_dropout=cfg.dropout)  # fmt: skip
+    return dataclasses.replace(mcfg, action_dim=mcfg.frameskip * raw_action_dim)
+
+
+def stop_run(step: int, signum: int, save: dict, bar, log) -> None:
+    """After a signal: checkpoint this step (if not just done), say how to resume, exit with 128 + signum."""
+    if step % save["cfg"].ckpt_every:
+        save_run(step=step, **save)
+    bar.close()
+    log(f"interrupted at step {step}: checkpoint {save['path']}\nresume with: {resume_command(save['cfg'])}")
+    raise SystemExit(128 + signum)
+
+
+def sync_stop(stop: list, device) -> None:
+    """Under DDP every rank stops at the same step when any of them got the signal."""
+    flag = torch.tensor([stop[0] if stop else 0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if int(flag) and not stop:
+        stop.append(int(flag))
+
+
+def report_end(summary: dict, cfg: TrainConfig) -> None:
+    """The end-of-run lines: steps, time, final validation losses, and the command that evaluates the model."""
+    nan = float("nan")
+    print(f"done: {summary['steps']} steps in {summary['minutes']:.1f} min | val pred_loss "
+          f"{summary.get('val_pred_loss', nan):.4f} | val sigreg {summary.get('val_sigreg_loss', nan):.3f} | model: "
+          f"{summary['checkpoint']}")  # fmt: skip
+    print(f"next: python evaluate.py --ckpt {summary['checkpoint']} --env {cfg.env}")
+
+
+def log_step(step: int, loss, parts: dict, grad_norm, lr: float, dt: float, cfg: TrainConfig, world: int) -> dict:
+    """The metrics row of a logged step (global-batch prediction loss under DDP; SIGReg is already global)."""
+    if world > 1:
+        dist.all_reduce(parts["pred_loss"])
+        parts["pred_loss"] /= world
+        loss = parts["pred_loss"] + cfg.lambd * parts["sigreg_loss"]
+    return {"step": step, "loss": loss.item(), "pred_loss": parts["pred_loss"].item(),
+            "sigreg_loss": parts["sigreg_loss"].item(), "grad_norm": grad_norm.item(), "lr": lr,
+            "ms_per_step": 1000 * dt, "samples_per_s": cfg.batch_size / dt}  # fmt: skip
+
+
 # --- main
 
 
@@ -355,254 +625,81 @@ def main(cfg: TrainConfig) -> dict:
 
 def run(cfg: TrainConfig, cleanup: ExitStack) -> dict:
     t_start = time.time()
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    device = pick_device(cfg.device)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    rank = dist.get_rank() if world > 1 else 0
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    device, rank, world = setup_device(cfg.device)
     say = print if rank == 0 else (lambda *a, **k: None)
+    cfg = setup_run(cfg, cleanup, device, rank, world, say)
+    ckpt_path, metrics_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "metrics.jsonl")
 
-    if not cfg.preset:
-        cfg = dataclasses.replace(cfg, preset="paper" if device.type == "cuda" else "cpu")
-        say(f"--preset not given: using '{cfg.preset}' ({'CUDA found' if device.type == 'cuda' else 'no CUDA'})")
-    if cfg.preset not in RECIPES:
-        raise ValueError(f"unknown preset {cfg.preset!r}; valid: {sorted(RECIPES)}")
-    recipe = dict(RECIPES[cfg.preset])
-    if cfg.env in recipe.get("env", {}):  # per-environment recipe overrides
-        recipe.update(recipe["env"][cfg.env])
-    recipe["img_size"] = cfg.img_size or recipe["img_size"]
-    recipe["patch_size"] = cfg.patch_size or recipe.get("patch_size", PRESETS[cfg.preset].patch_size)
-    if recipe["img_size"] % recipe["patch_size"]:
-        raise UsageError(f"--img_size {recipe['img_size']}: not a multiple of --patch_size {recipe['patch_size']}")
-    out_dir = cfg.out_dir or os.path.join("runs", f"{cfg.env}_{cfg.preset}")
-    ckpt_path = os.path.join(out_dir, "ckpt.pt")
-    cfg = dataclasses.replace(
-        cfg, out_dir=out_dir, batch_size=cfg.batch_size or recipe["batch_size"], lr=cfg.lr or recipe["lr"]
-    )
-    if cfg.batch_size % world:
-        raise UsageError(f"--batch_size {cfg.batch_size}: not divisible by the {world} ranks")
-    if rank == 0:
-        lock_run_folder(out_dir, cleanup)
-        found = [n for n in ("ckpt.pt", "metrics.jsonl", "config.json") if os.path.exists(os.path.join(out_dir, n))]
-        if found and not cfg.resume and not cfg.overwrite:
-            raise UsageError(f"--out_dir {out_dir}: already holds a run ({', '.join(found)}); pass --resume to "
-                             "continue it or --overwrite to start afresh")  # fmt: skip
-        if cfg.overwrite:
-            for n in (*found, "metrics.png"):
-                if os.path.exists(os.path.join(out_dir, n)):
-                    os.remove(os.path.join(out_dir, n))
-
-    # Data: split by episode, action statistics from the training episodes only.
-    path = ensure_dataset(cfg, recipe, rank)
-    try:
-        traj = data.Trajectories(path)
-    except (ValueError, FileNotFoundError) as e:
-        raise UsageError(f"--data {path}: {e}") from e
-    data.check_env(traj, cfg.env)
-    if "env" not in traj.file.attrs:
-        say(f"note: {path} does not record its environment; trusting --env {cfg.env}")
-    train_eps, val_eps = data.split_episodes(traj.num_episodes, cfg.val_fraction, seed=3072)
-    stats = data.action_stats(traj, train_eps)
-    if traj.img_shape[0] != recipe["img_size"]:
-        say(f"note: {path} holds {traj.img_shape[0]} px frames; the model resizes them to {recipe['img_size']} px")
-    loader = data.ClipLoader(
-        traj, train_eps, stats, cfg.batch_size // world, seed=cfg.seed, rank=rank, world_size=world
-    )
-    # Validation draws the same random clips every time (epoch 0 of a fixed seed): consecutive clips of a few
-    # episodes would make SIGReg, a test of the batch's distribution, meaningless. BN statistics are refreshed on
-    # a fixed draw of training clips.
-    val_loader = data.ClipLoader(traj, val_eps, stats, cfg.batch_size // world, drop_last=False, seed=cfg.seed,
-                                 rank=rank, world_size=world)  # fmt: skip
-    bn_loader = data.ClipLoader(traj, train_eps, stats, cfg.batch_size // world, seed=cfg.seed + 1, rank=rank,
-                                world_size=world)  # fmt: skip
-    steps_per_epoch = len(loader)
-    max_steps = cfg.max_steps or recipe.get("max_steps") or recipe["epochs"] * steps_per_epoch
-    schedule = cfg.schedule_steps or (
-        recipe["schedule_epochs"] * steps_per_epoch if "schedule_epochs" in recipe else max_steps
-    )
-    warmup_steps = max(1, int(cfg.warmup * schedule))
-    # The absolute path: evaluation finds the dataset from any working directory.
-    cfg = dataclasses.replace(cfg, max_steps=max_steps, schedule_steps=schedule, data=os.path.abspath(path))
-
-    # Model. The action block is frameskip x the dataset's raw action dim.
+    traj = ensure_dataset(cfg, rank, say)
+    mcfg = model_config(cfg, traj.action_dim)
+    train_eps, val_eps, stats, (loader, val_loader, bn_loader) = make_loaders(cfg, traj, mcfg, rank, world)
     torch.manual_seed(cfg.seed)
-    mcfg = dataclasses.replace(
-        PRESETS[cfg.preset],
-        action_dim=data.FRAMESKIP * traj.shape("action")[-1],
-        img_size=recipe["img_size"],
-        patch_size=recipe["patch_size"],
-    )
-    if cfg.dropout >= 0:
-        mcfg = dataclasses.replace(mcfg, pred_dropout=cfg.dropout)
     model = LeWM(mcfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
     sigreg = SIGReg(num_proj=cfg.num_proj).to(device)
-    step = 0
-    if cfg.resume and os.path.exists(ckpt_path):
-        try:
-            ckpt = load_checkpoint(ckpt_path)
-        except ValueError as e:
-            raise UsageError(f"--resume: {e}") from e
-        saved_data = ckpt["train_config"]["data"]
-        if ckpt["env"] != cfg.env:
-            raise UsageError(f"--env {cfg.env}: {ckpt_path} is a {ckpt['env']} run; resume it with --env {ckpt['env']}")
-        if os.path.realpath(saved_data) != os.path.realpath(path):
-            raise UsageError(f"--data {path}: {ckpt_path} was trained on {saved_data}; resume it with that --data")
-        if ckpt["model_config"] != dataclasses.asdict(mcfg):
-            diff = {k: (v, ckpt["model_config"].get(k)) for k, v in dataclasses.asdict(mcfg).items()
-                    if ckpt["model_config"].get(k) != v}  # fmt: skip
-            raise UsageError(f"--resume: {ckpt_path} has another model config; (now, checkpoint): {diff}")
-        try:
-            check_state_dict(model, ckpt["model"], ckpt_path)
-        except ValueError as e:
-            raise UsageError(f"--resume: {e}") from e
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        step = ckpt["step"]
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        if device.type == "cuda" and "cuda" in ckpt["rng"]:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
-        say(f"resumed from {ckpt_path} at step {step}")
-    elif cfg.resume:
-        say(f"--resume: no checkpoint at {ckpt_path}, starting from scratch")
+    step = resume_state(cfg, ckpt_path, mcfg, model, opt, device, say)
     if rank == 0:
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "config.json"), "w") as f:
-            json.dump({"train": dataclasses.asdict(cfg), "model": dataclasses.asdict(mcfg)}, f, indent=2)
-    say(json.dumps(dataclasses.asdict(cfg)))
-    n_params = sum(p.numel() for p in model.parameters())
-    say(f"model {cfg.preset}: {n_params / 1e6:.2f}M parameters | {len(train_eps)} train / {len(val_eps)} val episodes"
-        f" | {len(loader.starts)} train clips, {steps_per_epoch} steps/epoch | {max_steps} steps on {device}"
-        f" x{world}")  # fmt: skip
-
-    raw_model = model  # saved and validated: never the compiled or DDP-wrapped one
-    if world > 1:
-        # DEVIATION: BN statistics over the global batch under DDP (Lightning's default is per-GPU statistics), so
-        # a torchrun run computes the same loss as one process with the whole batch.
-        for m in model.modules():
-            if type(m) is nn.BatchNorm1d:
-                m.__class__ = GlobalBatchNorm1d
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if cfg.compile:
-        model = torch.compile(model)
-
-    def checkpoint():
-        bad = [k for k, v in raw_model.state_dict().items() if v.is_floating_point() and not v.isfinite().all()]
-        if bad:
-            raise FloatingPointError(f"non-finite weights at step {step} ({', '.join(bad[:3])}, ...); not saved. "
-                                     f"The last good checkpoint {ckpt_path} is untouched; try a lower --lr")  # fmt: skip
-        if rank == 0:
-            rng = {"torch": torch.get_rng_state()}
-            if device.type == "cuda":
-                rng["cuda"] = torch.cuda.get_rng_state()
-            save_checkpoint(ckpt_path, {
-                "model": raw_model.state_dict(), "optimizer": opt.state_dict(), "step": step, "rng": rng,
-                "model_config": dataclasses.asdict(mcfg), "train_config": dataclasses.asdict(cfg),
-                "action_stats": stats, "env": cfg.env, "val_episodes": [int(e) for e in val_eps],
-            })  # fmt: skip
-
-    metrics_path = os.path.join(out_dir, "metrics.jsonl")
-    if rank == 0 and os.path.exists(metrics_path):  # keep only the rows up to the step we (re)start from
-        rows = [r for r in read_metrics(metrics_path) if r["step"] <= step]
-        with open(metrics_path + ".tmp", "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
-        os.replace(metrics_path + ".tmp", metrics_path)  # atomic: a kill now leaves the old file or the new one
-
-    # SIGINT / SIGTERM: finish the current step, checkpoint, exit. A second signal stops at once (the last
-    # checkpoint stays valid: checkpoints are written atomically).
-    stop = []
-
-    def on_signal(signum, frame):
-        if stop:
-            raise KeyboardInterrupt
-        stop.append(signum)
-        log(f"{signal.Signals(signum).name}: stopping after this step (again to stop now)")
-
-    if threading.current_thread() is threading.main_thread():
-        for s in (signal.SIGINT, signal.SIGTERM):
-            cleanup.callback(signal.signal, s, signal.signal(s, on_signal))
-    model.train()
-    bar = tqdm(total=max_steps, initial=step, desc="train", unit="step", disable=rank != 0, dynamic_ncols=True)
+        write_run_files(cfg, mcfg, metrics_path, step)
+    say(describe_run(cfg, model, loader, len(train_eps), len(val_eps), f"{device} x{world}"))
+    raw_model, model = model, wrap_model(model, cfg, device, world)  # raw_model: saved and validated
+    warmup_steps = max(1, int(cfg.warmup * cfg.schedule_steps))
+    bar = tqdm(total=cfg.max_steps, initial=step, desc="train", unit="step", disable=rank != 0, dynamic_ncols=True)
     log = bar.write if rank == 0 else say
-    batches = loader.steps(step)
-    t_log, last = time.time(), {}
-    while step < max_steps:
-        lr = lr_at(step, cfg.lr, warmup_steps, schedule)
+    stop = stop_on_signals(cleanup, log)
+    save = {"path": ckpt_path, "model": raw_model, "opt": opt, "cfg": cfg, "mcfg": mcfg, "stats": stats,
+            "val_eps": val_eps, "device": device, "rank": rank}  # fmt: skip
+    model.train()
+    batches, t_log, last = loader.steps(step), time.time(), {}
+    while step < cfg.max_steps:
+        lr = lr_at(step, cfg.lr, warmup_steps, cfg.schedule_steps)
         for group in opt.param_groups:
             group["lr"] = lr
         pixels, actions = next(batches)
         pixels, actions = raw_model.preprocess(pixels.to(device, non_blocking=True)), actions.to(device)
         with attention_kernel(device), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
             loss, parts = lewm_loss(model, pixels, actions, sigreg, cfg.lambd)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"non-finite loss {loss.item()} at step {step} (pred_loss {parts['pred_loss'].item()}, sigreg_loss "
-                f"{parts['sigreg_loss'].item()}); stopping. The last good checkpoint {ckpt_path} is untouched; "
-                "try a lower --lr or --no-bf16."
-            )
+        check_finite(loss, parts, None, step, ckpt_path)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        if not torch.isfinite(grad_norm):  # the same on every rank: the norm is of the all-reduced gradients
-            raise FloatingPointError(
-                f"non-finite gradient norm {grad_norm.item()} at step {step}; stopping before the update. The last "
-                f"good checkpoint {ckpt_path} is untouched; try a lower --lr or --no-bf16."
-            )
+        check_finite(loss, parts, grad_norm, step, ckpt_path)
         opt.step()
         step += 1
         bar.update(1)
 
-        if step % cfg.log_every == 0 or step == max_steps:
-            if world > 1:  # log the global-batch prediction loss (SIGReg is already global)
-                dist.all_reduce(parts["pred_loss"])
-                parts["pred_loss"] /= world
-                loss = parts["pred_loss"] + cfg.lambd * parts["sigreg_loss"]
+        end = step == cfg.max_steps
+        if step % cfg.log_every == 0 or end:
             dt = (time.time() - t_log) / (cfg.log_every if step % cfg.log_every == 0 else step % cfg.log_every)
-            last = {"step": step, "loss": loss.item(), "pred_loss": parts["pred_loss"].item(),
-                    "sigreg_loss": parts["sigreg_loss"].item(), "grad_norm": grad_norm.item(), "lr": lr,
-                    "ms_per_step": 1000 * dt, "samples_per_s": cfg.batch_size / dt}  # fmt: skip
-            log(
-                f"step {step:6d} | loss {last['loss']:.4f} | pred {last['pred_loss']:.4f} | sigreg "
+            last = log_step(step, loss, parts, grad_norm, lr, dt, cfg, world)
+            log(f"step {step:6d} | loss {last['loss']:.4f} | pred {last['pred_loss']:.4f} | sigreg "
                 f"{last['sigreg_loss']:.3f} | lr {lr:.2e} | {last['ms_per_step']:.0f} ms/step | "
-                f"{last['samples_per_s']:.0f} samples/s"
-            )
+                f"{last['samples_per_s']:.0f} samples/s")  # fmt: skip
             t_log = time.time()
-        if step % cfg.eval_every == 0 or step == max_steps:
+        if step % cfg.eval_every == 0 or end:
             if cfg.bn_batches:
                 refresh_bn_stats(raw_model, bn_loader, cfg, device, cfg.bn_batches)
             last = {**last, "step": step, **validate(raw_model, val_loader, sigreg, cfg, device, cfg.val_batches)}
             log(f"step {step:6d} | val loss {last['val_loss']:.4f} | val pred {last['val_pred_loss']:.4f}"
                 f" | val sigreg {last['val_sigreg_loss']:.3f}")  # fmt: skip
-        if rank == 0 and (step % cfg.log_every == 0 or step % cfg.eval_every == 0 or step == max_steps):
+        if rank == 0 and (step % cfg.log_every == 0 or step % cfg.eval_every == 0 or end):
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(last) + "\n")
-        if step % cfg.ckpt_every == 0 or step == max_steps:
-            checkpoint()
-        if rank == 0 and cfg.keep_every and step % cfg.keep_every == 0 and step < max_steps:
+        if step % cfg.ckpt_every == 0 or end:
+            save_run(step=step, **save)
+        if rank == 0 and cfg.keep_every and step % cfg.keep_every == 0 and not end:
             if step % cfg.ckpt_every:
-                checkpoint()
-            shutil.copyfile(ckpt_path, os.path.join(out_dir, f"ckpt_{step}.pt"))
-        if world > 1:  # every rank stops at the same step when any of them got the signal
-            flag = torch.tensor([stop[0] if stop else 0], device=device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            if int(flag) and not stop:
-                stop.append(int(flag))
-        if stop and step < max_steps:
-            if step % cfg.ckpt_every:
-                checkpoint()
-            bar.close()
-            log(f"interrupted at step {step}: checkpoint {ckpt_path}\nresume with: {resume_command(cfg)}")
-            raise SystemExit(128 + stop[0])
+                save_run(step=step, **save)
+            shutil.copyfile(ckpt_path, os.path.join(cfg.out_dir, f"ckpt_{step}.pt"))
+        if world > 1:
+            sync_stop(stop, device)
+        if stop and not end:
+            stop_run(step, stop[0], save, bar, log)
     bar.close()
 
     summary = {"checkpoint": ckpt_path, "steps": step, "minutes": (time.time() - t_start) / 60, **last}
     if rank == 0:
-        plot_metrics(metrics_path, os.path.join(out_dir, "metrics.png"))
-        print(f"done: {step} steps in {summary['minutes']:.1f} min | val pred_loss {last.get('val_pred_loss', float('nan')):.4f}"
-              f" | val sigreg {last.get('val_sigreg_loss', float('nan')):.3f} | model: {ckpt_path}")  # fmt: skip
-        print(f"next: python evaluate.py --ckpt {ckpt_path} --env {cfg.env}")
+        plot_metrics(metrics_path, os.path.join(cfg.out_dir, "metrics.png"))
+        report_end(summary, cfg)
     if world > 1:
         dist.destroy_process_group()
     return summary
