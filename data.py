@@ -113,19 +113,6 @@ def add_config_flags(
         parser.add_argument(f"--{f.name}", default=f.default, help=text, **kind)
 
 
-def pyplot(what: str):
-    """matplotlib.pyplot on the headless Agg backend, or None (saying that `what` is skipped) when not installed."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print(f"matplotlib not installed: skipping the {what} (pip install matplotlib)")
-        return None
-    return plt
-
-
 def _import_hdf5plugin() -> bool:
     """Register the extra HDF5 filters (Blosc, used by the official files) when the optional package is installed."""
     try:

@@ -12,7 +12,7 @@ Run:
 
 Precedence (`resolve_config`): dataclass defaults < preset (--preset: model sizes) < its recipe < explicit flags.
 The final config, every field holding its real value, is printed and saved in
-<out_dir>/config.json; metrics go to <out_dir>/metrics.jsonl (and metrics.png when matplotlib is installed).
+<out_dir>/config.json; metrics go to <out_dir>/metrics.jsonl and its loss curves to metrics.png.
 Arguments are checked before any work (a wrong one: one line naming it, exit code 2). Ctrl-C or SIGTERM finishes
 the current step, writes a checkpoint and exits (130 or 143) with the command that resumes.
 """
@@ -41,6 +41,7 @@ from tqdm import tqdm
 import data
 import envs
 from data import UsageError
+from evaluate import plot_metrics_png, read_metrics
 from model import (
     PRESETS,
     LeWM,
@@ -228,18 +229,6 @@ def lock_run_folder(out_dir: str, cleanup: ExitStack) -> None:
     f.truncate(0)
     f.write(f"{os.getpid()}\n")
     f.flush()
-
-
-def read_metrics(path: str) -> list[dict]:
-    """The rows of a metrics.jsonl; a torn line (a kill while it was written) is dropped with a note."""
-    rows = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            try:
-                rows.append(json.loads(line))
-            except ValueError:
-                print(f"{path}: dropping unreadable line {n} ({line.strip()[:40]!r}), left by an interrupted write")
-    return rows
 
 
 def resume_command(cfg: TrainConfig) -> str:
@@ -532,27 +521,6 @@ def validate(model: LeWM, loader, sigreg, cfg: TrainConfig, device, max_batches:
     return {f"val_{k}": v / max(n, 1) for k, v in totals.items()}
 
 
-def plot_metrics(path: str, out_png: str):
-    plt = data.pyplot("loss plot")
-    if plt is None:
-        return
-    rows = read_metrics(path)
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
-    for ax, key in zip(axes, ("pred_loss", "sigreg_loss", "lr")):
-        pts = [(r["step"], r[key]) for r in rows if key in r]
-        val = [(r["step"], r["val_" + key]) for r in rows if "val_" + key in r]
-        if pts:
-            ax.plot(*zip(*pts), label="train")
-        if val:
-            ax.plot(*zip(*val), "o-", label="val")
-        ax.set_title(key), ax.set_xlabel("step"), ax.legend()
-        if key != "lr":
-            ax.set_yscale("log")
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=80)
-    plt.close(fig)
-
-
 def setup_run(cfg: TrainConfig, cleanup: ExitStack, device, rank: int, world: int, say) -> TrainConfig:
     """The resolved config, checked; rank 0 holds the run folder, refused if it holds another run."""
     if cfg.preset is None:
@@ -698,7 +666,7 @@ def run(cfg: TrainConfig, cleanup: ExitStack) -> dict:
 
     summary = {"checkpoint": ckpt_path, "steps": step, "minutes": (time.time() - t_start) / 60, **last}
     if rank == 0:
-        plot_metrics(metrics_path, os.path.join(cfg.out_dir, "metrics.png"))
+        plot_metrics_png(metrics_path, os.path.join(cfg.out_dir, "metrics.png"))  # no plotting library needed
         report_end(summary, cfg)
     if world > 1:
         dist.destroy_process_group()
