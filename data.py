@@ -1,13 +1,13 @@
 """Trajectory datasets for LeWM: collect HDF5 files with a scripted policy, read them (ours and the official ones),
 split them by episode and serve training clips of frames and action blocks.
 
-Layout (spec/ENVS.md §2, stable-worldmodel `HDF5Dataset`): one file, every dataset at the root, axis 0 = global row.
+Layout (docs/envs.md §6, stable-worldmodel `HDF5Dataset`): one file, every dataset at the root, axis 0 = global row.
 `ep_len` (E,) int32 and `ep_offset` (E,) int64 describe the episodes, which are stored one after another; every
 other dataset is a per-row column: `ep_idx` (or `episode_idx` in the official files) int32, `step_idx` int64,
 `pixels` (N, H, W, 3) uint8, `action` (N, A) float32 with row t holding the action taken at observation t (so the
 last row of each episode is NaN), and the env's info columns (state, goal_state, proprio, ...).
 
-Clips (spec/METHOD.md §2.1): T = history + num_preds = 3 + 1 frames at raw rows s, s+5, s+10, s+15, for every start
+Clips (docs/method.md §3, §4): T = history + num_preds = 3 + 1 frames at raw rows s, s+5, s+10, s+15, for every start
 s = 0..len-20 of every episode, with all 20 raw actions z-scored per raw step, NaN -> 0, and reshaped row-major into
 T blocks of frameskip * A (history, num_preds and frameskip are the model config's, passed in by the caller). The
 model's `preprocess` turns the uint8 frames into floats; this file never does.
@@ -358,7 +358,7 @@ def cache_limit_bytes() -> int:
 class ClipLoader:
     """Batches of clips from some episodes: (pixels uint8 (B, T, H, W, 3), actions float32 (B, T, frameskip * A)).
 
-    One clip per raw start row s = 0..len - T*frameskip of each episode (METHOD.md §2.1), T = history + num_preds
+    One clip per raw start row s = 0..len - T*frameskip of each episode (docs/method.md §3), T = history + num_preds
     frames every `frameskip` raw rows (the model config's fields of those names). Iterate one epoch with
     `for batch in loader` / `loader.epoch(k)`, or forever (resumable by step) with `loader.steps(start_step)`.
     The order of epoch k is a permutation from `np.random.default_rng([seed, k])`, so it is deterministic and

@@ -1,10 +1,10 @@
 """The four LeWM pixel environments (PushT, TwoRoom, Reacher, Cube) as headless Gymnasium envs, plus scripted policies.
 
-Each simulator follows the reference behaviour written down in spec/ENVS.md (stable-worldmodel / DINO-WM PushT,
+Each simulator follows the reference behaviour described in docs/envs.md (stable-worldmodel / DINO-WM PushT,
 TwoRoom, dm_control Reacher, OGBench Cube) closely enough that the same start state and actions give the same states,
 and renders RGB frames directly at the requested image size with the small anti-aliased numpy rasteriser below
 (no pygame, no OpenCV, no MuJoCo). Observations are frames; everything numeric lives in `info`, so a data collector
-can record every info key as a column (ENVS.md section 2).
+can record every info key as a column (docs/envs.md §6).
 
 Deliberately absent: human rendering, reward shaping (rewards are the reference's, LeWM never uses them), variation
 spaces (colours and sizes are the reference defaults), a TimeLimit in the registration (callers pass
@@ -119,7 +119,7 @@ def _clip_action(a: np.ndarray) -> np.ndarray:
     return np.clip(a, -1.0, 1.0).astype(np.float32)
 
 
-# --- PushT (ENVS.md section 4): pymunk pusher disc and T block, 512 x 512 world, y down
+# --- PushT (docs/envs.md §2): pymunk pusher disc and T block, 512 x 512 world, y down
 
 PUSHT_WORLD = 512.0
 PUSHT_TEE_BAR = ((-60.0, 30.0), (60.0, 30.0), (60.0, 0.0), (-60.0, 0.0))  # body-local vertices, order as the reference
@@ -140,7 +140,7 @@ PUSHT_WALL_COLOR = (211, 211, 211)  # LightGray
 
 
 def pusht_success(state, goal_state) -> bool:
-    """ENVS.md 4.6: agent xy and block xy jointly within 20 px, and block angle within pi/9 (mod 2 pi)."""
+    """docs/envs.md §2: agent xy and block xy jointly within 20 px, and block angle within pi/9 (mod 2 pi)."""
     s, g = np.asarray(state, np.float64), np.asarray(goal_state, np.float64)
     pos_diff = np.linalg.norm(g[:4] - s[:4])
     angle_diff = np.abs(g[4] - s[4]) % (2 * np.pi)
@@ -246,7 +246,7 @@ class PushTEnv(gym.Env):
     """
     ## Description
     Push a T-shaped block with a disc-shaped pusher on a frictionless 512 x 512 table (pymunk), seen from above.
-    Re-implementation of stable-worldmodel's `swm/PushT-v1` (ENVS.md section 4): same bodies, PD control, solver
+    Re-implementation of stable-worldmodel's `swm/PushT-v1` (docs/envs.md §2): same bodies, PD control, solver
     settings and reset/setter semantics, so the same start state and actions give the same states. A green T is
     always drawn at the fixed pose (256, 256, pi/4) as a visual anchor; the task goal is `goal_state`.
 
@@ -272,7 +272,7 @@ class PushTEnv(gym.Env):
     block position, then runs one 0.01 s physics step (so the agent moves by v * 0.01 and may push the block).
 
     ## Episode End
-    `terminated` when ||goal[0:4] - state[0:4]|| < 20 and the wrapped block-angle error < pi / 9 (ENVS.md 4.6).
+    `terminated` when ||goal[0:4] - state[0:4]|| < 20 and the wrapped block-angle error < pi / 9 (docs/envs.md §2).
     The env never truncates by itself; pass `max_episode_steps` to `gym.make` / `make_env`.
 
     ## Arguments
@@ -511,7 +511,7 @@ def tee_distance(points, pose) -> np.ndarray:
 
 
 class PushTRandomPolicy:
-    """The reference's random-near-block data policy (swm WeakPolicy, dist_constraint 100, ENVS.md 4.7): a uniform
+    """The reference's random-near-block data policy (swm WeakPolicy, dist_constraint 100, docs/envs.md §2): a uniform
     random relative target, clipped to a 200 x 200 box around the block origin so the pusher keeps touching it."""
 
     def __init__(self, env=None, noise: float = 0.0, rng: np.random.Generator | None = None, dist: float = 100.0):
@@ -765,7 +765,7 @@ def pusht_replay_state(state: np.ndarray) -> np.ndarray:
     return s
 
 
-# --- TwoRoom (ENVS.md section 5): point agent, two rooms, one door; 224-px image coordinates, no physics engine
+# --- TwoRoom (docs/envs.md §3): point agent, two rooms, one door; 224-px image coordinates, no physics engine
 
 TWOROOM_IMG = 224  # reference image size; all TwoRoom geometry is in 224-px image coordinates (x = column, y = row)
 TWOROOM_BORDER = 14
@@ -788,14 +788,14 @@ TWOROOM_DOOR = (112.0, 49.0)
 
 
 def tworoom_success(state, goal_state) -> bool:
-    """ENVS.md 5.7: agent within 16 px of the target."""
+    """docs/envs.md §3: agent within 16 px of the target."""
     diff = np.asarray(state, np.float32)[:2] - np.asarray(goal_state, np.float32)[:2]
     return bool(np.sqrt(np.sum(diff * diff)) < TWOROOM_SUCCESS_DIST)
 
 
 @functools.lru_cache(maxsize=16)
 def _tworoom_background(img_size: int) -> np.ndarray:
-    """Static uint8 frame: the pixel-grid rule of ENVS.md 5.1 (black wall columns 107..117 except door rows
+    """Static uint8 frame: the pixel-grid rule of docs/envs.md §3 (black wall columns 107..117 except door rows
     35..63, 4-px border lines at 10..13 and 210..213) evaluated on 8 x 8 samples per pixel and averaged; exactly
     one sample per pixel at 224, i.e. the reference raster."""
     k = 1 if img_size == TWOROOM_IMG else 8
@@ -815,7 +815,7 @@ class TwoRoomEnv(gym.Env):
     """
     ## Description
     A point agent moves between two rooms joined by one door. Re-implementation of stable-worldmodel's
-    `swm/TwoRoom-v1` (the torch rewrite that recorded the LeWM data, ENVS.md section 5). The 224 x 224 px arena is
+    `swm/TwoRoom-v1` (the torch rewrite that recorded the LeWM data, docs/envs.md §3). The 224 x 224 px arena is
     split by a vertical wall at x = 112 with a door at y = 49. A step moves the agent by 5 px times the action,
     clamps it to [21, 203] and applies the reference's endpoint-only wall test: a proposed position past the wall
     (x > 100 coming from the left, x < 124 from the right) outside the door band 33.25 <= y <= 64.75 is snapped to
@@ -908,7 +908,7 @@ class TwoRoomEnv(gym.Env):
         a = np.clip(np.asarray(action, np.float32), -1.0, 1.0)
         x_prev = self.agent[0]
         p = np.clip(self.agent + np.float32(TWOROOM_SPEED) * a, TWOROOM_POS_LOW, TWOROOM_POS_HIGH).astype(np.float32)
-        in_door = TWOROOM_DOOR_LOW <= p[1] <= TWOROOM_DOOR_HIGH  # wall test on the end point only (ENVS.md 5.2)
+        in_door = TWOROOM_DOOR_LOW <= p[1] <= TWOROOM_DOOR_HIGH  # wall test on the end point only (docs/envs.md §3)
         if x_prev < TWOROOM_WALL_X and p[0] > TWOROOM_LEFT_LIMIT and not in_door:
             p[0] = TWOROOM_LEFT_SNAP
         elif x_prev >= TWOROOM_WALL_X and p[0] < TWOROOM_RIGHT_LIMIT and not in_door:
@@ -918,7 +918,7 @@ class TwoRoomEnv(gym.Env):
         return self.render(), 0.0, info["is_success"], False, info
 
     def render(self) -> np.ndarray:
-        """Gaussian blob over the static frame, in float32 then truncated to uint8 as the reference (ENVS.md 5.4).
+        """Gaussian blob over the static frame, in float32 then truncated to uint8 as the reference (docs/envs.md §3).
         Farther than 48 px from the agent alpha < 2^-25, so 1 - alpha == 1 in float32 and the pixel is unchanged:
         only that window is computed."""
         frame = _tworoom_background(self.img_size).copy()
@@ -935,7 +935,7 @@ class TwoRoomEnv(gym.Env):
 
 
 class TwoRoomExpertPolicy:
-    """The reference's noisy door-seeking expert (ENVS.md 5.6): head for the door centre while the target is in the
+    """The reference's noisy door-seeking expert (docs/envs.md §3): head for the door centre while the target is in the
     other room and the door is more than 10.5 px away, else for the target; unit direction plus N(0, noise^2) per
     component, clipped. The reference's action-repeat branch never triggers and is not implemented."""
 
@@ -978,7 +978,7 @@ def tworoom_recolour(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.clip((x[..., 0] - x[..., 1]) / 255, 0, 1), x[..., ::-1]
 
 
-# --- Reacher (ENVS.md section 6): dm_control two-link arm, equations of motion written out
+# --- Reacher (docs/envs.md §4): dm_control two-link arm, equations of motion written out
 
 REACHER_DT = 0.02  # MuJoCo timestep (Euler)
 REACHER_SUBSTEPS = 2  # the swm wrapper repeats each action for 2 physics steps
@@ -994,7 +994,7 @@ REACHER_SUCCESS_TOL = 0.05  # rad per joint, raw angles
 REACHER_TARGET_SIZE = 0.015  # 'hard' task target sphere radius
 REACHER_CAM_Z = 0.75  # camera 0 "fixed" height, looking straight down
 REACHER_FOCAL = 112.0 / math.tan(math.radians(22.5))  # 270.4 px at 224 (vertical FOV 45 deg)
-REACHER_FLOOR_LIGHT = (77.0, 115.0, 155.0)  # checker colours as rendered (ENVS.md 6.4, approximate)
+REACHER_FLOOR_LIGHT = (77.0, 115.0, 155.0)  # checker colours as rendered (docs/envs.md §4, approximate)
 REACHER_FLOOR_DARK = (36.0, 74.0, 110.0)
 REACHER_DECOR = (100.0, 143.0, 187.0)  # arena walls and root cylinder, material (.3, .5, .7)
 REACHER_ARM_COLOR = (250.0, 230.0, 145.0)  # material (.7, .5, .3) where lit
@@ -1011,7 +1011,7 @@ def _capsule_inertia(length: float) -> tuple[float, float]:
 
 
 def _reacher_inertias() -> tuple[float, float, float, float]:
-    """(I1 about the shoulder, I2 about the wrist, m2, c2) of dm_control's reacher.xml (ENVS.md 6.1)."""
+    """(I1 about the shoulder, I2 about the wrist, m2, c2) of dm_control's reacher.xml (docs/envs.md §4)."""
     m1, i1 = _capsule_inertia(REACHER_L1)
     m_hand, i_hand = _capsule_inertia(REACHER_L2)
     m_finger = REACHER_DENSITY * 4.0 / 3.0 * math.pi * REACHER_RADIUS**3
@@ -1025,7 +1025,7 @@ REACHER_I1, REACHER_I2, REACHER_M2, REACHER_C2 = _reacher_inertias()  # 2.141e-4
 
 
 def reacher_success(state, goal_state) -> bool:
-    """ENVS.md 6.6 (qpos_match): both joint angles within 0.05 rad of the goal, no angle wrapping."""
+    """docs/envs.md §4 (task qpos_match): both joint angles within 0.05 rad of the goal, no angle wrapping."""
     diff = np.asarray(state, np.float64)[:2] - np.asarray(goal_state, np.float64)[:2]
     return bool(np.all(np.abs(diff) < REACHER_SUCCESS_TOL))
 
@@ -1068,7 +1068,7 @@ def _reacher_background(img_size: int) -> np.ndarray:
     light = (u >= 112.0) == (v < 112.0)  # quadrants (+x, +y) and (-x, -y): image y points down = world -y
     img = np.where(light[..., None], REACHER_FLOOR_LIGHT, REACHER_FLOOR_DARK)  # (H k, W k, 3)
     # DEVIATION: the arena walls (planes at x, y = +-0.3) are drawn as the thin light-blue lines 3-5 px inside the
-    # image edges, with a darker strip outside, that ENVS.md 6.4 describes, not ray-cast (UNKNOWN exact look)
+    # image edges, with a darker strip outside (docs/envs.md §4), not ray-cast (UNKNOWN exact look)
     edge = np.minimum(np.minimum(u, 224.0 - u), np.minimum(v, 224.0 - v))
     img = np.where((edge < 3.0)[..., None], 0.7 * img, img)
     img = np.where(((edge >= 3.0) & (edge < 5.0))[..., None], REACHER_DECOR, img)
@@ -1083,7 +1083,7 @@ class ReacherEnv(gym.Env):
     """
     ## Description
     A planar two-link arm driven by two joint motors, seen from above. Re-implementation of stable-worldmodel's
-    `swm/ReacherDMControl-v0` (dm_control `reacher`, MuJoCo, ENVS.md section 6) with the two-link equations of
+    `swm/ReacherDMControl-v0` (dm_control `reacher`, MuJoCo, docs/envs.md §4) with the two-link equations of
     motion written out: M(q) qacc = tau - bias(q, qdot) with tau = 0.05 u - 0.01 qdot, integrated like MuJoCo's Euler
     integrator (joint damping implicit: (M + dt 0.01 I) qacc = tau - bias, then qdot += dt qacc, q += dt qdot),
     timestep 0.02 s, 2 physics steps per env step. The wrist is limited to +-160 deg, the shoulder is unlimited and
@@ -1142,7 +1142,7 @@ class ReacherEnv(gym.Env):
         self.target_qpos = np.array(goal_state, np.float64).reshape(-1)[:2]
 
     def _physics_step(self, u: np.ndarray) -> None:
-        """One 0.02 s Euler step of the two-link arm (ENVS.md 6.1)."""
+        """One 0.02 s Euler step of the two-link arm (docs/envs.md §4)."""
         (q1, q2), (v1, v2) = self.qpos, self.qvel
         k = REACHER_M2 * REACHER_L1 * REACHER_C2
         m12 = REACHER_I2 + k * math.cos(q2)
@@ -1157,7 +1157,7 @@ class ReacherEnv(gym.Env):
         v2 += REACHER_DT * (a11 * f2 - m12 * f1) / det
         q1, q2 = q1 + REACHER_DT * v1, q2 + REACHER_DT * v2
         if abs(q2) > REACHER_WRIST_LIMIT:
-            # DEVIATION: hard clamp with velocity zeroing instead of MuJoCo's soft joint limit (ENVS.md 6.1)
+            # DEVIATION: hard clamp with velocity zeroing instead of MuJoCo's soft joint limit (docs/envs.md §4)
             q2, v2 = math.copysign(REACHER_WRIST_LIMIT, q2), 0.0
         self.qpos, self.qvel = np.array([q1, q2]), np.array([v1, v2])
 
@@ -1229,7 +1229,7 @@ class ReacherEnv(gym.Env):
 
 
 class ReacherRandomPolicy:
-    """The LeWM Reacher data policy (ENVS.md 6.5): a fresh uniform action in [-1, 1]^2 every env step, plus
+    """The LeWM Reacher data policy (docs/envs.md §4): a fresh uniform action in [-1, 1]^2 every env step, plus
     N(0, noise^2) per component, clipped (noise 0, the LeWM data, draws nothing more)."""
 
     def __init__(self, env=None, noise: float = 0.0, rng: np.random.Generator | None = None):
@@ -1261,7 +1261,7 @@ def reacher_recolour(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.clip((x[..., 0] - x[..., 2]) / 100, 0, 1), x[..., ::-1]
 
 
-# --- Cube (ENVS.md section 7): kinematic single-cube pick-and-place, numpy perspective rasteriser
+# --- Cube (docs/envs.md §5): kinematic single-cube pick-and-place, numpy perspective rasteriser
 #
 # The scene is a set of boxes (cube, gripper parts, cartoon arm) drawn with a pinhole model of the reference's front
 # camera. Shapes: B boxes, C shadow casters, K quads drawn together, P quads in total, S image size, (h, w) a window.
@@ -1269,14 +1269,14 @@ def reacher_recolour(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 CUBE_DT = 0.05  # control period in seconds (20 Hz, as the original 25 x 0.002 s substeps)
 CUBE_ACTION_SCALE = np.array(
     [0.05, 0.05, 0.05, 0.3, 1.0]
-)  # action 1 = 5 cm, 0.3 rad, full gripper stroke (ENVS.md 7.2)
-CUBE_WS_LOW = np.array([0.25, -0.35, 0.02])  # effector workspace (ENVS.md 7.2)
+)  # action 1 = 5 cm, 0.3 rad, full gripper stroke (docs/envs.md §5)
+CUBE_WS_LOW = np.array([0.25, -0.35, 0.02])  # effector workspace (docs/envs.md §5)
 CUBE_WS_HIGH = np.array([0.60, 0.35, 0.35])
 CUBE_WALL_LOW = np.array([0.24, -0.36])  # cube-centre limits from the invisible walls x = 0.22 / 0.63, y = +-0.38
 CUBE_WALL_HIGH = np.array([0.61, 0.36])
 CUBE_HALF = 0.02  # cube half-size; a resting cube's centre is at z = CUBE_HALF
-CUBE_EE_START = np.array([0.425, 0.0, 0.275])  # effector position at reset (ENVS.md 7.5)
-CUBE_SPAWN_LOW = np.array([0.30, -0.30])  # cube and target (x, y) box at reset (ENVS.md 7.5)
+CUBE_EE_START = np.array([0.425, 0.0, 0.275])  # effector position at reset (docs/envs.md §5)
+CUBE_SPAWN_LOW = np.array([0.30, -0.30])  # cube and target (x, y) box at reset (docs/envs.md §5)
 CUBE_SPAWN_HIGH = np.array([0.55, 0.30])
 CUBE_TRACK = 0.9  # effector moves this fraction of the way to its target per step (UNKNOWN; MuJoCo servo lag)
 CUBE_GRIP_SPEED = 0.35  # max gripper closure change per step, full stroke in ~3 steps (UNKNOWN)
@@ -1285,10 +1285,10 @@ CUBE_RELEASE = 0.5  # a grasped cube is let go when the gripper target drops bel
 CUBE_GRASP_TOL = 0.02  # pinch point within 2 cm of the cube centre, horizontally and vertically
 CUBE_GRASP_YAW_TOL = math.radians(30)  # max yaw misalignment (mod 90 deg) for the fingers to close on two faces
 CUBE_GRAVITY = 9.81
-CUBE_SUCCESS_DIST = 0.04  # success: cube centre within 4 cm of the target centre, 3-D (ENVS.md 7.6)
+CUBE_SUCCESS_DIST = 0.04  # success: cube centre within 4 cm of the target centre, 3-D (docs/envs.md §5)
 CUBE_STATE_DIM = 11  # [cube xyz, cube yaw, effector xyz, effector yaw, gripper closure, grasped, cube vz]
 
-# Camera "front_pixels" (ENVS.md 7.4): position, orthonormal image axes (x right, y up, z backwards), vertical FOV.
+# Camera "front_pixels" (docs/envs.md §5): position, orthonormal image axes (x right, y up, z backwards), vertical FOV.
 CUBE_CAM_POS = np.array([1.053, -0.014, 0.639])
 _CUBE_CAM_X = np.array([0.0, 1.0, 0.0])  # xyaxes from the MJCF; MuJoCo orthonormalises y against x
 _CUBE_CAM_Y = np.array([-0.628, 0.0, 0.778]) / np.linalg.norm([-0.628, 0.0, 0.778])
@@ -1296,7 +1296,7 @@ CUBE_CAM_AXES = np.stack([_CUBE_CAM_X, _CUBE_CAM_Y, np.cross(_CUBE_CAM_X, _CUBE_
 CUBE_CAM_FOVY = 45.0
 
 # Colours (0-255) and lighting: a directional light from straight above (it also casts the shadows), a headlight
-# and ambient, roughly the original's mix (ENVS.md 7.1).
+# and ambient, roughly the original's mix (docs/envs.md §5).
 # Floor quadrant colours as rendered, keyed by (sign x, sign y); image right = world +y, robot base at x = 0.
 CUBE_FLOOR_COLORS = {(1, 1): (55, 64, 89), (1, -1): (26, 39, 56), (-1, 1): (50, 59, 84), (-1, -1): (26, 36, 54)}
 CUBE_LINE_COLOR = (135, 140, 152)  # the light cross lines along x = 0 and y = 0
@@ -1515,7 +1515,7 @@ def cube_render(state: np.ndarray, img_size: int = 224) -> np.ndarray:
 
 
 def cube_success(state, goal_state) -> bool:
-    """ENVS.md 7.6: cube centre (state[:3]) within 4 cm of the target centre (goal_state[:3]), 3-D, yaw ignored."""
+    """docs/envs.md §5: cube centre (state[:3]) within 4 cm of the target centre (goal_state[:3]), 3-D, yaw ignored."""
     return bool(np.linalg.norm(np.asarray(state)[:3] - np.asarray(goal_state)[:3]) <= CUBE_SUCCESS_DIST)
 
 
@@ -1523,11 +1523,11 @@ class CubeEnv(gym.Env):
     """
     ## Description
     Single-cube pick-and-place in front of a robot arm, seen by a fixed oblique front camera: a numpy stand-in for
-    OGBench "cube-single" (`swm/OGBCube-v0`, ENVS.md section 7). The agent moves the pinch point of a parallel
+    OGBench "cube-single" (`swm/OGBCube-v0`, docs/envs.md §5). The agent moves the pinch point of a parallel
     gripper with relative commands; closing the fingers around the 4 cm red cube grasps it, opening them drops it,
     and gravity brings a dropped cube back to the table. The goal is to bring the cube centre within 4 cm of a
     target position, which is invisible in the image (as the original with `visualize_info=False`).
-    DEVIATION: kinematic simplification of the MuJoCo scene (ENVS.md 7.7): no UR5e, IK or joint dynamics (the arm
+    DEVIATION: kinematic simplification of the MuJoCo scene (docs/envs.md §5): no UR5e, IK or joint dynamics (the arm
     is a drawn cartoon), no contact physics (an ungrasped cube never gets pushed, slips or tumbles; the cube stays
     upright), an idealised grasp and approximate gripper timing, and non-photoreal rendering.
 
@@ -1561,11 +1561,11 @@ class CubeEnv(gym.Env):
     ## Starting State
     Effector at (0.425, 0, 0.275) with yaw ~ U(-pi, pi), gripper open; cube on the table at (x, y) ~
     U([0.30, 0.55] x [-0.30, 0.30]) with yaw ~ U(0, 2 pi); target drawn from the same box at z = 0.02 with yaw ~
-    U(0, 2 pi) (ENVS.md 7.5). `options={"state": s, "goal_state": g}` overrides either exactly; g may be (3,)
+    U(0, 2 pi) (docs/envs.md §5). `options={"state": s, "goal_state": g}` overrides either exactly; g may be (3,)
     (yaw 0), (4,), or a full (11,) state whose first four entries are used.
 
     ## Episode End
-    `terminated` when ||cube - target|| <= 0.04 (ENVS.md 7.6). The env never truncates by itself; pass
+    `terminated` when ||cube - target|| <= 0.04 (docs/envs.md §5). The env never truncates by itself; pass
     `max_episode_steps` to `gym.make` / `make_env`.
 
     ## Arguments
@@ -1689,7 +1689,7 @@ class CubeEnv(gym.Env):
         return self._frame.copy()
 
 
-# --- Cube scripted policy: OGBench plan oracle (ENVS.md 7.5)
+# --- Cube scripted policy: OGBench plan oracle (docs/envs.md §5)
 
 
 def _cube_gaussian_smooth(x: np.ndarray, sigma: float) -> np.ndarray:
@@ -1707,7 +1707,7 @@ def _cube_quarter_turn(yaw: float, reference: float) -> float:
 
 
 class CubeOraclePolicy:
-    """The LeWM Cube data policy (ENVS.md 7.5): OGBench's plan oracle with smoothed noise.
+    """The LeWM Cube data policy (docs/envs.md §5): OGBench's plan oracle with smoothed noise.
 
     A subtask picks the cube and places it at the target (both read from info), then moves to a random pose. Its
     keyframes (pose = xyz + yaw, gripper 0/1) and durations: initial (current pose, open) -> pick, 0.1-0.2 m above
@@ -1766,7 +1766,7 @@ class CubeOraclePolicy:
         delta = np.array([*(target[:3] - info["proprio_effector_pos"]), 0.0, 0.0])
         delta[3] = _cube_wrap(target[3] - info["proprio_effector_yaw"][0])
         delta[4] = target[4] - info["proprio_gripper_opening"][0]
-        return np.clip(delta / CUBE_ACTION_SCALE, -1.0, 1.0).astype(np.float32)  # normalize() of ENVS.md 7.2
+        return np.clip(delta / CUBE_ACTION_SCALE, -1.0, 1.0).astype(np.float32)  # normalize(), docs/envs.md §5
 
 
 # --- Cube evaluation hooks (evaluate.py: surprise events)
@@ -1829,11 +1829,12 @@ class EnvSpec:
 # action std ~0.2, pusher speed std ~75 px/s, ~125-150 steps per episode, which ends when the T is placed (the policy
 # says `done`) or after 300 steps. TwoRoom and Reacher: as the LeWM data (README, "Data"). Cube: 200-step
 # plan-oracle episodes, as the LeWM data.
-# Goal dims (ENVS.md 3, step 4 setters): PushT the full 7-D state, TwoRoom the agent xy, Reacher the two joint
-# angles, Cube the cube position and yaw. Distances: PushT agent and block xy jointly, px of the 512 canvas (success
-# < 20, and block angle < 20 deg); TwoRoom agent xy, px of 224 (success < 16); Reacher the two joint angles, rad;
-# Cube the cube centre, metres (success <= 0.04). Probes: an angle is regressed as (sin, cos) so that wrap-around is
-# no discontinuity; Reacher's raw joint angles are never wrapped (the shoulder is unlimited).
+# Goal dims (docs/envs.md §1; what the reference evaluation's goal setters set): PushT the full 7-D state,
+# TwoRoom the agent xy, Reacher the two joint angles, Cube the cube position and yaw. Distances: PushT agent and
+# block xy jointly, px of the 512 canvas (success < 20, and block angle < 20 deg); TwoRoom agent xy, px of 224
+# (success < 16); Reacher the two joint angles, rad; Cube the cube centre, metres (success <= 0.04). Probes: an
+# angle is regressed as (sin, cos) so that wrap-around is no discontinuity; Reacher's raw joint angles are never
+# wrapped (the shoulder is unlimited).
 REGISTRY = {
     "pusht": EnvSpec(
         id="LeWM/PushT-v0",
@@ -1867,7 +1868,7 @@ REGISTRY = {
         stop_on_success=True,
         goal_dims=2,
         distance_dims=2,
-        state_columns=(("state",), ("proprio",)),  # official files: the agent xy is `proprio` (ENVS.md 3, step 4)
+        state_columns=(("state",), ("proprio",)),  # official files: the agent xy is `proprio` (docs/envs.md §6)
         probe={"agent_pos": ([("state", 0, 2), ("proprio", 0, 2)], False)},
         teleport=tworoom_teleport,
         recolour=tworoom_recolour,

@@ -1,16 +1,16 @@
 """Action planners for LeWM: the cross-entropy method (CEM) and a gradient (AdamW) planner over action blocks.
 
 Pure optimisation: both planners minimise a black-box `cost_fn(candidates (B, S, N, A)) -> costs (B, S)` and know
-nothing about the world model or the environment. `make_cost` builds the LeWM rollout cost of spec/METHOD.md §4.1
+nothing about the world model or the environment. `make_cost` builds the LeWM rollout cost of docs/method.md §9
 from any model with a `rollout(z0, actions)` method, passed to it as an argument (this file imports nothing from
 the project).
 
-- `cem` is spec/METHOD.md §4.2 (stable-worldmodel `CEMSolver`, config `cem.yaml`): mean 0, std 1, 300 samples,
+- `cem` is docs/method.md §9 (stable-worldmodel `CEMSolver`, config `cem.yaml`): mean 0, std 1, 300 samples,
   30 iterations, top 30 elites, candidate 0 = the mean, elite mean / unbiased elite std, returns the final mean.
-- `gradient_plan` is spec/METHOD.md §4.3 (`GradientSolver`, config `adam.yaml`): 100 samples, AdamW(lr 0.1,
+- `gradient_plan` is docs/method.md §9 (`GradientSolver`, config `adam.yaml`): 100 samples, AdamW(lr 0.1,
   weight decay 0.01) on the actions for 30 steps, returns the lowest-cost sample.
-- `warm_start` builds the optional initial mean for receding-horizon MPC (METHOD.md §4.2 "warm start"; never used by
-  the reference protocol of §4.4, which replans from zero every `horizon` blocks).
+- `warm_start` builds the optional initial mean for receding-horizon MPC (docs/method.md §9, execution; never used by
+  the default protocol, which replans from zero every `horizon` blocks).
 
 Options the official solvers lack (all off by default, so the defaults reproduce the reference): a warm-start mean and
 several problems solved at once with one generator per problem. Deliberately absent, as in the reference: clipping to
@@ -32,7 +32,7 @@ Generators = torch.Generator | Sequence[torch.Generator] | None
 
 
 def make_cost(model, z0: torch.Tensor, z_goal: torch.Tensor, bf16: bool) -> CostFn:
-    """METHOD.md §4.1 cost: sum over D of the squared error between the last predicted embedding and the goal.
+    """docs/method.md §9 cost: sum over D of the squared error between the last predicted embedding and the goal.
 
     model: anything with `rollout(z0 (B, 1, D), candidates (B, S, N, A)) -> z (B, S, N+1, D)` (LeWM); z_goal (B, D).
     """
@@ -77,7 +77,7 @@ def _init_mean(init_mean, batch: int, horizon: int, action_dim: int, device, dty
     )  # (B, N, A)
 
 
-# --- CEM (METHOD.md §4.2)
+# --- CEM (docs/method.md §9)
 
 
 def cem(
@@ -121,7 +121,7 @@ def cem(
     return mean
 
 
-# --- gradient planner (METHOD.md §4.3)
+# --- gradient planner (docs/method.md §9)
 
 
 def gradient_plan(
@@ -155,7 +155,7 @@ def gradient_plan(
         plans.requires_grad_(True)
         opt = torch.optim.AdamW([plans], lr=lr, weight_decay=weight_decay)
         for _ in range(steps):
-            loss = cost_fn(plans).sum()  # ()  sum, not mean: the cost scale sets Adam's early trajectory (§4.3)
+            loss = cost_fn(plans).sum()  # ()  sum, not mean (as upstream): the cost scale sets Adam's early trajectory
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -1,6 +1,6 @@
 """SIGReg: the Sketched Isotropic Gaussian Regulariser that keeps LeWM's embeddings from collapsing.
 
-LeWM paper (arXiv 2603.19312) and spec/METHOD.md §3. For each time step, the batch of embeddings is projected on
+LeWM paper (arXiv 2603.19312) and docs/method.md §7. For each time step, the batch of embeddings is projected on
 K random unit directions; the empirical characteristic function of every 1-D projection is compared with that of
 N(0, 1) (the Epps-Pulley statistic, integrated on [-3, 3] with a Gaussian window by the trapezoid rule on 17 knots,
 using the symmetry of the integrand). The loss is the mean over time steps and directions, scaled by the number of
@@ -43,7 +43,7 @@ class AllReduceSum(torch.autograd.Function):
 
 
 class SIGReg(nn.Module):
-    """Epps-Pulley normality statistic averaged over random 1-D projections (METHOD.md §3.1)."""
+    """Epps-Pulley normality statistic averaged over random 1-D projections (docs/method.md §7)."""
 
     def __init__(self, knots: int = 17, num_proj: int = 1024, t_max: float = 3.0):
         super().__init__()

@@ -1,4 +1,4 @@
-"""Train LeWM from pixels: next-embedding MSE + lambd * SIGReg, nothing else (spec/METHOD.md §2).
+"""Train LeWM from pixels: next-embedding MSE + lambd * SIGReg, nothing else (docs/method.md §6, §8).
 
 One linear `main(cfg)` with one visible loop: learning rate as a pure function of the step, bf16 autocast forward,
 backward, global-norm clip, AdamW step, a fixed-format log line, validation and an atomic checkpoint at intervals.
@@ -98,7 +98,7 @@ class TrainConfig:
 # known (steps per epoch = training clips // global batch). `schedule_steps` None: the schedule is the run (a full
 # cosine over max_steps, after flags). `env`: per-environment overrides of any of these keys.
 RECIPES = {
-    # The official recipe (METHOD.md §2.3): 10 epochs of a 100-epoch schedule.
+    # The official recipe (docs/method.md §8): 10 epochs of a 100-epoch schedule.
     "paper": {
         "batch_size": 128,
         "lr": 5e-5,
