@@ -184,6 +184,12 @@ def test_model_official_format_round_trip(tmp_path, hf5):
         else "encoder.encoder.layer.0.attention.attention.query.weight"
     )
     assert layer in keys and "predictor.transformer.layers.1.adaLN_modulation.1.weight" in keys
+    # The official vit_hf looks `size` up in its table of named ViT sizes, then applies the explicit fields.
+    with open(config) as f:
+        enc = json.load(f)["encoder"]
+    assert enc["size"] in ("tiny", "small", "base", "large", "huge") and enc["image_size"] == 32
+    assert (enc["hidden_size"], enc["num_hidden_layers"], enc["num_attention_heads"], enc["intermediate_size"]) == (
+        32, 2, 2, 64)  # fmt: skip
     loaded = load_official(weights, config)
     assert not loaded.training and loaded.cfg == model.cfg
     x, a = torch.randn(2, 4, 3, 32, 32), torch.randn(2, 3, 25)
