@@ -748,7 +748,10 @@ def _hub_folder(repo_id: str) -> str:
     try:
         paths = [hf_hub_download(repo_id, name) for name in ("config.json", "weights.pt")]
     except Exception as e:  # offline with nothing cached, unknown repository, no network
-        raise RuntimeError(f"cannot get {repo_id!r} from the hub or its local cache ({type(e).__name__}: {e})") from e
+        reason = " ".join(str(e).split())  # hub errors can span several lines
+        raise RuntimeError(
+            f"cannot get {repo_id!r} from the hub or its local cache ({type(e).__name__}: {reason})"
+        ) from e
     return os.path.dirname(paths[1])
 
 

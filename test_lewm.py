@@ -235,21 +235,27 @@ def _no_network(*args, **kwargs):
     raise OSError("network access in a test")
 
 
-def test_model_hub_name_served_from_offline_cache(tmp_path, monkeypatch):
-    """load_pretrained("owner/name") reads a hub-cache folder with the network off; an uncached name fails clearly."""
+def offline_hub_cache(tmp_path, monkeypatch, model: LeWM, repo: str = "someone/lewm-tiny") -> None:
+    """Lay `model` out in tmp_path/hub as the hub cache holds a download of `repo`, and switch the network off."""
     pytest.importorskip("huggingface_hub")
-    model = randomise(tiny_model()).eval()
-    snap = tmp_path / "hub" / "models--someone--lewm-tiny" / "snapshots" / ("ab" * 20)
+    hub = tmp_path / "hub"
+    snap = hub / f"models--{repo.replace('/', '--')}" / "snapshots" / ("ab" * 20)
     export_official(model, str(snap))
     (snap.parents[1] / "refs").mkdir()
     (snap.parents[1] / "refs" / "main").write_text("ab" * 20)
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for name, value in (("HF_HOME", tmp_path / "hf_home"), ("HF_HUB_CACHE", hub), ("HF_HUB_OFFLINE", "1")):
+        monkeypatch.setenv(name, str(value))
     monkeypatch.setattr(socket, "socket", _no_network)
-    import huggingface_hub.constants as hub_constants
+    import huggingface_hub.constants as hub_constants  # read at import: the environment alone is too late
 
-    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(hub))
     monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+
+
+def test_model_hub_name_served_from_offline_cache(tmp_path, monkeypatch):
+    """load_pretrained("owner/name") reads a hub-cache folder with the network off; an uncached name fails clearly."""
+    model = randomise(tiny_model()).eval()
+    offline_hub_cache(tmp_path, monkeypatch, model)
     x = torch.randint(0, 256, (3, 32, 32, 3), dtype=torch.uint8)
     for name in ("someone/lewm-tiny", "hf:someone/lewm-tiny"):
         torch.testing.assert_close(load_pretrained(name).embed(x), model.embed(x), rtol=0, atol=0)
@@ -1754,6 +1760,61 @@ def test_eval_load_world_errors(tmp_path, tiny_pusht):
     assert set(world.train_eps).isdisjoint(world.val_eps) and len(world.train_eps) + len(world.val_eps) == 6
 
 
+def test_eval_released_model_on_own_simulator_data(tmp_path, monkeypatch, capsys):
+    """--official hf:owner/name (or a folder) with --env and no --data collects our simulator's data at the model's
+    image size into data/<env>_<img>px_<N>ep.h5 once, evaluates on it and records the data source."""
+    model = randomise(tiny_model(), seed=4).eval()  # 32 px: the image size comes from the model, never 224
+    offline_hub_cache(tmp_path, monkeypatch, model)
+    monkeypatch.chdir(tmp_path)
+    cfg = evaluate.EvalConfig(official=("hf:someone/lewm-tiny",), env="tworoom", collect_episodes=10, episodes=2,
+                              budget=5, samples=8, iterations=1, topk=2, device="cpu", out=str(tmp_path / "r.json"))  # fmt: skip
+    res = evaluate.main(cfg)
+    path = os.path.join("data", "tworoom_32px_10ep.h5")
+    assert "collecting 10 episodes of our tworoom simulator at 32 px" in capsys.readouterr().out
+    with data.Trajectories(path) as traj:
+        assert traj.num_episodes == 10 and traj.img_shape == (32, 32, 3)
+        assert str(traj.file.attrs["policy"]) == envs.ENV_DEFAULTS["tworoom"]["policy"]
+        val = set(data.split_episodes(10)[1])
+    with open(tmp_path / "r.json") as f:
+        saved = json.load(f)
+    assert saved["data"] == path and saved["data_source"].startswith("own simulator, collected by data.collect")
+    assert saved["checkpoint"] == "hf:someone/lewm-tiny" and res["episodes"] == 2
+    assert all(r["episode"] in val for r in saved["per_episode"])
+    # A folder of released files gives the same model; the data already on disk is reused, not collected again.
+    folder = tmp_path / "released"
+    export_official(model, str(folder))
+    again = evaluate.main(dataclasses.replace(cfg, official=(str(folder),)))
+    assert "collecting" not in capsys.readouterr().out and again["data"] == path
+    assert [r["final_distance"] for r in again["per_episode"]] == [r["final_distance"] for r in res["per_episode"]]
+
+
+def test_eval_released_model_source_errors_are_one_line(tmp_path, monkeypatch):
+    """A bad --official, a missing huggingface_hub, or an uncached name offline is one UsageError line."""
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "released"
+    export_official(randomise(tiny_model()), str(folder))
+    os.remove(folder / "config.json")
+    base = evaluate.EvalConfig(env="pusht", device="cpu", out=str(tmp_path / "r.json"))
+    cases = [((str(folder),), "the folder lacks config.json"), ((str(folder / "weights.pt"),), "give hf:owner/name"),
+             (("a", "b", "c"), "give hf:owner/name")]  # fmt: skip
+    for official, text in cases:
+        with pytest.raises(data.UsageError, match=re.escape(text)):
+            evaluate.main(dataclasses.replace(base, official=official))
+    with pytest.raises(data.UsageError, match="--official needs --env"):
+        evaluate.main(dataclasses.replace(base, official=(str(folder / "weights.pt"), str(folder / "weights.pt")),
+                                          env=""))  # fmt: skip
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "huggingface_hub", None)  # import fails as if it were not installed
+        with pytest.raises(data.UsageError, match="needs huggingface_hub: pip install huggingface_hub") as e:
+            evaluate.main(dataclasses.replace(base, official=("hf:someone/lewm-tiny",)))
+        assert "\n" not in str(e.value)
+    offline_hub_cache(tmp_path, monkeypatch, randomise(tiny_model()))
+    with pytest.raises(data.UsageError, match="cannot get 'someone/other' from the hub") as e:
+        evaluate.main(dataclasses.replace(base, official=("hf:someone/other",)))
+    assert "\n" not in str(e.value)
+    assert not os.path.exists(tmp_path / "data")  # nothing collected for a model that did not load
+
+
 def test_eval_adam_solver_and_wilson(tmp_path, tiny_pusht):
     """The gradient solver runs under the same protocol; the Wilson interval matches known values."""
     ckpt = _eval_ckpt(tmp_path / "ckpt.pt", tiny_pusht, "pusht")
@@ -1874,7 +1935,8 @@ def test_fail_cli_errors_are_one_line_exit_2(tmp_path):
     """Case 7: a user error at the real command line is one line on stderr, exit code 2, no traceback."""
     for script, args, text in (("evaluate.py", [], "exactly one of --ckpt"),
                                ("train.py", ["--max_steps", "-5"], "--max_steps -5"),
-                               ("evaluate.py", ["--solver", "ADAM"], "--solver")):  # fmt: skip
+                               ("evaluate.py", ["--solver", "ADAM"], "--solver"),
+                               ("evaluate.py", ["--official", "a", "b", "c", "--env", "pusht"], "--official a b c")):  # fmt: skip
         res = subprocess.run([sys.executable, os.path.join(REPO, script), *args], cwd=tmp_path, capture_output=True,
                              text=True, timeout=300)  # fmt: skip
         assert res.returncode == 2 and text in res.stderr and "Traceback" not in res.stderr, res.stderr[-800:]
