@@ -948,6 +948,33 @@ def test_data_official_layout_loads(tmp_path):
         assert pixels.shape == (16, 4, 4, 4, 3) and actions.shape == (16, 4, 10)
 
 
+def test_data_official_blosc_file_reads_like_gzip(tmp_path):
+    """An official-layout file with Blosc/lz4 + byte-shuffle pixels (hdf5plugin) reads clip for clip equal to the
+    same data gzip-compressed."""
+    hdf5plugin = pytest.importorskip("hdf5plugin")
+    pixels = np.random.default_rng(0).integers(0, 256, (210, 8, 8, 3), dtype=np.uint8)  # incompressible noise
+    compressions = {"gzip": {"compression": "gzip"},
+                    "blosc": hdf5plugin.Blosc(cname="lz4", clevel=5, shuffle=hdf5plugin.Blosc.SHUFFLE)}  # fmt: skip
+    paths = {}
+    for name, comp in compressions.items():
+        paths[name] = _data_file(tmp_path / f"{name}.h5", lens=(120, 90), index="episode_idx", pixels=None)
+        with h5py.File(paths[name], "a") as f:  # pixels chunked 100 rows at a time, as the official recorder does
+            ds = f.create_dataset("pixels", data=pixels, chunks=(100, 8, 8, 3), **comp)
+            codes = [ds.id.get_create_plist().get_filter(i)[0] for i in range(ds.id.get_create_plist().get_nfilters())]
+            assert (32001 in codes) == (name == "blosc")  # the Blosc filter id of the official files
+    with data.Trajectories(paths["gzip"]) as gz, data.Trajectories(paths["blosc"]) as bl:
+        assert bl.index_column == "episode_idx" and bl.num_episodes == 2
+        np.testing.assert_array_equal(bl.read("pixels", np.arange(210)), pixels)
+        np.testing.assert_array_equal(bl.episode(1, ["pixels"])["pixels"], pixels[120:])
+        stats = data.action_stats(gz, [0])
+        loaders = [data.ClipLoader(t, [0, 1], stats, batch_size=8, seed=5, cache=False) for t in (gz, bl)]
+        batches = 0
+        for (p_gz, a_gz), (p_bl, a_bl) in zip(*loaders, strict=True):
+            assert torch.equal(p_gz, p_bl) and torch.equal(a_gz, a_bl)
+            batches += 1
+        assert batches == len(loaders[0]) > 0
+
+
 def test_data_split_is_disjoint_and_deterministic():
     """split_episodes covers every episode exactly once, is seeded, and leaves both sets non-empty."""
     for num, frac, seed in [(2, 0.1, 0), (10, 0.1, 1), (101, 0.2, 3072), (1000, 0.1, 5)]:
