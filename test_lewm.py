@@ -2106,3 +2106,79 @@ def test_fail_train_sigint_checkpoints_and_resumes(tmp_path, tiny_pusht):
                                   ckpt_every=1000, resume=True))  # fmt: skip
     assert summary["steps"] == step + 2
     assert [r["step"] for r in train.read_metrics(str(out_dir / "metrics.jsonl"))][-3:] == [step, step + 1, step + 2]
+
+
+# --- bench tests: render similarity
+
+
+def _png_bytes(image: np.ndarray, filters: list[int]) -> bytes:
+    """An RGB PNG whose row y is written with PNG filter filters[y] (0 none, 1 sub, 2 up, 3 average, 4 Paeth)."""
+    import zlib
+
+    h, w, _ = image.shape
+    rows, prev = [], np.zeros(w * 3, np.int32)
+    for y in range(h):
+        cur, out = image[y].reshape(-1).astype(np.int32), []
+        for x in range(w * 3):
+            left, up, ul = (cur[x - 3] if x >= 3 else 0), prev[x], (prev[x - 3] if x >= 3 else 0)
+            p = left + up - ul
+            paeth = min((abs(p - left), 0, left), (abs(p - up), 1, up), (abs(p - ul), 2, ul))[2]
+            pred = [0, left, up, (left + up) // 2, paeth][filters[y]]
+            out.append((cur[x] - pred) & 255)
+        rows.append(bytes([filters[y], *out]))
+        prev = cur
+
+    def chunk(kind, body):
+        return len(body).to_bytes(4, "big") + kind + body + zlib.crc32(kind + body).to_bytes(4, "big")
+
+    header = w.to_bytes(4, "big") + h.to_bytes(4, "big") + bytes([8, 2, 0, 0, 0])
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"".join(rows))) + chunk(
+        b"IEND", b"")  # fmt: skip
+
+
+def test_bench_load_png_undoes_every_filter(tmp_path):
+    """load_png reads back envs.save_png output and rows written with each of the five PNG filters, exactly."""
+    import bench
+
+    image = np.random.default_rng(0).integers(0, 256, (10, 7, 3), dtype=np.uint8)
+    envs.save_png(str(tmp_path / "a.png"), image)
+    np.testing.assert_array_equal(bench.load_png(str(tmp_path / "a.png")), image)
+    (tmp_path / "b.png").write_bytes(_png_bytes(image, [0, 1, 2, 3, 4, 4, 3, 2, 1, 0]))
+    np.testing.assert_array_equal(bench.load_png(str(tmp_path / "b.png")), image)
+    (tmp_path / "c.png").write_bytes(b"GIF89a")
+    with pytest.raises(ValueError, match="not a PNG"):
+        bench.load_png(str(tmp_path / "c.png"))
+
+
+def test_bench_ssim_known_properties():
+    """SSIM is 1 for identical images, symmetric, below 1 for shifted or noised copies, lower for more noise, and
+    negative for an inverted image."""
+    import bench
+
+    frame = envs.make_env("pusht", img_size=64).reset(seed=3)[0]
+    assert bench.ssim(frame, frame) == pytest.approx(1.0, abs=1e-12)
+    rng = np.random.default_rng(0)
+    noisy = [np.clip(frame + rng.normal(0, sd, frame.shape), 0, 255).astype(np.uint8) for sd in (5, 40)]
+    shifted = np.roll(frame, 2, axis=1)
+    for other in (*noisy, shifted):
+        assert bench.ssim(frame, other) == pytest.approx(bench.ssim(other, frame), abs=1e-12)
+        assert bench.ssim(frame, other) < 0.99
+    assert bench.ssim(frame, noisy[0]) > bench.ssim(frame, noisy[1])
+    assert bench.ssim(frame, 255 - frame) < 0
+    with pytest.raises(ValueError, match="same"):
+        bench.ssim(frame, frame[:32])
+
+
+def test_bench_render_match_recovers_known_states(tmp_path):
+    """render-match on our own frames at known states recovers the state and reports SSIM 1, |diff| 0."""
+    import bench
+
+    for name, state, tol in (("tworoom", [61.3, 150.7], 0.5), ("pusht", [300.0, 120.0, 210.0, 280.0, 0.7, 0, 0], 2)):
+        env = envs.make_env(name, img_size=64)
+        envs.save_png(str(tmp_path / f"{name}.png"), bench.render_at(env, np.array(state, float)))
+        res = bench.render_match(name, str(tmp_path / f"{name}.png"))
+        assert res["img_size"] == 64 and res["ssim"] > 0.999 and res["mean_abs_diff"] < 0.05
+        np.testing.assert_allclose(res["state"][:2], state[:2], atol=tol)
+        if name == "pusht":  # block position and angle (mod 2 pi)
+            np.testing.assert_allclose(res["state"][2:4], state[2:4], atol=tol)
+            assert abs((res["state"][4] - state[4] + np.pi) % (2 * np.pi) - np.pi) < 0.05
