@@ -2182,3 +2182,29 @@ def test_bench_render_match_recovers_known_states(tmp_path):
         if name == "pusht":  # block position and angle (mod 2 pi)
             np.testing.assert_allclose(res["state"][2:4], state[2:4], atol=tol)
             assert abs((res["state"][4] - state[4] + np.pi) % (2 * np.pi) - np.pi) < 0.05
+
+
+def test_readme_use_a_trained_model_snippet_runs(tmp_path):
+    """The README's "Use a trained model" code runs as written on a tiny checkpoint: embeddings, rollout and a CEM
+    plan of the documented shapes, the plan cheaper than the zero plan."""
+    with open(os.path.join(REPO, "README.md")) as f:
+        readme = f.read()
+    section = readme[readme.index("## Use a trained model") :]
+    code = section[section.index("```python\n") + 10 : section.index("\n```", section.index("```python"))]
+    model = randomise(tiny_model()).eval()
+    ckpt = _train_ckpt(tmp_path, model)
+    assert '"runs/pusht_cpu/ckpt.pt"' in code
+    rng = np.random.default_rng(0)
+    scope = {"frames": rng.integers(0, 256, (4, 48, 48, 3), dtype=np.uint8),
+             "goal": rng.integers(0, 256, (48, 48, 3), dtype=np.uint8),
+             "blocks": torch.randn(5, 10)}  # fmt: skip
+    torch.manual_seed(0)
+    exec(code.replace('"runs/pusht_cpu/ckpt.pt"', repr(ckpt)), scope)  # noqa: S102 (the README's own code)
+    z, z_pred, plan, cost = scope["z"], scope["z_pred"], scope["plan"], scope["cost"]
+    assert (
+        z.shape == (4, 32) and scope["z_goal"].shape == (32,) and z_pred.shape == (6, 32) and plan.shape == (1, 5, 10)
+    )
+    torch.testing.assert_close(z_pred[0], z[-1], rtol=0, atol=0)  # the context comes first
+    with torch.no_grad():
+        torch.testing.assert_close(scope["model"].embed(scope["frames"]), model.embed(scope["frames"]))
+        assert cost(plan[:, None]) < cost(torch.zeros(1, 1, 5, 10))
