@@ -104,7 +104,7 @@ class World:
     img_size: int  # the dataset's frame side in pixels
     device: torch.device
     source: str  # the checkpoint path, or the --official argument(s)
-    data_source: str  # where the dataset comes from, in words (printed and saved with the results)
+    data_source: str = ""  # where the dataset comes from, in words (printed and saved with the results)
 
 
 # Valid values, checked before any work: choices, and (rule, test) for the fields with a range.
