@@ -1,13 +1,18 @@
-"""Benchmarks: simulator steps/s, loader clips/s, training samples/s and FLOP/s, seconds per CEM plan.
+"""Benchmarks: simulator steps/s, loader clips/s, training samples/s and FLOP/s, seconds per CEM plan; and how
+close our renderers come to a frame of the reference renderer (SSIM and mean absolute difference).
 
 Run: python bench.py            (everything)
      python bench.py --only envs (one area: envs, data, train, plan)
+     python bench.py render-match --env pusht --image FRAME.png   (fit our renderer's state to a 224 px frame)
 """
 
 import argparse
 import os
+import struct
+import sys
 import tempfile
 import time
+import zlib
 from dataclasses import replace
 
 import numpy as np
@@ -270,9 +275,179 @@ def bench_plan(presets: tuple[str, ...] | None = None, batches: tuple[int, ...] 
 
 # --- main
 
+# --- render similarity: our renderer against a frame of the reference renderer at a fitted state
+
+
+def load_png(path: str) -> np.ndarray:
+    """Read an 8-bit, non-interlaced grey, RGB or RGBA PNG as (H, W, 3) uint8 (zlib only, no imaging library)."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    if raw[:8] != b"\x89PNG\r\n\x1a\n":
+        raise ValueError(f"{path}: not a PNG file")
+    pos, idat, header = 8, [], None
+    while pos + 8 <= len(raw):
+        length, kind = struct.unpack(">I4s", raw[pos : pos + 8])
+        body = raw[pos + 8 : pos + 8 + length]
+        if kind == b"IHDR":
+            header = struct.unpack(">IIBBBBB", body)
+        elif kind == b"IDAT":
+            idat.append(body)
+        pos += 12 + length
+    if header is None:
+        raise ValueError(f"{path}: PNG without a header chunk")
+    w, h, depth, colour, _, _, interlace = header
+    channels = {0: 1, 2: 3, 6: 4}.get(colour)
+    if depth != 8 or channels is None or interlace:
+        raise ValueError(f"{path}: only 8-bit non-interlaced grey, RGB or RGBA PNGs are read (bit depth {depth}, "
+                         f"colour type {colour}, interlace {interlace})")  # fmt: skip
+    stride = w * channels
+    data_rows = np.frombuffer(zlib.decompress(b"".join(idat)), np.uint8).reshape(h, stride + 1)
+    out = np.zeros((h, stride), np.int32)
+    prev = np.zeros(stride, np.int32)
+    for y in range(h):  # undo the per-row filters (PNG spec: none, sub, up, average, Paeth)
+        kind, line = data_rows[y, 0], data_rows[y, 1:].astype(np.int32)
+        if kind in (0, 2):
+            cur = (line + (prev if kind == 2 else 0)) & 255
+        else:
+            cur = np.zeros(stride, np.int32)
+            for x in range(stride):
+                left = cur[x - channels] if x >= channels else 0
+                up_left = prev[x - channels] if x >= channels else 0
+                if kind == 1:
+                    pred = left
+                elif kind == 3:
+                    pred = (left + prev[x]) // 2
+                else:
+                    p = left + prev[x] - up_left
+                    pa, pb, pc = abs(p - left), abs(p - prev[x]), abs(p - up_left)
+                    pred = left if pa <= pb and pa <= pc else prev[x] if pb <= pc else up_left
+                cur[x] = (line[x] + pred) & 255
+        out[y], prev = cur, cur
+    img = out.astype(np.uint8).reshape(h, w, channels)
+    return np.repeat(img, 3, axis=2) if channels == 1 else img[..., :3]
+
+
+def _gaussian_filter(x: np.ndarray, size: int, sigma: float) -> np.ndarray:
+    """'valid' separable Gaussian filter of a 2-D float array: (H, W) -> (H - size + 1, W - size + 1)."""
+    k = np.exp(-((np.arange(size) - (size - 1) / 2) ** 2) / (2 * sigma**2))
+    k /= k.sum()
+    x = np.lib.stride_tricks.sliding_window_view(x, size, axis=0) @ k  # (H', W)
+    return np.lib.stride_tricks.sliding_window_view(x, size, axis=1) @ k  # (H', W')
+
+
+def ssim(a: np.ndarray, b: np.ndarray, size: int = 11, sigma: float = 1.5) -> float:
+    """Mean structural similarity (Wang et al. 2004) of two uint8 images, (H, W) grey or (H, W, 3) RGB taken to
+    luma (ITU-R 601 weights): 11 x 11 Gaussian window, sigma 1.5, C1 = (0.01 L)^2, C2 = (0.03 L)^2, L = 255."""
+    if a.shape != b.shape or a.ndim not in (2, 3) or min(a.shape[:2]) < size:
+        raise ValueError(f"ssim needs two images of the same (H, W) or (H, W, 3) shape, at least {size} px, "
+                         f"got {a.shape} and {b.shape}")  # fmt: skip
+    luma = np.array([0.299, 0.587, 0.114])
+    x, y = (im.astype(np.float64) @ luma if im.ndim == 3 else im.astype(np.float64) for im in (a, b))
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    mx, my = _gaussian_filter(x, size, sigma), _gaussian_filter(y, size, sigma)
+    vx = _gaussian_filter(x * x, size, sigma) - mx * mx
+    vy = _gaussian_filter(y * y, size, sigma) - my * my
+    cxy = _gaussian_filter(x * y, size, sigma) - mx * my
+    s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
+    return float(s.mean())
+
+
+def render_at(env, state: np.ndarray) -> np.ndarray:
+    """Our frame of `env` (an env instance) at `state`."""
+    env.reset(seed=0, options={"state": np.asarray(state, np.float64)})
+    return env.render()
+
+
+def _mask_centroid(mask: np.ndarray) -> np.ndarray | None:
+    ys, xs = np.nonzero(mask)
+    return np.array([xs.mean(), ys.mean()]) if len(xs) else None
+
+
+def _initial_states(name: str, image: np.ndarray, env) -> list[np.ndarray]:
+    """Coarse candidates from colour masks: the agent's centroid; for PushT the block's centroid under 72 angles
+    (the T's area centroid lies 40.7 world units from its origin along the stem)."""
+    im = image.astype(np.int32)
+    r, g, b = im[..., 0], im[..., 1], im[..., 2]
+    size = image.shape[0]
+    if name == "tworoom":
+        c = _mask_centroid((r > 200) & (g < 150) & (b < 150))  # the red agent blob
+        return [np.array([112.0, 112.0]) if c is None else (c + 0.5) * (envs.TWOROOM_IMG / size)]
+    s = size / envs.PUSHT_WORLD
+    agent = _mask_centroid((b > r + 80) & (b > g + 60))  # blue pusher
+    block = _mask_centroid((b - r > 20) & (b - r < 50) & (g - r > 5) & (r < 180))  # slate-grey T
+    agent = np.array([256.0, 256.0]) if agent is None else (agent + 0.5) / s - 0.5
+    block = np.array([256.0, 256.0]) if block is None else (block + 0.5) / s - 0.5
+    out = []
+    for angle in np.linspace(0, 2 * np.pi, 72, endpoint=False):
+        origin = block - 40.71 * np.array([-np.sin(angle), np.cos(angle)])  # centroid = origin + R(angle) (0, 40.7)
+        out.append(np.array([*agent, *origin, angle, 0.0, 0.0]))
+    return out
+
+
+def fit_state(name: str, image: np.ndarray, rounds: int = 12) -> tuple[np.ndarray, np.ndarray]:
+    """The state whose frame of our renderer is closest (pixel MSE) to `image`: best coarse candidate, then a
+    pattern search over each fitted coordinate with steps halving every round. Returns (state, our frame)."""
+    env = envs.make_env(name, img_size=image.shape[0])
+    target = image.astype(np.float64)
+
+    def loss(state):
+        return float(((render_at(env, state).astype(np.float64) - target) ** 2).mean())
+
+    best = min(_initial_states(name, image, env), key=loss)
+    dims, steps = (
+        ([0, 1], np.array([4.0, 4.0])) if name == "tworoom" else ([0, 1, 2, 3, 4], np.array([8.0] * 4 + [0.1]))
+    )
+    best_loss = loss(best)
+    for _ in range(rounds):
+        improved = True
+        while improved:
+            improved = False
+            for i, d in enumerate(dims):
+                for sign in (1, -1):
+                    trial = best.copy()
+                    trial[d] += sign * steps[i]
+                    trial_loss = loss(trial)
+                    if trial_loss < best_loss:
+                        best, best_loss, improved = trial, trial_loss, True
+        steps = steps / 2
+    frame = render_at(env, best)
+    env.close()
+    return best, frame
+
+
+def render_match(name: str, image_path: str) -> dict:
+    """Fit our `name` renderer's state to a frame of the reference renderer; our frame vs that frame."""
+    if name not in ("pusht", "tworoom"):
+        raise ValueError(f"render-match fits pusht or tworoom, got {name!r}")
+    image = load_png(image_path)
+    if image.shape[0] != image.shape[1]:
+        raise ValueError(f"{image_path}: a square frame is needed, got {image.shape[1]} x {image.shape[0]}")
+    t0 = time.perf_counter()
+    state, frame = fit_state(name, image)
+    diff = np.abs(frame.astype(np.int32) - image.astype(np.int32))
+    result = {"env": name, "image": image_path, "img_size": image.shape[0], "state": [round(float(v), 2) for v in state],
+              "mean_abs_diff": float(diff.mean()), "ssim": ssim(frame, image),
+              "pixels_off_by_more_than_32": float((diff.max(axis=2) > 32).mean()),
+              "seconds": time.perf_counter() - t0}  # fmt: skip
+    print(f"{name}: fitted state {result['state']} | our {image.shape[0]} px frame vs the reference frame: mean "
+          f"|diff| {result['mean_abs_diff']:.2f}/255, SSIM {result['ssim']:.4f}, "
+          f"{100 * result['pixels_off_by_more_than_32']:.2f} % of pixels off by > 32")  # fmt: skip
+    return result
+
+
 BENCHES = {"envs": bench_envs, "data": bench_data, "train": bench_train, "plan": bench_plan}
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["render-match"]:
+        parser = argparse.ArgumentParser(prog="bench.py render-match", description=render_match.__doc__)
+        parser.add_argument("--env", choices=["pusht", "tworoom"], required=True, help="simulator to fit")
+        parser.add_argument("--image", required=True, help="PNG frame of the reference renderer (square, 8-bit)")
+        args = parser.parse_args(sys.argv[2:])
+        try:
+            render_match(args.env, args.image)
+        except (OSError, ValueError, zlib.error) as e:
+            parser.error(str(e))
+        sys.exit(0)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", choices=sorted(BENCHES), default=None, help="run one benchmark area")
     args = parser.parse_args()

@@ -10,6 +10,7 @@ Subcommands (`plan` is the default):
 Run:
     python evaluate.py --ckpt runs/pusht_cpu/ckpt.pt --episodes 50 --out results.json
     python evaluate.py plan --ckpt runs/pusht_cpu/ckpt.pt --policy random            # the random-action floor
+    python evaluate.py --official hf:quentinll/lewm-pusht --env pusht   # a released model on our own PushT data
     python evaluate.py --official weights.pt config.json --data pusht.h5 --env pusht --split train
     python evaluate.py --ckpt runs/pusht_paper/ckpt.pt --device cuda                  # one GPU
 
@@ -36,11 +37,11 @@ from tqdm import tqdm
 import data
 import envs
 from data import UsageError
-from model import LeWM, load_checkpoint, load_official, model_from_checkpoint, pick_device
+from model import LeWM, load_checkpoint, load_official, load_pretrained, model_from_checkpoint, pick_device
 from planner import cem, gradient_plan, make_cost, warm_start
 
 # Flags every subcommand takes; COMMANDS: subcommand -> (help, its flags). A new subcommand is one entry.
-COMMON_FIELDS = ("ckpt", "official", "data", "env", "episodes", "out", "seed", "device")
+COMMON_FIELDS = ("ckpt", "official", "data", "collect_episodes", "env", "episodes", "out", "seed", "device")
 COMMANDS = {
     "plan": ("MPC success rate (default)", COMMON_FIELDS + ("split", "goal_offset", "budget", "horizon",
              "receding_horizon", "policy", "solver", "samples", "iterations", "topk", "lr", "warm_start", "bf16",
@@ -58,8 +59,9 @@ COMMANDS = {
 class EvalConfig:
     command: str = "plan"  # plan, probe, surprise or diagnose (set by the subcommand)
     ckpt: str = ""  # our checkpoint (train.py): model, action stats, env, dataset path and held-out episodes
-    official: tuple = ()  # WEIGHTS CONFIG of a released LeWM checkpoint (needs --data and --env)
-    data: str = ""  # HDF5 dataset ('' = the one the checkpoint was trained on)
+    official: tuple = ()  # a released model: hf:owner/name, a folder with weights.pt + config.json, or WEIGHTS CONFIG
+    data: str = ""  # HDF5 dataset ('' = the checkpoint's; with --official: our simulator's, collected if missing)
+    collect_episodes: int = 100  # --official without --data: episodes collected at the model's image size
     env: str = ""  # pusht, tworoom, reacher or cube ('' = the checkpoint's)
     split: str = "val"  # episodes to draw start rows from: val (held out) or train (the official choice)
     episodes: int = 50  # start/goal pairs evaluated
@@ -101,7 +103,8 @@ class World:
     action_dim: int  # raw env action dim (the model's block is frameskip x this)
     img_size: int  # the dataset's frame side in pixels
     device: torch.device
-    source: str  # the checkpoint path, or "WEIGHTS CONFIG" of an official model
+    source: str  # the checkpoint path, or the --official argument(s)
+    data_source: str = ""  # where the dataset comes from, in words (printed and saved with the results)
 
 
 # Valid values, checked before any work: choices, and (rule, test) for the fields with a range.
@@ -122,8 +125,11 @@ RANGES = {
     "probe_epochs": (">= 1", lambda v: v >= 1),
     "perturb_steps": (">= 1", lambda v: v >= 1),
     "pairs": (">= 1", lambda v: v >= 1),
+    "collect_episodes": (">= 2", lambda v: v >= 2),
     "eval_pairs": (">= 0", lambda v: v >= 0),
 }
+
+COLLECT_WORKERS = 2  # processes collecting our own data for a released model (--official without --data)
 
 # --- helpers
 
@@ -137,8 +143,7 @@ def parse_args(argv: list[str] | None = None) -> EvalConfig:
     sub = parser.add_subparsers(dest="command", required=True)
     for command, (text, fields) in COMMANDS.items():
         data.add_config_flags(sub.add_parser(command, help=text, description=text, formatter_class=data.HelpFormatter),
-                              EvalConfig, names=fields, choices=CHOICES, nargs={"official": 2},
-                              metavars={"official": ("WEIGHTS", "CONFIG")})  # fmt: skip
+                              EvalConfig, names=fields, choices=CHOICES, metavars={"official": "SOURCE"})  # fmt: skip
     args = vars(parser.parse_args(argv))
     args["official"] = tuple(args.get("official") or ())
     return EvalConfig(**args)
@@ -155,10 +160,12 @@ def check_config(cfg: EvalConfig) -> None:
     if cfg.command == "plan" and cfg.samples and cfg.topk > cfg.samples and cfg.solver == "cem":
         raise UsageError(f"--topk {cfg.topk}: must be <= --samples {cfg.samples}")
     if bool(cfg.ckpt) == bool(cfg.official):
-        raise UsageError("give exactly one of --ckpt PATH or --official WEIGHTS CONFIG")
-    if cfg.official and not (cfg.data and cfg.env):
-        raise UsageError("--official needs --data (the dataset) and --env (its environment)")
-    for flag, path in [("--ckpt", cfg.ckpt), ("--data", cfg.data)] + [("--official", p) for p in cfg.official]:
+        raise UsageError("give exactly one of --ckpt PATH or --official SOURCE")
+    if cfg.official:
+        check_official(cfg.official)
+        if not cfg.env:
+            raise UsageError("--official needs --env (the environment to evaluate on)")
+    for flag, path in [("--ckpt", cfg.ckpt), ("--data", cfg.data)]:
         if path and not os.path.isfile(path):
             raise UsageError(f"{flag} {path}: no such file")
     if cfg.device == "cuda" and not torch.cuda.is_available():
@@ -183,10 +190,51 @@ def open_dataset(path: str) -> data.Trajectories:
         raise UsageError(f"--data: {e}") from e
 
 
+def check_official(official: tuple) -> None:
+    """--official is WEIGHTS CONFIG (two files), a folder holding weights.pt and config.json, or hf:owner/name."""
+    if len(official) == 2:
+        for path in official:
+            if not os.path.isfile(path):
+                raise UsageError(f"--official {path}: no such file")
+    elif len(official) == 1 and os.path.isdir(official[0]):
+        missing = [n for n in ("weights.pt", "config.json") if not os.path.isfile(os.path.join(official[0], n))]
+        if missing:
+            raise UsageError(f"--official {official[0]}: the folder lacks {' and '.join(missing)}")
+    elif len(official) != 1 or not official[0].startswith("hf:"):
+        raise UsageError(f"--official {' '.join(official)}: give hf:owner/name, a folder with weights.pt and "
+                         "config.json, or the two files WEIGHTS CONFIG")  # fmt: skip
+
+
+def load_released(official: tuple) -> LeWM:
+    """The model named by --official; a missing huggingface_hub, no network or a bad file is one UsageError line."""
+    check_official(official)
+    try:
+        return load_official(*official) if len(official) == 2 else load_pretrained(official[0])
+    except (ValueError, FileNotFoundError, ImportError, RuntimeError) as e:
+        lines = [ln.strip() for ln in str(e).splitlines()]  # a key mismatch lists its keys on several lines
+        raise UsageError(f"--official {' '.join(official)}: " + "; ".join(lines)) from e
+
+
+def own_dataset(env: str, img_size: int, episodes: int) -> tuple[str, str]:
+    """Our simulator's data for a released model: data/<env>_<img>px_<N>ep.h5 at the model's image size, with the
+    env's default data policy, collected first if missing. Returns (path, where the data comes from in words)."""
+    path = data.default_data_path(env, img_size, episodes)
+    policy = envs.ENV_DEFAULTS[env]["policy"]
+    if not os.path.exists(path):
+        print(f"no --data: collecting {episodes} episodes of our {env} simulator at {img_size} px ({policy!r} "
+              f"policy) into {path}")  # fmt: skip
+        data.collect(env, episodes, path, img_size=img_size, workers=COLLECT_WORKERS)
+    source = (f"own simulator, collected by data.collect({env!r}, episodes={episodes}, img_size={img_size}) with "
+              f"the {policy!r} policy")  # fmt: skip
+    print(f"data: {path} ({source})")
+    return path, source
+
+
 def load_world(cfg: EvalConfig) -> World:
-    """The frozen model and its dataset from `--ckpt` (everything travels with it) or `--official` + `--data --env`."""
+    """The frozen model and its dataset from `--ckpt` (everything travels with it) or `--official` + `--env`,
+    with `--data` or our own simulator's data."""
     if bool(cfg.ckpt) == bool(cfg.official):
-        raise UsageError("give exactly one of --ckpt PATH or --official WEIGHTS CONFIG")
+        raise UsageError("give exactly one of --ckpt PATH or --official SOURCE")
     device = pick_device(cfg.device)
     if cfg.ckpt:
         try:
@@ -213,16 +261,21 @@ def load_world(cfg: EvalConfig) -> World:
                              f"{val_eps.max()}: not the dataset it was trained on")  # fmt: skip
         train_eps = np.setdiff1d(np.arange(traj.num_episodes), val_eps)
         source = cfg.ckpt
+        data_source = f"--data {path}" if cfg.data else f"the checkpoint's training data {path}"
     else:
-        if not (cfg.data and cfg.env):
-            raise UsageError("--official needs --data (the dataset) and --env (its environment)")
-        try:
-            model = load_official(*cfg.official)
-        except (ValueError, FileNotFoundError) as e:
-            raise UsageError(f"--official: {e}") from e
+        if not cfg.env:
+            raise UsageError("--official needs --env (the environment to evaluate on)")
+        if cfg.env not in envs.ENV_IDS:
+            raise UsageError(f"--env {cfg.env}: unknown environment; valid: {', '.join(envs.ENV_IDS)}")
+        model = load_released(cfg.official)
         env = cfg.env
-        traj = open_dataset(cfg.data)
+        if cfg.data:
+            path, data_source = cfg.data, f"--data {cfg.data}"
+        else:
+            path, data_source = own_dataset(env, model.cfg.img_size, cfg.collect_episodes)
+        traj = open_dataset(path)
         train_eps, val_eps = data.split_episodes(traj.num_episodes)
+        # The released files hold no action statistics: fitted on this dataset's training episodes.
         stats = data.action_stats(traj, train_eps)
         source = " ".join(cfg.official)
     if env not in envs.REGISTRY:
@@ -238,7 +291,7 @@ def load_world(cfg: EvalConfig) -> World:
         raise ValueError(f"action statistics have {len(stats['mean'])} dims, the dataset {traj.action_dim}")
     model = model.to(device).eval().requires_grad_(False)
     return World(model, stats, traj, train_eps, val_eps, env, frameskip, traj.action_dim, traj.img_shape[0], device,
-                 source)  # fmt: skip
+                 source, data_source)  # fmt: skip
 
 
 def default_out(cfg: EvalConfig, world: World, name: str) -> str:
@@ -247,6 +300,16 @@ def default_out(cfg: EvalConfig, world: World, name: str) -> str:
         return cfg.out
     folder = os.path.dirname(os.path.abspath(cfg.ckpt)) if cfg.ckpt else "."
     return os.path.join(folder, f"eval_{name}_{world.env}.json")
+
+
+def save_json(results: dict, out: str) -> None:
+    """Write results as indented JSON, creating the folder; atomically (temporary file, then rename)."""
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    tmp = f"{out}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(results, f, indent=2)
+    os.replace(tmp, out)
+    print(f"results: {out}")
 
 
 def dataset_states(world: World, rows: np.ndarray) -> np.ndarray:
@@ -577,6 +640,7 @@ def print_plan_table(results: dict) -> None:
     rate = results.get("success_rate_unsolved_at_start")
     unsolved = f" (success on the others {100 * rate:.1f} %)" if rate is not None and results["solved_at_start"] else ""
     lo, hi = results["ci95"]
+    print(f"data: {results['data']} ({results['data_source']})")
     print(f"{results['env']} {results['policy']} ({results['split']} split): success {results['successes']}/"
           f"{results['episodes']} = {100 * results['success_rate']:.1f} % [95 % CI {100 * lo:.1f}-{100 * hi:.1f}] | "
           f"solved at start {100 * results['solved_at_start']:.1f} %{unsolved}{timing}")  # fmt: skip
@@ -681,6 +745,7 @@ def run_plan(cfg: EvalConfig) -> dict:
         "env": name,
         "checkpoint": world.source,
         "data": traj.path,
+        "data_source": world.data_source,
         "policy": cfg.policy,
         "split": cfg.split,
         "episodes": b,
@@ -716,10 +781,7 @@ def run_plan(cfg: EvalConfig) -> dict:
 
     print_plan_table(results)
     out = default_out(cfg, world, f"plan_{cfg.policy}")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(results, f, indent=2)
-    print(f"results: {out}")
+    save_json(results, out)
     if videos is not None:
         save_episode_pictures(cfg.video, name, videos, goal_frames, results["per_episode"])
     results["out"] = out
@@ -733,14 +795,6 @@ PROBE_LR = 1e-3  # MLP probe AdamW peak learning rate (cosine to 0 over the run)
 PROBE_BATCH = 256
 RIDGE_LAMBDA = 1e-4  # linear probe: ridge weight on standardised embeddings (per-sample loss scale)
 ENCODE_BATCH = 256  # frames per encoder call
-
-
-def save_json(results: dict, out: str) -> None:
-    """Write results as indented JSON, creating the folder."""
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(results, f, indent=2)
-    print(f"results: {out}")
 
 
 @torch.inference_mode()
@@ -874,6 +928,7 @@ def run_probe(cfg: EvalConfig) -> dict:
         "command": "probe",
         "env": world.env,
         "source": world.source,
+        "data_source": world.data_source,
         "frames": {"train": n_train, "val": n_val},
         "episodes": {"train": len(world.train_eps), "val": len(world.val_eps)},
         "quantities": {n: "sin, cos" if a else "raw" for n, (_, a) in envs.REGISTRY[world.env].probe.items()},
@@ -1033,7 +1088,7 @@ def run_surprise(cfg: EvalConfig) -> dict:
     world = load_world(cfg)
     if len(world.val_eps) == 0:
         raise ValueError("surprise is measured on held-out episodes, and this model has no validation split")
-    summary = {"command": "surprise", "env": world.env, "source": world.source}
+    summary = {"command": "surprise", "env": world.env, "source": world.source, "data_source": world.data_source}
     summary.update(measure_surprise(world, cfg.episodes, cfg.perturb_steps, cfg.seed))
     summary.update(seconds=time.time() - t0, config=dataclasses.asdict(cfg))
     n_un, n_pert = summary["unperturbed_steps"], summary["perturbed_steps"]
@@ -1148,6 +1203,7 @@ def run_diagnose(cfg: EvalConfig) -> dict:
         "command": "diagnose",
         "env": world.env,
         "source": world.source,
+        "data_source": world.data_source,
         "pairs": len(rows),
         "episodes": len(episodes),
         "samples": samples,

@@ -678,15 +678,15 @@ def export_official(model: LeWM, folder: str, hf5: bool = False) -> tuple[str, s
     if hf5:
         state = {_hf4_to_hf5(k): v for k, v in state.items()}
     c = model.cfg
-    sizes = {"tiny": (192, 12, 3, 768)}  # (width, layers, heads, MLP) of the named HF ViT size the release uses
-    size = next((n for n, v in sizes.items() if v == (c.embed_dim, c.enc_depth, c.enc_heads, c.enc_mlp)), "custom")
     mlp = {"_target_": "stable_worldmodel.wm.lewm.module.MLP", "input_dim": c.embed_dim, "output_dim": c.embed_dim,
            "hidden_dim": c.proj_hidden, "norm_fn": {"_target_": "torch.nn.BatchNorm1d", "_partial_": True}}  # fmt: skip
     config = {
         "_target_": "stable_worldmodel.wm.lewm.LeWM",
         "encoder": {
             "_target_": "stable_pretraining.backbone.utils.vit_hf",
-            "size": size,
+            # The official vit_hf knows only named sizes; it applies the explicit fields below on top of the named
+            # one, so "tiny" plus those fields builds any of our encoders (another name would be a KeyError there).
+            "size": "tiny",
             "patch_size": c.patch_size,
             "image_size": c.img_size,
             "pretrained": False,
@@ -721,8 +721,10 @@ def export_official(model: LeWM, folder: str, hf5: bool = False) -> tuple[str, s
     os.makedirs(folder, exist_ok=True)
     weights, config_path = os.path.join(folder, "weights.pt"), os.path.join(folder, "config.json")
     save_checkpoint(weights, state)
-    with open(config_path, "w") as f:
+    tmp = f"{config_path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
         json.dump(config, f, indent=2)
+    os.replace(tmp, config_path)
     return weights, config_path
 
 
@@ -760,7 +762,10 @@ def _hub_folder(repo_id: str) -> str:
     try:
         paths = [hf_hub_download(repo_id, name) for name in ("config.json", "weights.pt")]
     except Exception as e:  # offline with nothing cached, unknown repository, no network
-        raise RuntimeError(f"cannot get {repo_id!r} from the hub or its local cache ({type(e).__name__}: {e})") from e
+        reason = " ".join(str(e).split())  # hub errors can span several lines
+        raise RuntimeError(
+            f"cannot get {repo_id!r} from the hub or its local cache ({type(e).__name__}: {reason})"
+        ) from e
     return os.path.dirname(paths[1])
 
 

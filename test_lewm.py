@@ -186,6 +186,12 @@ def test_model_official_format_round_trip(tmp_path, hf5):
         else "encoder.encoder.layer.0.attention.attention.query.weight"
     )
     assert layer in keys and "predictor.transformer.layers.1.adaLN_modulation.1.weight" in keys
+    # The official vit_hf looks `size` up in its table of named ViT sizes, then applies the explicit fields.
+    with open(config) as f:
+        enc = json.load(f)["encoder"]
+    assert enc["size"] in ("tiny", "small", "base", "large", "huge") and enc["image_size"] == 32
+    assert (enc["hidden_size"], enc["num_hidden_layers"], enc["num_attention_heads"], enc["intermediate_size"]) == (
+        32, 2, 2, 64)  # fmt: skip
     loaded = load_official(weights, config)
     assert not loaded.training and loaded.cfg == model.cfg
     x, a = torch.randn(2, 4, 3, 32, 32), torch.randn(2, 3, 25)
@@ -231,21 +237,27 @@ def _no_network(*args, **kwargs):
     raise OSError("network access in a test")
 
 
-def test_model_hub_name_served_from_offline_cache(tmp_path, monkeypatch):
-    """load_pretrained("owner/name") reads a hub-cache folder with the network off; an uncached name fails clearly."""
+def offline_hub_cache(tmp_path, monkeypatch, model: LeWM, repo: str = "someone/lewm-tiny") -> None:
+    """Lay `model` out in tmp_path/hub as the hub cache holds a download of `repo`, and switch the network off."""
     pytest.importorskip("huggingface_hub")
-    model = randomise(tiny_model()).eval()
-    snap = tmp_path / "hub" / "models--someone--lewm-tiny" / "snapshots" / ("ab" * 20)
+    hub = tmp_path / "hub"
+    snap = hub / f"models--{repo.replace('/', '--')}" / "snapshots" / ("ab" * 20)
     export_official(model, str(snap))
     (snap.parents[1] / "refs").mkdir()
     (snap.parents[1] / "refs" / "main").write_text("ab" * 20)
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for name, value in (("HF_HOME", tmp_path / "hf_home"), ("HF_HUB_CACHE", hub), ("HF_HUB_OFFLINE", "1")):
+        monkeypatch.setenv(name, str(value))
     monkeypatch.setattr(socket, "socket", _no_network)
-    import huggingface_hub.constants as hub_constants
+    import huggingface_hub.constants as hub_constants  # read at import: the environment alone is too late
 
-    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(hub))
     monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+
+
+def test_model_hub_name_served_from_offline_cache(tmp_path, monkeypatch):
+    """load_pretrained("owner/name") reads a hub-cache folder with the network off; an uncached name fails clearly."""
+    model = randomise(tiny_model()).eval()
+    offline_hub_cache(tmp_path, monkeypatch, model)
     x = torch.randint(0, 256, (3, 32, 32, 3), dtype=torch.uint8)
     for name in ("someone/lewm-tiny", "hf:someone/lewm-tiny"):
         torch.testing.assert_close(load_pretrained(name).embed(x), model.embed(x), rtol=0, atol=0)
@@ -938,6 +950,33 @@ def test_data_official_layout_loads(tmp_path):
         loader = data.ClipLoader(traj, [0, 1], data.action_stats(traj, [0]), batch_size=16, cache=False, **CLIP)
         pixels, actions = next(iter(loader))
         assert pixels.shape == (16, 4, 4, 4, 3) and actions.shape == (16, 4, 10)
+
+
+def test_data_official_blosc_file_reads_like_gzip(tmp_path):
+    """An official-layout file with Blosc/lz4 + byte-shuffle pixels (hdf5plugin) reads clip for clip equal to the
+    same data gzip-compressed."""
+    hdf5plugin = pytest.importorskip("hdf5plugin")
+    pixels = np.random.default_rng(0).integers(0, 256, (210, 8, 8, 3), dtype=np.uint8)  # incompressible noise
+    compressions = {"gzip": {"compression": "gzip"},
+                    "blosc": hdf5plugin.Blosc(cname="lz4", clevel=5, shuffle=hdf5plugin.Blosc.SHUFFLE)}  # fmt: skip
+    paths = {}
+    for name, comp in compressions.items():
+        paths[name] = _data_file(tmp_path / f"{name}.h5", lens=(120, 90), index="episode_idx", pixels=None)
+        with h5py.File(paths[name], "a") as f:  # pixels chunked 100 rows at a time, as the official recorder does
+            ds = f.create_dataset("pixels", data=pixels, chunks=(100, 8, 8, 3), **comp)
+            codes = [ds.id.get_create_plist().get_filter(i)[0] for i in range(ds.id.get_create_plist().get_nfilters())]
+            assert (32001 in codes) == (name == "blosc")  # the Blosc filter id of the official files
+    with data.Trajectories(paths["gzip"]) as gz, data.Trajectories(paths["blosc"]) as bl:
+        assert bl.index_column == "episode_idx" and bl.num_episodes == 2
+        np.testing.assert_array_equal(bl.read("pixels", np.arange(210)), pixels)
+        np.testing.assert_array_equal(bl.episode(1, ["pixels"])["pixels"], pixels[120:])
+        stats = data.action_stats(gz, [0])
+        loaders = [data.ClipLoader(t, [0, 1], stats, batch_size=8, seed=5, cache=False) for t in (gz, bl)]
+        batches = 0
+        for (p_gz, a_gz), (p_bl, a_bl) in zip(*loaders, strict=True):
+            assert torch.equal(p_gz, p_bl) and torch.equal(a_gz, a_bl)
+            batches += 1
+        assert batches == len(loaders[0]) > 0
 
 
 def test_data_split_is_disjoint_and_deterministic():
@@ -1765,6 +1804,61 @@ def test_eval_load_world_errors(tmp_path, tiny_pusht):
     assert set(world.train_eps).isdisjoint(world.val_eps) and len(world.train_eps) + len(world.val_eps) == 6
 
 
+def test_eval_released_model_on_own_simulator_data(tmp_path, monkeypatch, capsys):
+    """--official hf:owner/name (or a folder) with --env and no --data collects our simulator's data at the model's
+    image size into data/<env>_<img>px_<N>ep.h5 once, evaluates on it and records the data source."""
+    model = randomise(tiny_model(), seed=4).eval()  # 32 px: the image size comes from the model, never 224
+    offline_hub_cache(tmp_path, monkeypatch, model)
+    monkeypatch.chdir(tmp_path)
+    cfg = evaluate.EvalConfig(official=("hf:someone/lewm-tiny",), env="tworoom", collect_episodes=10, episodes=2,
+                              budget=5, samples=8, iterations=1, topk=2, device="cpu", out=str(tmp_path / "r.json"))  # fmt: skip
+    res = evaluate.main(cfg)
+    path = os.path.join("data", "tworoom_32px_10ep.h5")
+    assert "collecting 10 episodes of our tworoom simulator at 32 px" in capsys.readouterr().out
+    with data.Trajectories(path) as traj:
+        assert traj.num_episodes == 10 and traj.img_shape == (32, 32, 3)
+        assert str(traj.file.attrs["policy"]) == envs.ENV_DEFAULTS["tworoom"]["policy"]
+        val = set(data.split_episodes(10)[1])
+    with open(tmp_path / "r.json") as f:
+        saved = json.load(f)
+    assert saved["data"] == path and saved["data_source"].startswith("own simulator, collected by data.collect")
+    assert saved["checkpoint"] == "hf:someone/lewm-tiny" and res["episodes"] == 2
+    assert all(r["episode"] in val for r in saved["per_episode"])
+    # A folder of released files gives the same model; the data already on disk is reused, not collected again.
+    folder = tmp_path / "released"
+    export_official(model, str(folder))
+    again = evaluate.main(dataclasses.replace(cfg, official=(str(folder),)))
+    assert "collecting" not in capsys.readouterr().out and again["data"] == path
+    assert [r["final_distance"] for r in again["per_episode"]] == [r["final_distance"] for r in res["per_episode"]]
+
+
+def test_eval_released_model_source_errors_are_one_line(tmp_path, monkeypatch):
+    """A bad --official, a missing huggingface_hub, or an uncached name offline is one UsageError line."""
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "released"
+    export_official(randomise(tiny_model()), str(folder))
+    os.remove(folder / "config.json")
+    base = evaluate.EvalConfig(env="pusht", device="cpu", out=str(tmp_path / "r.json"))
+    cases = [((str(folder),), "the folder lacks config.json"), ((str(folder / "weights.pt"),), "give hf:owner/name"),
+             (("a", "b", "c"), "give hf:owner/name")]  # fmt: skip
+    for official, text in cases:
+        with pytest.raises(data.UsageError, match=re.escape(text)):
+            evaluate.main(dataclasses.replace(base, official=official))
+    with pytest.raises(data.UsageError, match="--official needs --env"):
+        evaluate.main(dataclasses.replace(base, official=(str(folder / "weights.pt"), str(folder / "weights.pt")),
+                                          env=""))  # fmt: skip
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "huggingface_hub", None)  # import fails as if it were not installed
+        with pytest.raises(data.UsageError, match="needs huggingface_hub: pip install huggingface_hub") as e:
+            evaluate.main(dataclasses.replace(base, official=("hf:someone/lewm-tiny",)))
+        assert "\n" not in str(e.value)
+    offline_hub_cache(tmp_path, monkeypatch, randomise(tiny_model()))
+    with pytest.raises(data.UsageError, match="cannot get 'someone/other' from the hub") as e:
+        evaluate.main(dataclasses.replace(base, official=("hf:someone/other",)))
+    assert "\n" not in str(e.value)
+    assert not os.path.exists(tmp_path / "data")  # nothing collected for a model that did not load
+
+
 def test_eval_adam_solver_and_wilson(tmp_path, tiny_pusht):
     """The gradient solver runs under the same protocol; the Wilson interval matches known values."""
     ckpt = _eval_ckpt(tmp_path / "ckpt.pt", tiny_pusht, "pusht")
@@ -1885,7 +1979,8 @@ def test_fail_cli_errors_are_one_line_exit_2(tmp_path):
     """Case 7: a user error at the real command line is one line on stderr, exit code 2, no traceback."""
     for script, args, text in (("evaluate.py", [], "exactly one of --ckpt"),
                                ("train.py", ["--max_steps", "-5"], "--max_steps -5"),
-                               ("evaluate.py", ["--solver", "ADAM"], "--solver")):  # fmt: skip
+                               ("evaluate.py", ["--solver", "ADAM"], "--solver"),
+                               ("evaluate.py", ["--official", "a", "b", "c", "--env", "pusht"], "--official a b c")):  # fmt: skip
         res = subprocess.run([sys.executable, os.path.join(REPO, script), *args], cwd=tmp_path, capture_output=True,
                              text=True, timeout=300)  # fmt: skip
         assert res.returncode == 2 and text in res.stderr and "Traceback" not in res.stderr, res.stderr[-800:]
@@ -2028,3 +2123,105 @@ def test_fail_train_sigint_checkpoints_and_resumes(tmp_path, tiny_pusht):
                                   ckpt_every=1000, resume=True))  # fmt: skip
     assert summary["steps"] == step + 2
     assert [r["step"] for r in train.read_metrics(str(out_dir / "metrics.jsonl"))][-3:] == [step, step + 1, step + 2]
+
+
+# --- bench tests: render similarity
+
+
+def _png_bytes(image: np.ndarray, filters: list[int]) -> bytes:
+    """An RGB PNG whose row y is written with PNG filter filters[y] (0 none, 1 sub, 2 up, 3 average, 4 Paeth)."""
+    import zlib
+
+    h, w, _ = image.shape
+    rows, prev = [], np.zeros(w * 3, np.int32)
+    for y in range(h):
+        cur, out = image[y].reshape(-1).astype(np.int32), []
+        for x in range(w * 3):
+            left, up, ul = (cur[x - 3] if x >= 3 else 0), prev[x], (prev[x - 3] if x >= 3 else 0)
+            p = left + up - ul
+            paeth = min((abs(p - left), 0, left), (abs(p - up), 1, up), (abs(p - ul), 2, ul))[2]
+            pred = [0, left, up, (left + up) // 2, paeth][filters[y]]
+            out.append((cur[x] - pred) & 255)
+        rows.append(bytes([filters[y], *out]))
+        prev = cur
+
+    def chunk(kind, body):
+        return len(body).to_bytes(4, "big") + kind + body + zlib.crc32(kind + body).to_bytes(4, "big")
+
+    header = w.to_bytes(4, "big") + h.to_bytes(4, "big") + bytes([8, 2, 0, 0, 0])
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"".join(rows))) + chunk(
+        b"IEND", b"")  # fmt: skip
+
+
+def test_bench_load_png_undoes_every_filter(tmp_path):
+    """load_png reads back envs.save_png output and rows written with each of the five PNG filters, exactly."""
+    import bench
+
+    image = np.random.default_rng(0).integers(0, 256, (10, 7, 3), dtype=np.uint8)
+    envs.save_png(str(tmp_path / "a.png"), image)
+    np.testing.assert_array_equal(bench.load_png(str(tmp_path / "a.png")), image)
+    (tmp_path / "b.png").write_bytes(_png_bytes(image, [0, 1, 2, 3, 4, 4, 3, 2, 1, 0]))
+    np.testing.assert_array_equal(bench.load_png(str(tmp_path / "b.png")), image)
+    (tmp_path / "c.png").write_bytes(b"GIF89a")
+    with pytest.raises(ValueError, match="not a PNG"):
+        bench.load_png(str(tmp_path / "c.png"))
+
+
+def test_bench_ssim_known_properties():
+    """SSIM is 1 for identical images, symmetric, below 1 for shifted or noised copies, lower for more noise, and
+    negative for an inverted image."""
+    import bench
+
+    frame = envs.make_env("pusht", img_size=64).reset(seed=3)[0]
+    assert bench.ssim(frame, frame) == pytest.approx(1.0, abs=1e-12)
+    rng = np.random.default_rng(0)
+    noisy = [np.clip(frame + rng.normal(0, sd, frame.shape), 0, 255).astype(np.uint8) for sd in (5, 40)]
+    shifted = np.roll(frame, 2, axis=1)
+    for other in (*noisy, shifted):
+        assert bench.ssim(frame, other) == pytest.approx(bench.ssim(other, frame), abs=1e-12)
+        assert bench.ssim(frame, other) < 0.99
+    assert bench.ssim(frame, noisy[0]) > bench.ssim(frame, noisy[1])
+    assert bench.ssim(frame, 255 - frame) < 0
+    with pytest.raises(ValueError, match="same"):
+        bench.ssim(frame, frame[:32])
+
+
+def test_bench_render_match_recovers_known_states(tmp_path):
+    """render-match on our own frames at known states recovers the state and reports SSIM 1, |diff| 0."""
+    import bench
+
+    for name, state, tol in (("tworoom", [61.3, 150.7], 0.5), ("pusht", [300.0, 120.0, 210.0, 280.0, 0.7, 0, 0], 2)):
+        env = envs.make_env(name, img_size=64)
+        envs.save_png(str(tmp_path / f"{name}.png"), bench.render_at(env, np.array(state, float)))
+        res = bench.render_match(name, str(tmp_path / f"{name}.png"))
+        assert res["img_size"] == 64 and res["ssim"] > 0.999 and res["mean_abs_diff"] < 0.05
+        np.testing.assert_allclose(res["state"][:2], state[:2], atol=tol)
+        if name == "pusht":  # block position and angle (mod 2 pi)
+            np.testing.assert_allclose(res["state"][2:4], state[2:4], atol=tol)
+            assert abs((res["state"][4] - state[4] + np.pi) % (2 * np.pi) - np.pi) < 0.05
+
+
+def test_readme_use_a_trained_model_snippet_runs(tmp_path):
+    """The README's "Use a trained model" code runs as written on a tiny checkpoint: embeddings, rollout and a CEM
+    plan of the documented shapes, the plan cheaper than the zero plan."""
+    with open(os.path.join(REPO, "README.md")) as f:
+        readme = f.read()
+    section = readme[readme.index("## Use a trained model") :]
+    code = section[section.index("```python\n") + 10 : section.index("\n```", section.index("```python"))]
+    model = randomise(tiny_model()).eval()
+    ckpt = _train_ckpt(tmp_path, model)
+    assert '"runs/pusht_cpu/ckpt.pt"' in code
+    rng = np.random.default_rng(0)
+    scope = {"frames": rng.integers(0, 256, (4, 48, 48, 3), dtype=np.uint8),
+             "goal": rng.integers(0, 256, (48, 48, 3), dtype=np.uint8),
+             "blocks": torch.randn(5, 10)}  # fmt: skip
+    torch.manual_seed(0)
+    exec(code.replace('"runs/pusht_cpu/ckpt.pt"', repr(ckpt)), scope)  # noqa: S102 (the README's own code)
+    z, z_pred, plan, cost = scope["z"], scope["z_pred"], scope["plan"], scope["cost"]
+    assert (
+        z.shape == (4, 32) and scope["z_goal"].shape == (32,) and z_pred.shape == (6, 32) and plan.shape == (1, 5, 10)
+    )
+    torch.testing.assert_close(z_pred[0], z[-1], rtol=0, atol=0)  # the context comes first
+    with torch.no_grad():
+        torch.testing.assert_close(scope["model"].embed(scope["frames"]), model.embed(scope["frames"]))
+        assert cost(plan[:, None]) < cost(torch.zeros(1, 1, 5, 10))
