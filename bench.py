@@ -150,7 +150,7 @@ def bench_train(cases: tuple = (("paper", 8, 2), ("cpu", 64, 5), ("tiny", 64, 5)
 
 
 PLAN_ACTION_DIM = 10  # PushT action block: frameskip 5 x 2-d actions
-PLAN_ITERS = 30  # METHOD.md §4.2: 300 samples x 30 iterations, top 30, horizon 5
+PLAN_ITERS = 30  # docs/method.md §9: 300 samples x 30 iterations, top 30, horizon 5
 
 
 def _plan_model(preset: str) -> LeWM:
@@ -240,7 +240,7 @@ def bench_plan(presets: tuple[str, ...] | None = None, batches: tuple[int, ...] 
     Batch 1 runs all 30 iterations; larger batches run 3 and extrapolate (every iteration does identical work:
     no early stopping). s_per_plan = (encode + 30 x median iteration) / batch; s_per_plan_wall sums the iterations
     instead, so it includes interference from other jobs on the shared cores. Reference: the official code needs
-    about 16 s per plan at the paper configuration on this 2-core CPU (METHOD.md §7.3); target <= 4 s. A last row
+    about 16 s per plan at the paper configuration on this 2-core CPU; target <= 4 s. A last row
     per preset scores bf16 against fp32: rank agreement of each iteration's 300 candidate costs, shared top-30
     elites, and the fp32 cost of the bf16 plan relative to the fp32 plan.
     """

@@ -1,9 +1,9 @@
-"""Evaluate a trained LeWM: goal-reaching by model-predictive control with CEM (spec/METHOD.md §4, ENVS.md §3).
+"""Evaluate a trained LeWM: goal-reaching by model-predictive control with CEM (docs/method.md §9, §10).
 
 Subcommands (`plan` is the default):
-    plan      MPC success rate over start/goal pairs drawn from the dataset (ENVS.md §3 protocol)
-    probe     linear / MLP probes of physical quantities on the frozen embeddings (METHOD.md §5)
-    surprise  latent prediction error along trajectories with and without unphysical events (METHOD.md §5)
+    plan      MPC success rate over start/goal pairs drawn from the dataset (docs/method.md §10)
+    probe     linear / MLP probes of physical quantities on the frozen embeddings (docs/method.md §11)
+    surprise  latent prediction error along trajectories with and without unphysical events (docs/method.md §11)
     diagnose  cheap checks of a candidate model: do the true actions rank high, do actions move the prediction,
               what do linear probes read from the embedding (held-out episodes, never the evaluation pairs)
 
@@ -70,7 +70,7 @@ class EvalConfig:
     horizon: int = 5  # N: planned action blocks
     receding_horizon: int = 5  # blocks executed before replanning (= horizon in the reference: no leftover plan)
     policy: str = "planner"  # planner or random (uniform actions in [-1, 1], the floor of the protocol)
-    solver: str = "cem"  # cem (METHOD.md §4.2) or adam (gradient planner, §4.3)
+    solver: str = "cem"  # cem or adam (gradient planner), docs/method.md §9
     samples: int = 0  # candidates per plan (0 = 300 for cem, 100 for adam)
     iterations: int = 30  # CEM iterations / Adam steps
     topk: int = 30  # CEM elites
@@ -581,7 +581,7 @@ def save_episode_pictures(folder: str, env: str, videos, goal_frames, per_episod
           + ("" if gifs else "; GIFs need Pillow or imageio (pip install pillow)"))  # fmt: skip
 
 
-# --- MPC evaluation (plan): ENVS.md §3, METHOD.md §4.4
+# --- MPC evaluation (plan): docs/method.md §9, §10
 
 
 def start_rows(traj: data.Trajectories, episodes, n: int, goal_offset: int, seed: int) -> np.ndarray:
@@ -596,7 +596,7 @@ def start_rows(traj: data.Trajectories, episodes, n: int, goal_offset: int, seed
             f"{traj.path}: only {len(valid)} valid start rows in the chosen episodes (need step + {goal_offset} "
             f"inside the episode), asked for {n}: lower --episodes or use another --split"
         )
-    # DEVIATION: choice(len(valid)) rather than the original LeWM choice(len(valid) - 1), an off-by-one (ENVS.md 3).
+    # DEVIATION: choice(len(valid)) rather than the original LeWM choice(len(valid) - 1), an off-by-one (docs/method.md §10).
     return np.sort(valid[np.random.default_rng(seed=seed).choice(len(valid), n, replace=False)])
 
 
@@ -660,7 +660,7 @@ def run_plan(cfg: EvalConfig) -> dict:
         raise ValueError(f"the {cfg.split} split is empty: use --split train")
     traj, name, a_dim, fs = world.traj, world.env, world.action_dim, world.frameskip
 
-    # Start/goal pairs: goal = the dataset frame and state goal_offset raw steps after the start (ENVS.md 3).
+    # Start/goal pairs: goal = the dataset frame and state goal_offset raw steps after the start (docs/method.md §10).
     rows = start_rows(traj, pool, cfg.episodes, cfg.goal_offset, cfg.seed)  # (B,)
     ep_of_row = np.searchsorted(traj.ep_offset, rows, side="right") - 1  # (B,)
     steps0 = rows - traj.ep_offset[ep_of_row]  # (B,)
@@ -677,7 +677,7 @@ def run_plan(cfg: EvalConfig) -> dict:
         solved0[i] = bool(info["is_success"])
         dist0[i] = envs.REGISTRY[name].goal_distance(info["state"], info["goal_state"])
         env_list.append(env)
-    # The first frame the planner sees is the dataset frame, not a render (ENVS.md 3, step 5); later ones are renders.
+    # The first frame the planner sees is the dataset frame, not a render (docs/method.md §10); later ones are renders.
     obs = start_frames.copy()  # (B, H, W, 3)
     dist = dist0.copy()
     success, first_step = np.zeros(b, bool), np.full(b, -1)
@@ -788,7 +788,7 @@ def run_plan(cfg: EvalConfig) -> dict:
     return results
 
 
-# --- probing (METHOD.md §5): what the frozen embedding knows about the physical state
+# --- probing (docs/method.md §11): what the frozen embedding knows about the physical state
 
 PROBE_HIDDEN = 256  # MLP probe: one hidden layer of this width, GELU
 PROBE_LR = 1e-3  # MLP probe AdamW peak learning rate (cosine to 0 over the run)
@@ -941,7 +941,7 @@ def run_probe(cfg: EvalConfig) -> dict:
     return {**summary, "out": out}
 
 
-# --- surprise (METHOD.md §5): latent prediction error at physically impossible and visual-only events
+# --- surprise (docs/method.md §11): latent prediction error at physically impossible and visual-only events
 #
 # Along a held-out episode, frame t (every frameskip raw steps) is predicted from frames t-3..t-1 and their action
 # blocks, exactly as in training, and surprise_t = ||z_pred_t - z_t||^2 (sum over D). At a few random t per episode the

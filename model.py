@@ -1,6 +1,6 @@
 """LeWM: a JEPA world model that learns from pixels, end to end, with two loss terms (LeWM paper, arXiv 2603.19312).
 
-    frames --ViT-Tiny--> CLS --BN-MLP projector--> z_t (192-d)            spec/METHOD.md §1.1-1.2
+    frames --ViT-Tiny--> CLS --BN-MLP projector--> z_t (192-d)            docs/method.md §2
     5 raw actions --Conv1d(1x1) + MLP--> a_emb_t                           §1.3
     z_{t-2..t}, a_emb_{t-2..t} --causal AdaLN-zero transformer--> BN-MLP pred_proj --> z_pred_{t+1}   §1.4-1.5
     loss = MSE(z_pred, z_next) + lambd * SIGReg(z)                         §2.2, sigreg.py
@@ -58,9 +58,9 @@ class ModelConfig:
 
 
 PRESETS = {
-    # The official sizes (METHOD.md §1): ViT-Tiny/14 at 224 px, predictor 6 x 16 heads x 64, projectors 2048.
+    # The official sizes (docs/method.md §2): ViT-Tiny/14 at 224 px, predictor 6 x 16 heads x 64, projectors 2048.
     "paper": ModelConfig(),
-    # DEVIATION: reduced model for 2-core CPUs (METHOD.md §7.4 config C: 64 px, patch 16, 6 encoder layers,
+    # DEVIATION: reduced model for 2-core CPUs (docs/method.md §2: 64 px, patch 16, 6 encoder layers,
     # predictor depth 3 x 8 heads x 32, MLP 768, projectors 512). The method is unchanged: same components,
     # losses, SIGReg, history and frameskip. Chosen by measured throughput and validation loss (README).
     "cpu": ModelConfig(
@@ -109,7 +109,7 @@ def pick_device(name: str) -> torch.device:
 def preprocess(frames: torch.Tensor, img_size: int) -> torch.Tensor:
     """uint8 frames (..., H, W, 3) or (..., 3, H, W) -> float (..., 3, img_size, img_size), ImageNet-normalised.
 
-    Official order (METHOD.md §2.1): scale to [0, 1], normalise, then bilinear antialiased resize if needed.
+    Official order (docs/method.md §3): scale to [0, 1], normalise, then bilinear antialiased resize if needed.
     """
     x = torch.as_tensor(frames)
     if x.dtype != torch.uint8:
@@ -132,7 +132,7 @@ def preprocess(frames: torch.Tensor, img_size: int) -> torch.Tensor:
 
 
 class MLPProjector(nn.Module):
-    """Linear -> BatchNorm1d -> GELU -> Linear (METHOD.md §1.2); BN statistics over all rows of the batch."""
+    """Linear -> BatchNorm1d -> GELU -> Linear (docs/method.md §2); BN statistics over all rows of the batch."""
 
     def __init__(self, dim: int, hidden: int, out_dim: int):
         super().__init__()
@@ -164,7 +164,7 @@ class ViTBlock(nn.Module):
 
 
 class ViT(nn.Module):
-    """ViT encoder returning the CLS token after the final LayerNorm (no pooler), METHOD.md §1.1."""
+    """ViT encoder returning the CLS token after the final LayerNorm (no pooler), docs/method.md §2."""
 
     def __init__(self, img_size: int, patch_size: int, dim: int, depth: int, heads: int, mlp_dim: int):
         super().__init__()
@@ -360,7 +360,7 @@ class LeWM(nn.Module):
         return z, self.predict(z[:, :h], actions[:, :h])  # (B, T, D), (B, h, D)
 
     def rollout(self, z0: torch.Tensor, actions: torch.Tensor, action_history: torch.Tensor | None = None):
-        """Autoregressive planning rollout (METHOD.md §4.1), batched over S candidate action sequences.
+        """Autoregressive planning rollout (docs/method.md §9), batched over S candidate action sequences.
 
         z0 (B, T0, D) observed context embeddings (T0 >= 1); actions (B, S, N, A) candidate blocks, the first one
         leaving the last context frame; action_history (B, T0-1, A) the blocks between context frames.
@@ -401,7 +401,7 @@ class LeWM(nn.Module):
             raise ValueError(f"action blocks must have {self.cfg.action_dim} dims, got {actions.shape[-1]}")
 
 
-# --- the loss (METHOD.md §2.2)
+# --- the loss (docs/method.md §6)
 
 
 def lewm_loss(model: nn.Module, pixels: torch.Tensor, actions: torch.Tensor, sigreg: SIGReg, lambd: float = 0.09):
@@ -477,7 +477,7 @@ def model_from_checkpoint(ckpt: dict, cfg: ModelConfig | None = None) -> LeWM:
     return model.eval()
 
 
-# --- the released checkpoints (weights.pt + config.json, METHOD.md §1.8)
+# --- the released checkpoints (weights.pt + config.json, docs/method.md §2)
 
 # (official key pattern, our key pattern); `{i}` is a layer index. Encoder keys use transformers 4.x ViT names;
 # q/k/v are three Linears there and one fused Linear here.
@@ -507,7 +507,7 @@ _KEY_MAP = [
     ("pred_proj.net.{p}", "pred_proj.net.{p}"),
 ]
 _QKV_4X = "encoder.encoder.layer.{i}.attention.attention.{name}.{p}"
-# transformers 5.x renames inside the encoder layers (METHOD.md §1.8); everything else is unchanged.
+# transformers 5.x renames inside the encoder layers (docs/method.md §2); everything else is unchanged.
 _HF5_TO_HF4 = [
     (r"^encoder\.layers\.(\d+)\.", r"encoder.encoder.layer.\1."),
     (r"\.attention\.q_proj\.", ".attention.attention.query."),
