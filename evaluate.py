@@ -646,6 +646,95 @@ def print_plan_table(results: dict) -> None:
           f"solved at start {100 * results['solved_at_start']:.1f} %{unsolved}{timing}")  # fmt: skip
 
 
+@dataclass
+class Pairs:
+    """Start/goal pairs of the protocol: goal = the dataset frame and state goal_offset raw steps after the start."""
+
+    rows: np.ndarray  # (B,) global start rows
+    episode: np.ndarray  # (B,) their episodes
+    step: np.ndarray  # (B,) their steps within the episode
+    start_frames: np.ndarray  # (B, H, W, 3) uint8
+    goal_frames: np.ndarray  # (B, H, W, 3) uint8
+    start_states: np.ndarray  # (B, S) env reset states
+    goal_states: np.ndarray  # (B, S)
+
+
+def draw_pairs(world: World, cfg: EvalConfig) -> Pairs:
+    """cfg.episodes start/goal pairs from the chosen split (docs/method.md §10)."""
+    if cfg.split not in ("val", "train"):
+        raise ValueError(f"unknown split {cfg.split!r}; valid: val, train")
+    pool = world.val_eps if cfg.split == "val" else world.train_eps
+    if len(pool) == 0:
+        raise ValueError(f"the {cfg.split} split is empty: use --split train")
+    traj = world.traj
+    rows = start_rows(traj, pool, cfg.episodes, cfg.goal_offset, cfg.seed)  # (B,)
+    episode = np.searchsorted(traj.ep_offset, rows, side="right") - 1  # (B,)
+    return Pairs(rows, episode, rows - traj.ep_offset[episode], traj.read("pixels", rows),
+                 traj.read("pixels", rows + cfg.goal_offset), dataset_states(world, rows),
+                 dataset_states(world, rows + cfg.goal_offset))  # fmt: skip
+
+
+def reset_envs(world: World, cfg: EvalConfig, pairs: Pairs) -> tuple[list, np.ndarray, np.ndarray]:
+    """One env per pair, reset to its start state with its goal: (envs, solved at start (B,), start distance (B,))."""
+    env_list, solved0, dist0 = [], np.zeros(len(pairs.rows), bool), np.zeros(len(pairs.rows))
+    for i, (state, goal_state) in enumerate(zip(pairs.start_states, pairs.goal_states)):
+        env = envs.make_env(world.env, img_size=world.img_size)
+        goal = envs.goal_from_state(world.env, goal_state)
+        _, info = env.reset(seed=cfg.seed + i, options={"state": state, "goal_state": goal})
+        solved0[i] = bool(info["is_success"])
+        dist0[i] = envs.REGISTRY[world.env].goal_distance(info["state"], info["goal_state"])
+        env_list.append(env)
+    return env_list, solved0, dist0
+
+
+def plan_results(cfg: EvalConfig, world: World, pairs: Pairs, outcome: dict, plan_calls: list[dict]) -> dict:
+    """The results JSON of a plan run; outcome holds the per-pair arrays success, first_step, solved0, dist0, dist."""
+    success, solved0 = outcome["success"], outcome["solved0"]
+    b, n_ok = len(success), int(outcome["success"].sum())
+    solver = {"solver": cfg.solver, "samples": cfg.samples or (300 if cfg.solver == "cem" else 100),
+              "iterations": cfg.iterations, "horizon": cfg.horizon, "receding_horizon": cfg.receding_horizon,
+              "frameskip": world.frameskip, "warm_start": cfg.warm_start, "bf16": cfg.bf16}  # fmt: skip
+    solver |= {"topk": cfg.topk} if cfg.solver == "cem" else {"lr": cfg.lr}
+    per_call = [c["seconds"] / c["episodes"] for c in plan_calls]
+    return {
+        "env": world.env,
+        "checkpoint": world.source,
+        "data": world.traj.path,
+        "data_source": world.data_source,
+        "policy": cfg.policy,
+        "split": cfg.split,
+        "episodes": b,
+        "successes": n_ok,
+        "success_rate": n_ok / b,
+        "ci95": list(wilson(n_ok, b)),
+        "solved_at_start": float(solved0.mean()),
+        # Pairs already solved at the start count as successes; this is the rate on the others (le-wm issue 23).
+        "success_rate_unsolved_at_start": float(success[~solved0].mean()) if (~solved0).any() else None,
+        "budget": cfg.budget,
+        "goal_offset": cfg.goal_offset,
+        "seed": cfg.seed,
+        "device": str(world.device),
+        "mean_plan_seconds": float(np.mean(per_call)) if per_call else None,
+        "seconds_per_call": float(np.mean([c["seconds"] for c in plan_calls])) if plan_calls else None,
+        "plan_calls": plan_calls,
+        **({"planner": solver} if cfg.policy == "planner" else {}),
+        "per_episode": [
+            {
+                "index": i,
+                "episode": int(pairs.episode[i]),
+                "start_step": int(pairs.step[i]),
+                "solved_at_start": bool(solved0[i]),
+                "success": bool(success[i]),
+                "first_success_step": int(outcome["first_step"][i]),
+                "start_distance": float(outcome["dist0"][i]),
+                "final_distance": float(outcome["dist"][i]),
+            }
+            for i in range(b)
+        ],
+        "config": dataclasses.asdict(cfg),
+    }
+
+
 def run_plan(cfg: EvalConfig) -> dict:
     """Goal-reaching success rate of MPC (or random actions) from dataset start/goal pairs, all episodes batched."""
     if cfg.policy not in ("planner", "random"):
@@ -653,46 +742,23 @@ def run_plan(cfg: EvalConfig) -> dict:
     if not 1 <= cfg.receding_horizon <= cfg.horizon:
         raise ValueError(f"need 1 <= receding_horizon <= horizon, got {cfg.receding_horizon} and {cfg.horizon}")
     world = load_world(cfg)
-    if cfg.split not in ("val", "train"):
-        raise ValueError(f"unknown split {cfg.split!r}; valid: val, train")
-    pool = world.val_eps if cfg.split == "val" else world.train_eps
-    if len(pool) == 0:
-        raise ValueError(f"the {cfg.split} split is empty: use --split train")
-    traj, name, a_dim, fs = world.traj, world.env, world.action_dim, world.frameskip
-
-    # Start/goal pairs: goal = the dataset frame and state goal_offset raw steps after the start (docs/method.md §10).
-    rows = start_rows(traj, pool, cfg.episodes, cfg.goal_offset, cfg.seed)  # (B,)
-    ep_of_row = np.searchsorted(traj.ep_offset, rows, side="right") - 1  # (B,)
-    steps0 = rows - traj.ep_offset[ep_of_row]  # (B,)
-    start_frames = traj.read("pixels", rows)  # (B, H, W, 3) uint8
-    goal_frames = traj.read("pixels", rows + cfg.goal_offset)  # (B, H, W, 3)
-    start_states, goal_states = dataset_states(world, rows), dataset_states(world, rows + cfg.goal_offset)
-    b = len(rows)
-
-    env_list, solved0, dist0 = [], np.zeros(b, bool), np.zeros(b)
-    for i in range(b):
-        env = envs.make_env(name, img_size=world.img_size)
-        goal = envs.goal_from_state(name, goal_states[i])
-        _, info = env.reset(seed=cfg.seed + i, options={"state": start_states[i], "goal_state": goal})
-        solved0[i] = bool(info["is_success"])
-        dist0[i] = envs.REGISTRY[name].goal_distance(info["state"], info["goal_state"])
-        env_list.append(env)
+    pairs = draw_pairs(world, cfg)
+    env_list, solved0, dist0 = reset_envs(world, cfg, pairs)
+    b, name, a_dim, fs = len(pairs.rows), world.env, world.action_dim, world.frameskip
     # The first frame the planner sees is the dataset frame, not a render (docs/method.md §10); later ones are renders.
-    obs = start_frames.copy()  # (B, H, W, 3)
-    dist = dist0.copy()
+    obs, dist = pairs.start_frames.copy(), dist0.copy()  # (B, H, W, 3), (B,)
     success, first_step = np.zeros(b, bool), np.full(b, -1)
-    queues = [np.zeros((0, a_dim), np.float32) for _ in range(b)]
+    queues = [np.zeros((0, a_dim), np.float32) for _ in range(b)]  # raw actions still to execute, per episode
     prev_plans: list[torch.Tensor | None] = [None] * b
     videos = [[obs[i].copy()] for i in range(b)] if cfg.video else None  # observed frames per episode
     # One generator per episode, so batching does not change any episode's draws; planner_seed 0 is seed + i.
     draw_seeds = [cfg.seed + 1000 * cfg.planner_seed + i for i in range(b)]
     gens = [torch.Generator(world.device).manual_seed(s) for s in draw_seeds]
     rngs = [np.random.default_rng(s) for s in draw_seeds]
-    z_goal = None
+    z_goal, plan_calls = None, []
     if cfg.policy == "planner":
         with torch.inference_mode() if cfg.solver == "cem" else torch.no_grad():
-            z_goal = encode_frames(world.model, goal_frames, world.device)[:, 0]  # (B, D) once per episode
-    plan_calls = []
+            z_goal = encode_frames(world.model, pairs.goal_frames, world.device)[:, 0]  # (B, D) once per episode
 
     bar = tqdm(range(cfg.budget), desc=f"plan {name} ({b} episodes)", unit="step", dynamic_ncols=True)
     for t in bar:
@@ -706,8 +772,7 @@ def run_plan(cfg: EvalConfig) -> dict:
             # seeded seed + episode (the reference plans them one after another from one generator seeded 42).
             init = None
             if cfg.warm_start and prev_plans[need[0]] is not None:
-                prev = torch.stack([prev_plans[i] for i in need])  # (B', N, A)
-                init = warm_start(prev, cfg.receding_horizon)  # (B', N, A)
+                init = warm_start(torch.stack([prev_plans[i] for i in need]), cfg.receding_horizon)  # (B', N, A)
             t0 = time.perf_counter()
             plans = plan_batch(world, cfg, obs[need], z_goal[need], [gens[i] for i in need], init)  # (B', N, A)
             plan_calls.append({"step": t, "episodes": len(need), "seconds": time.perf_counter() - t0})
@@ -734,56 +799,13 @@ def run_plan(cfg: EvalConfig) -> dict:
     for env in env_list:
         env.close()
 
-    n_ok = int(success.sum())
-    lo, hi = wilson(n_ok, b)
-    solver = {"solver": cfg.solver, "samples": cfg.samples or (300 if cfg.solver == "cem" else 100),
-              "iterations": cfg.iterations, "horizon": cfg.horizon, "receding_horizon": cfg.receding_horizon,
-              "frameskip": fs, "warm_start": cfg.warm_start, "bf16": cfg.bf16}  # fmt: skip
-    solver |= {"topk": cfg.topk} if cfg.solver == "cem" else {"lr": cfg.lr}
-    per_call = [c["seconds"] / c["episodes"] for c in plan_calls]
-    results = {
-        "env": name,
-        "checkpoint": world.source,
-        "data": traj.path,
-        "data_source": world.data_source,
-        "policy": cfg.policy,
-        "split": cfg.split,
-        "episodes": b,
-        "successes": n_ok,
-        "success_rate": n_ok / b,
-        "ci95": [lo, hi],
-        "solved_at_start": float(solved0.mean()),
-        # Pairs already solved at the start count as successes; this is the rate on the others (le-wm issue 23).
-        "success_rate_unsolved_at_start": float(success[~solved0].mean()) if (~solved0).any() else None,
-        "budget": cfg.budget,
-        "goal_offset": cfg.goal_offset,
-        "seed": cfg.seed,
-        "device": str(world.device),
-        "mean_plan_seconds": float(np.mean(per_call)) if per_call else None,
-        "seconds_per_call": float(np.mean([c["seconds"] for c in plan_calls])) if plan_calls else None,
-        "plan_calls": plan_calls,
-        **({"planner": solver} if cfg.policy == "planner" else {}),
-        "per_episode": [
-            {
-                "index": i,
-                "episode": int(ep_of_row[i]),
-                "start_step": int(steps0[i]),
-                "solved_at_start": bool(solved0[i]),
-                "success": bool(success[i]),
-                "first_success_step": int(first_step[i]),
-                "start_distance": float(dist0[i]),
-                "final_distance": float(dist[i]),
-            }
-            for i in range(b)
-        ],
-        "config": dataclasses.asdict(cfg),
-    }
-
+    outcome = {"success": success, "first_step": first_step, "solved0": solved0, "dist0": dist0, "dist": dist}
+    results = plan_results(cfg, world, pairs, outcome, plan_calls)
     print_plan_table(results)
     out = default_out(cfg, world, f"plan_{cfg.policy}")
     save_json(results, out)
     if videos is not None:
-        save_episode_pictures(cfg.video, name, videos, goal_frames, results["per_episode"])
+        save_episode_pictures(cfg.video, name, videos, pairs.goal_frames, results["per_episode"])
     results["out"] = out
     return results
 
