@@ -40,9 +40,10 @@ from model import (
 from planner import cem, gradient_plan, warm_start
 from sigreg import SIGReg
 
-CLIP = train.clip_shape(PRESETS["tiny"])  # history, num_preds, frameskip of the clips the model trains on
+# --- shared helpers and fixtures
 
-# --- model tests
+CLIP = train.clip_shape(PRESETS["tiny"])  # history, num_preds, frameskip of the clips the model trains on
+REPO = os.path.dirname(os.path.abspath(__file__))
 
 
 def tiny_model(action_dim: int = 10, seed: int = 0) -> LeWM:
@@ -62,6 +63,218 @@ def randomise(model: LeWM, seed: int = 1) -> LeWM:
             elif name.endswith("running_mean"):
                 b.copy_(torch.randn(b.shape, generator=g) * 0.1)
     return model
+
+
+def _train_ckpt(tmp_path, model: LeWM) -> str:
+    """A checkpoint laid out as train.py writes it, optimizer and RNG state included."""
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 4, 3, 32, 32), torch.randn(2, 4, 10))[1].sum().backward()
+    opt.step()
+    ckpt = {"model": model.state_dict(), "model_config": dataclasses.asdict(model.cfg), "optimizer": opt.state_dict(),
+            "rng": {"torch": torch.get_rng_state()}, "step": 7, "env": "pusht",
+            "action_stats": {"mean": [0.0, 0.0], "std": [1.0, 1.0]}}  # fmt: skip
+    path = str(tmp_path / "ckpt.pt")
+    save_checkpoint(path, ckpt)
+    return path
+
+
+def _no_network(*args, **kwargs):
+    raise OSError("network access in a test")
+
+
+def offline_hub_cache(tmp_path, monkeypatch, model: LeWM, repo: str = "someone/lewm-tiny") -> None:
+    """Lay `model` out in tmp_path/hub as the hub cache holds a download of `repo`, and switch the network off."""
+    pytest.importorskip("huggingface_hub")
+    hub = tmp_path / "hub"
+    snap = hub / f"models--{repo.replace('/', '--')}" / "snapshots" / ("ab" * 20)
+    export_official(model, str(snap))
+    (snap.parents[1] / "refs").mkdir()
+    (snap.parents[1] / "refs" / "main").write_text("ab" * 20)
+    for name, value in (("HF_HOME", tmp_path / "hf_home"), ("HF_HUB_CACHE", hub), ("HF_HUB_OFFLINE", "1")):
+        monkeypatch.setenv(name, str(value))
+    monkeypatch.setattr(socket, "socket", _no_network)
+    import huggingface_hub.constants as hub_constants  # read at import: the environment alone is too late
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(hub))
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+
+
+def _data_file(path, lens=(25, 30, 22), img=4, index="ep_idx", **edit):
+    """Write a tiny file in the dataset layout whose pixels and actions encode the global row index."""
+    lens = np.asarray(lens)
+    n, rows = int(lens.sum()), np.arange(int(lens.sum()))
+    offset = np.concatenate([[0], np.cumsum(lens)[:-1]]).astype(np.int64)
+    code = np.stack([rows % 256, rows // 256, np.full(n, 7)], -1).astype(np.uint8)  # (N, 3)
+    action = np.stack([rows, 1.0 - 2.0 * rows**0.5], -1).astype(np.float32)  # (N, 2)
+    action[offset + lens - 1] = np.nan
+    cols = {
+        "ep_len": lens.astype(np.int32),
+        "ep_offset": offset,
+        index: np.repeat(np.arange(len(lens)), lens).astype(np.int32),
+        "step_idx": rows - np.repeat(offset, lens),
+        "pixels": np.ascontiguousarray(np.broadcast_to(code[:, None, None], (n, img, img, 3))),
+        "action": action,
+        "state": np.stack([rows, rows * 10], -1).astype(np.float64),
+    }
+    cols.update(edit)
+    with h5py.File(path, "w") as f:
+        for k, v in cols.items():
+            if v is not None:
+                f.create_dataset(k, data=v, chunks=(10, *v.shape[1:]) if k == "pixels" else None)
+    return str(path)
+
+
+def _collect(path, episodes=3, **kw):
+    kw = {"img_size": 32, "episode_steps": 25, "workers": 1, "seed": 5, **kw}
+    return data.collect("pusht", episodes, str(path), **kw)
+
+
+def _assert_same_file(a, b):
+    with h5py.File(a) as fa, h5py.File(b) as fb:
+        assert set(fa) == set(fb) and dict(fa.attrs) == dict(fb.attrs)
+        for k in fa:
+            assert np.array_equal(fa[k][()], fb[k][()], equal_nan=fa[k].dtype.kind == "f"), k
+
+
+def tiny_cfg(tmp_path, data_path, **kw) -> "train.TrainConfig":
+    base = dict(
+        env="pusht",
+        preset="tiny",
+        data=data_path,
+        out_dir=str(tmp_path / "run"),
+        max_steps=8,
+        log_every=1,
+        eval_every=4,
+        ckpt_every=4,
+        val_batches=2,
+        num_proj=128,
+        device="cpu",
+    )
+    return train.TrainConfig(**{**base, **kw})
+
+
+def read_metrics(out_dir) -> dict:
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return {r["step"]: r for r in map(json.loads, f)}
+
+
+def _eval_ckpt(path, data_path, env, block_dims=None, seed=0) -> str:
+    """A tiny-preset checkpoint in train.py's format (random weights) for the dataset at data_path."""
+    traj = data.Trajectories(data_path)
+    train_eps, val_eps = data.split_episodes(traj.num_episodes, 0.34, seed=data.SPLIT_SEED)
+    mcfg = dataclasses.replace(PRESETS["tiny"], action_dim=block_dims or PRESETS["tiny"].frameskip * traj.action_dim)
+    torch.manual_seed(seed)
+    save_checkpoint(str(path), {
+        "model": LeWM(mcfg).state_dict(), "model_config": dataclasses.asdict(mcfg), "env": env,
+        "action_stats": data.action_stats(traj, train_eps), "val_episodes": [int(e) for e in val_eps],
+        "train_config": {"data": data_path}, "step": 0,
+    })  # fmt: skip
+    traj.close()
+    return str(path)
+
+
+def _eval_cfg(ckpt, tmp_path, **kw) -> "evaluate.EvalConfig":
+    base = dict(ckpt=ckpt, episodes=4, samples=16, iterations=2, topk=4, device="cpu", out=str(tmp_path / "r.json"))
+    return evaluate.EvalConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def pusht_file(tmp_path_factory):
+    """Three PushT episodes at 32 px collected with two worker processes (the uninterrupted reference)."""
+    return _collect(tmp_path_factory.mktemp("collect") / "ref.h5", workers=2)
+
+
+@pytest.fixture(scope="module")
+def tiny_pusht(tmp_path_factory):
+    """A 6-episode, 32-px PushT dataset collected with the real collector."""
+    path = str(tmp_path_factory.mktemp("data") / "pusht_tiny.h5")
+    return data.collect("pusht", 6, path, img_size=32, workers=1)
+
+
+@pytest.fixture(scope="module")
+def tiny_tworoom(tmp_path_factory):
+    """A 6-episode, 32-px TwoRoom dataset collected with the real collector."""
+    return data.collect("tworoom", 6, str(tmp_path_factory.mktemp("data") / "tworoom_tiny.h5"), img_size=32, workers=1)
+
+
+# --- sigreg
+
+
+def test_sigreg_gaussian_vs_degenerate():
+    """SIGReg is about 1.05 for Gaussian embeddings and far larger for collapsed, shifted or mis-scaled ones."""
+    torch.manual_seed(0)
+    sig = SIGReg()
+    gauss = torch.stack([sig(torch.randn(4, 256, 64)) for _ in range(5)]).mean()
+    assert abs(gauss.item() - 1.0525) < 0.05
+    for bad in (
+        torch.zeros(4, 256, 64),
+        torch.randn(4, 256, 64) + 2.0,
+        0.1 * torch.randn(4, 256, 64),
+        3.0 * torch.randn(4, 256, 64),
+        torch.randn(4, 256, 1).expand(4, 256, 64),
+    ):
+        assert sig(bad).item() > 10 * gauss.item()
+
+
+def test_sigreg_differentiable_and_fp32():
+    """SIGReg runs in fp32 under bf16 autocast and its gradient moves embeddings toward lower statistic."""
+    torch.manual_seed(0)
+    sig = SIGReg(num_proj=256)
+    z = (0.3 * torch.randn(4, 128, 32)).requires_grad_()
+    dirs = torch.nn.functional.normalize(torch.randn(32, 256), dim=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        value = sig(z.to(torch.bfloat16), directions=dirs)
+    assert value.dtype == torch.float32
+    value = sig(z, directions=dirs)
+    (grad,) = torch.autograd.grad(value, z)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+    assert sig(z - 0.01 * grad / grad.norm() * z.norm(), directions=dirs) < value
+
+
+def _ddp_sigreg_worker(rank: int, world: int, port: int, z_all, weight, queue):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    layer = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+    ddp = DistributedDataParallel(layer)
+    torch.manual_seed(123 + rank)  # ranks draw different directions; rank 0's draw must be the one all use
+    n = z_all.shape[1] // world
+    value = SIGReg(num_proj=128)(ddp(z_all[:, rank * n : (rank + 1) * n]))
+    value.backward()
+    queue.put((rank, value.item(), layer.weight.grad.tolist()))  # plain data: the process exits next
+    dist.destroy_process_group()
+
+
+def test_sigreg_ddp_matches_single_process():
+    """Under DDP (2 gloo processes) value and gradient equal single-process SIGReg on the concatenated batch."""
+    torch.manual_seed(0)
+    z_all, weight = torch.randn(2, 64, 16), torch.randn(16, 16) * 0.3
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_ddp_sigreg_worker, args=(r, 2, port, z_all, weight, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = sorted(queue.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+    layer = torch.nn.Linear(16, 16, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+    torch.manual_seed(123)
+    value = SIGReg(num_proj=128)(layer(z_all))
+    value.backward()
+    for _, v, grad in results:
+        assert abs(v - value.item()) < 1e-4
+        torch.testing.assert_close(torch.tensor(grad), layer.weight.grad, rtol=1e-4, atol=1e-6)
+
+
+# --- model
 
 
 def test_model_paper_parameter_count():
@@ -201,19 +414,6 @@ def test_model_official_format_round_trip(tmp_path, hf5):
         torch.testing.assert_close(loaded.predict(z[:, :3], a), model.predict(z[:, :3], a), rtol=0, atol=0)
 
 
-def _train_ckpt(tmp_path, model: LeWM) -> str:
-    """A checkpoint laid out as train.py writes it, optimizer and RNG state included."""
-    opt = torch.optim.AdamW(model.parameters())
-    model(torch.randn(2, 4, 3, 32, 32), torch.randn(2, 4, 10))[1].sum().backward()
-    opt.step()
-    ckpt = {"model": model.state_dict(), "model_config": dataclasses.asdict(model.cfg), "optimizer": opt.state_dict(),
-            "rng": {"torch": torch.get_rng_state()}, "step": 7, "env": "pusht",
-            "action_stats": {"mean": [0.0, 0.0], "std": [1.0, 1.0]}}  # fmt: skip
-    path = str(tmp_path / "ckpt.pt")
-    save_checkpoint(path, ckpt)
-    return path
-
-
 def test_model_export_cli_writes_weights_only_files(tmp_path):
     """`model.py export` writes three weights-only files; each rebuilds the model with identical outputs."""
     model = randomise(tiny_model()).eval()
@@ -231,27 +431,6 @@ def test_model_export_cli_writes_weights_only_files(tmp_path):
     for loaded in (load_pretrained(str(out)), load_pretrained(str(out / "model.pt"))):
         torch.testing.assert_close(loaded.embed(x), want, rtol=0, atol=0)
     assert json.loads((out / "config.json").read_text())["action_encoder"]["input_dim"] == 10
-
-
-def _no_network(*args, **kwargs):
-    raise OSError("network access in a test")
-
-
-def offline_hub_cache(tmp_path, monkeypatch, model: LeWM, repo: str = "someone/lewm-tiny") -> None:
-    """Lay `model` out in tmp_path/hub as the hub cache holds a download of `repo`, and switch the network off."""
-    pytest.importorskip("huggingface_hub")
-    hub = tmp_path / "hub"
-    snap = hub / f"models--{repo.replace('/', '--')}" / "snapshots" / ("ab" * 20)
-    export_official(model, str(snap))
-    (snap.parents[1] / "refs").mkdir()
-    (snap.parents[1] / "refs" / "main").write_text("ab" * 20)
-    for name, value in (("HF_HOME", tmp_path / "hf_home"), ("HF_HUB_CACHE", hub), ("HF_HUB_OFFLINE", "1")):
-        monkeypatch.setenv(name, str(value))
-    monkeypatch.setattr(socket, "socket", _no_network)
-    import huggingface_hub.constants as hub_constants  # read at import: the environment alone is too late
-
-    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(hub))
-    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
 
 
 def test_model_hub_name_served_from_offline_cache(tmp_path, monkeypatch):
@@ -325,87 +504,7 @@ def test_model_checkpoint_other_architecture_fails(tmp_path):
         load_checkpoint(str(bad))
 
 
-# --- sigreg tests
-
-
-def test_sigreg_gaussian_vs_degenerate():
-    """SIGReg is about 1.05 for Gaussian embeddings and far larger for collapsed, shifted or mis-scaled ones."""
-    torch.manual_seed(0)
-    sig = SIGReg()
-    gauss = torch.stack([sig(torch.randn(4, 256, 64)) for _ in range(5)]).mean()
-    assert abs(gauss.item() - 1.0525) < 0.05
-    for bad in (
-        torch.zeros(4, 256, 64),
-        torch.randn(4, 256, 64) + 2.0,
-        0.1 * torch.randn(4, 256, 64),
-        3.0 * torch.randn(4, 256, 64),
-        torch.randn(4, 256, 1).expand(4, 256, 64),
-    ):
-        assert sig(bad).item() > 10 * gauss.item()
-
-
-def test_sigreg_differentiable_and_fp32():
-    """SIGReg runs in fp32 under bf16 autocast and its gradient moves embeddings toward lower statistic."""
-    torch.manual_seed(0)
-    sig = SIGReg(num_proj=256)
-    z = (0.3 * torch.randn(4, 128, 32)).requires_grad_()
-    dirs = torch.nn.functional.normalize(torch.randn(32, 256), dim=0)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        value = sig(z.to(torch.bfloat16), directions=dirs)
-    assert value.dtype == torch.float32
-    value = sig(z, directions=dirs)
-    (grad,) = torch.autograd.grad(value, z)
-    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
-    assert sig(z - 0.01 * grad / grad.norm() * z.norm(), directions=dirs) < value
-
-
-def _ddp_sigreg_worker(rank: int, world: int, port: int, z_all, weight, queue):
-    import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel
-
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    layer = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
-    with torch.no_grad():
-        layer.weight.copy_(weight)
-    ddp = DistributedDataParallel(layer)
-    torch.manual_seed(123 + rank)  # ranks draw different directions; rank 0's draw must be the one all use
-    n = z_all.shape[1] // world
-    value = SIGReg(num_proj=128)(ddp(z_all[:, rank * n : (rank + 1) * n]))
-    value.backward()
-    queue.put((rank, value.item(), layer.weight.grad.tolist()))  # plain data: the process exits next
-    dist.destroy_process_group()
-
-
-def test_sigreg_ddp_matches_single_process():
-    """Under DDP (2 gloo processes) value and gradient equal single-process SIGReg on the concatenated batch."""
-    torch.manual_seed(0)
-    z_all, weight = torch.randn(2, 64, 16), torch.randn(16, 16) * 0.3
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_ddp_sigreg_worker, args=(r, 2, port, z_all, weight, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = sorted(queue.get(timeout=120) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
-    layer = torch.nn.Linear(16, 16, bias=False)
-    with torch.no_grad():
-        layer.weight.copy_(weight)
-    torch.manual_seed(123)
-    value = SIGReg(num_proj=128)(layer(z_all))
-    value.backward()
-    for _, v, grad in results:
-        assert abs(v - value.item()) < 1e-4
-        torch.testing.assert_close(torch.tensor(grad), layer.weight.grad, rtol=1e-4, atol=1e-6)
-
-
-# --- env tests (pusht and common)
-
-
-REGISTERED_ENVS = [name for name, spec in envs.REGISTRY.items() if spec.id in gym.registry]
+# --- envs
 
 
 def _rollout(env, seed: int, actions) -> tuple[list, list]:
@@ -428,16 +527,93 @@ def assert_same_rollouts(frames1, infos1, frames2, infos2):
             np.testing.assert_array_equal(a[k], b[k])
 
 
-def test_env_pusht_check_env():
-    """PushT passes gymnasium's env checker (spaces, seeding, render)."""
-    check_env(gym.make(envs.REGISTRY["pusht"].id, img_size=64).unwrapped, skip_render_check=False)
+def _cube_state(cube=(0.45, 0.1, 0.02), cube_yaw=0.0, ee=(0.45, 0.1, 0.02), ee_yaw=0.0, closure=0.0, grasped=0.0):
+    """A hand-made Cube state: [cube xyz, cube yaw, effector xyz, effector yaw, closure, grasped, cube vz]."""
+    return np.array([*cube, cube_yaw, *ee, ee_yaw, closure, grasped, 0.0])
 
 
-def test_env_pusht_deterministic():
-    """Same seed and actions give identical frames, states and infos."""
-    actions = np.random.default_rng(0).uniform(-1, 1, (40, 2)).astype(np.float32)
-    (f1, i1), (f2, i2) = (_rollout(envs.PushTEnv(img_size=64), 7, actions) for _ in range(2))
+def _cube_act(dx=0.0, dy=0.0, dz=0.0, dyaw=0.0, dgrip=0.0):
+    return np.array([dx, dy, dz, dyaw, dgrip], np.float32)
+
+
+_PUSHT_GOAL = np.array([200.0, 200.0, 300.0, 300.0, 0.05, 0.0, 0.0])
+_CUBE_HIGH = _cube_state(ee=(0.45, 0.1, 0.3))
+_CUBE_DIRECTION = np.array([0.6, 0.0, 0.8])  # 3-D offset, part of it vertical
+# env -> (state, goal_state, action, success expected, reward expected or None) for a reset followed by one step
+SUCCESS_CASES = {
+    "pusht": [
+        (_PUSHT_GOAL, _PUSHT_GOAL, np.zeros(2, np.float32), True, None),
+        (_PUSHT_GOAL + np.array([25.0 / 2, 0, 0, 25.0 * np.sqrt(3) / 2, 0, 50, 50]), _PUSHT_GOAL,
+         np.zeros(2, np.float32), False, None),
+    ],
+    "tworoom": [
+        ([50.0, 100.0], [61.0, 111.0], np.zeros(2, np.float32), True, None),  # 15.56 px
+        ([50.0, 100.0], [66.0, 100.0], np.array([-1.0, 0.0], np.float32), False, None),  # 16 px
+    ],
+    "reacher": [
+        ([0.3, -0.2, 0.0, 0.0], np.array([0.3, -0.2]), np.zeros(2, np.float32), True, None),
+        ([0.2, -0.2, 0.0, 0.0], np.array([0.3, -0.2]), np.zeros(2, np.float32), False, None),
+    ],
+    "cube": [
+        (_CUBE_HIGH, np.array([*(_CUBE_HIGH[:3] + dist * _CUBE_DIRECTION), 0.0]), _cube_act(), expected, float(expected))
+        for dist, expected in ((0.039, True), (0.041, False))
+    ],
+}  # fmt: skip
+
+
+def test_env_make_env_rejects_unknown_name():
+    """make_env raises ValueError naming the valid envs."""
+    with pytest.raises(ValueError, match="pusht"):
+        envs.make_env("nope")
+
+
+@pytest.mark.parametrize("name", list(envs.REGISTRY))
+def test_env_check_env(name):
+    """Every registered env passes gymnasium's env checker (spaces, seeding, render)."""
+    assert envs.REGISTRY[name].id in gym.registry
+    check_env(gym.make(envs.REGISTRY[name].id, img_size=64).unwrapped, skip_render_check=False)
+
+
+@pytest.mark.parametrize("name", list(envs.REGISTRY))
+def test_env_deterministic(name):
+    """Same seed and actions give identical frames, states and infos, through gym.make and the env class itself."""
+    spec = envs.REGISTRY[name]
+    shape = gym.make(spec.id, img_size=64).action_space.shape
+    actions = np.random.default_rng(0).uniform(-1, 1, (10, *shape)).astype(np.float32)
+    (f1, i1), (f2, i2) = (_rollout(gym.make(spec.id, img_size=64), 3, actions) for _ in range(2))
     assert_same_rollouts(f1, i1, f2, i2)
+    actions = np.random.default_rng(0).uniform(-1, 1, (40, *shape)).astype(np.float32)
+    (f1, i1), (f2, i2) = (_rollout(spec.env_class(img_size=64), 7, actions) for _ in range(2))
+    assert_same_rollouts(f1, i1, f2, i2)
+
+
+@pytest.mark.parametrize("name", list(envs.REGISTRY))
+def test_env_success_through_reset_and_step(name):
+    """reset's is_success and step's terminated (never truncated) follow the env's success test, on and off the goal."""
+    env = envs.REGISTRY[name].env_class(img_size=32)
+    for state, goal, action, expected, reward in SUCCESS_CASES[name]:
+        assert envs.success(name, state, goal) == expected
+        _, info = env.reset(seed=0, options={"state": state, "goal_state": goal})
+        assert info["is_success"] == expected
+        _, r, terminated, truncated, info = env.step(action)
+        assert terminated == expected and not truncated and info["is_success"] == expected
+        if reward is not None:
+            assert r == reward
+
+
+@pytest.mark.parametrize("name", [n for n in envs.REGISTRY if n != "pusht"])  # PushT: test_env_pusht_options_set_state
+def test_env_options_reproduce_state(name):
+    """reset(options) from a recorded info reproduces the state, goal, info and frame exactly."""
+    cls = envs.REGISTRY[name].env_class
+    env = cls(img_size=64)
+    env.reset(seed=3)
+    for _ in range(7):
+        frame, _, _, _, info = env.step(env.action_space.sample())
+    other = cls(img_size=64)
+    frame2, info2 = other.reset(seed=11, options={"state": info["state"], "goal_state": info["goal_state"]})
+    np.testing.assert_array_equal(frame, frame2)
+    for key in ("state", "goal_state", "proprio", "is_success"):
+        np.testing.assert_array_equal(info[key], info2[key])
 
 
 def test_env_pusht_step_matches_reference_arithmetic():
@@ -481,19 +657,13 @@ def test_env_pusht_options_set_state():
 
 
 def test_env_pusht_success_thresholds():
-    """Success needs ||d(agent, block xy)|| < 20 and wrapped angle error < pi/9; terminated follows it."""
-    g = np.array([200.0, 200.0, 300.0, 300.0, 0.05, 0.0, 0.0])
+    """PushT success needs ||d(agent, block xy)|| < 20 and wrapped angle error < pi/9."""
+    g = _PUSHT_GOAL
     shift = lambda dist: g + np.array([dist / 2, 0, 0, dist * np.sqrt(3) / 2, 0, 50, 50])
     assert envs.pusht_success(shift(19.9), g) and not envs.pusht_success(shift(20.1), g)
     turn = lambda d: g + np.array([0, 0, 0, 0, d, 0, 0])
     assert envs.pusht_success(turn(np.pi / 9 - 0.01), g) and not envs.pusht_success(turn(np.pi / 9 + 0.01), g)
     assert envs.pusht_success(turn(-0.1 + 2 * np.pi), g)  # wraps around 2 pi
-    env = envs.PushTEnv(img_size=32)
-    _, info = env.reset(seed=0, options={"state": g, "goal_state": g})
-    assert info["is_success"]
-    assert env.step(np.zeros(2, np.float32))[2]
-    env.reset(seed=0, options={"state": shift(25.0), "goal_state": g})
-    assert not env.step(np.zeros(2, np.float32))[2]
 
 
 def test_env_pusht_expert_solves_most_tasks():
@@ -543,38 +713,10 @@ def test_env_pusht_frames(img_size):
     np.testing.assert_allclose(obs[x, x], envs.PUSHT_AGENT_FILL, atol=2)
 
 
-def test_env_make_env_rejects_unknown_name():
-    """make_env raises ValueError naming the valid envs."""
-    with pytest.raises(ValueError, match="pusht"):
-        envs.make_env("nope")
-
-
-@pytest.mark.parametrize("name", REGISTERED_ENVS)
-def test_env_registered_check_env_and_determinism(name):
-    """Every registered env passes check_env, and the same seed and actions give the same frames and infos."""
-    env = gym.make(envs.REGISTRY[name].id, img_size=64)
-    check_env(env.unwrapped, skip_render_check=False)
-    actions = np.random.default_rng(0).uniform(-1, 1, (10, *env.action_space.shape)).astype(np.float32)
-    (f1, i1), (f2, i2) = (_rollout(gym.make(envs.REGISTRY[name].id, img_size=64), 3, actions) for _ in range(2))
-    assert_same_rollouts(f1, i1, f2, i2)
-
-
-# --- env tests (tworoom, reacher)
-
-
 def test_env_tworoom_success_threshold():
-    """TwoRoom succeeds strictly inside 16 px of the target, also through reset/step."""
+    """TwoRoom succeeds strictly inside 16 px of the target."""
     assert envs.tworoom_success(np.array([50.0, 100.0]), np.array([50.0, 115.9]))
     assert not envs.tworoom_success(np.array([50.0, 100.0]), np.array([50.0, 116.0]))
-    env = envs.TwoRoomEnv(img_size=32)
-    _, info = env.reset(seed=0, options={"state": [50.0, 100.0], "goal_state": [61.0, 111.0]})  # 15.56 px
-    assert info["is_success"]
-    _, _, terminated, truncated, info = env.step(np.zeros(2, np.float32))
-    assert terminated and not truncated and info["is_success"]
-    _, info = env.reset(seed=0, options={"state": [50.0, 100.0], "goal_state": [66.0, 100.0]})  # 16 px
-    assert not info["is_success"]
-    _, _, terminated, _, _ = env.step(np.array([-1.0, 0.0], np.float32))
-    assert not terminated
 
 
 def test_env_tworoom_wall_rule():
@@ -654,13 +796,6 @@ def test_env_reacher_success_threshold():
     assert not envs.reacher_success(goal + [0.051, 0.0], goal)
     assert not envs.reacher_success(goal + [0.0, -0.051], goal)
     assert not envs.reacher_success(goal + [2 * math.pi, 0.0], goal)  # raw angles: a full turn is not success
-    env = envs.ReacherEnv(img_size=32)
-    _, info = env.reset(seed=0, options={"state": [0.3, -0.2, 0.0, 0.0], "goal_state": goal})
-    assert info["is_success"]
-    _, _, terminated, _, _ = env.step(np.zeros(2, np.float32))
-    assert terminated
-    _, info = env.reset(seed=0, options={"state": [0.2, -0.2, 0.0, 0.0], "goal_state": goal})
-    assert not info["is_success"]
 
 
 def test_env_reacher_wrist_limit():
@@ -676,20 +811,6 @@ def test_env_reacher_wrist_limit():
             info = env.step(np.array([0.0, sign], np.float32))[4]
             assert abs(info["qpos"][1]) <= limit
         assert info["qpos"][1] == sign * limit and info["qvel"][1] == 0.0
-
-
-def test_env_tworoom_reacher_options_reproduce_state():
-    """reset(options) from a recorded info reproduces the state, goal, info and frame exactly."""
-    for cls in (envs.TwoRoomEnv, envs.ReacherEnv):
-        env = cls(img_size=64)
-        env.reset(seed=3)
-        for _ in range(7):
-            frame, _, _, _, info = env.step(env.action_space.sample())
-        other = cls(img_size=64)
-        frame2, info2 = other.reset(seed=11, options={"state": info["state"], "goal_state": info["goal_state"]})
-        np.testing.assert_array_equal(frame, frame2)
-        for key in ("state", "goal_state", "proprio", "is_success"):
-            np.testing.assert_array_equal(info[key], info2[key])
 
 
 def test_env_reacher_dynamics():
@@ -730,30 +851,12 @@ def test_env_reacher_dynamics():
     assert abs(mean_speed[0] - 1.1) < 0.25 and abs(mean_speed[1] - 2.1) < 0.4
 
 
-# --- env tests (cube)
-
-
-def _cube_state(cube=(0.45, 0.1, 0.02), cube_yaw=0.0, ee=(0.45, 0.1, 0.02), ee_yaw=0.0, closure=0.0, grasped=0.0):
-    """A hand-made Cube state: [cube xyz, cube yaw, effector xyz, effector yaw, closure, grasped, cube vz]."""
-    return np.array([*cube, cube_yaw, *ee, ee_yaw, closure, grasped, 0.0])
-
-
-def _cube_act(dx=0.0, dy=0.0, dz=0.0, dyaw=0.0, dgrip=0.0):
-    return np.array([dx, dy, dz, dyaw, dgrip], np.float32)
-
-
 def test_env_cube_success_threshold():
-    """Cube succeeds within 4 cm (3-D) of the target and not beyond, also through reset/step."""
-    env = envs.CubeEnv(img_size=32)
-    direction = np.array([0.6, 0.0, 0.8])  # 3-D offset, part of it vertical
+    """Cube succeeds within 4 cm (3-D) of the target and not beyond."""
     state = _cube_state(ee=(0.45, 0.1, 0.3))
     for dist, expected in ((0.039, True), (0.041, False)):
-        goal = np.array([*(state[:3] + dist * direction), 0.0])
+        goal = np.array([*(state[:3] + dist * _CUBE_DIRECTION), 0.0])
         assert envs.cube_success(state, goal) == expected
-        _, info = env.reset(seed=0, options={"state": state, "goal_state": goal})
-        assert info["is_success"] == expected
-        _, reward, terminated, truncated, info = env.step(_cube_act())
-        assert terminated == expected and reward == float(expected) and not truncated
 
 
 def test_env_cube_grasp_carry_release():
@@ -873,32 +976,89 @@ def test_env_cube_render():
         assert r > 150 and g < 120 and b < 120
 
 
-# --- data tests
+# --- planner
 
 
-def _data_file(path, lens=(25, 30, 22), img=4, index="ep_idx", **edit):
-    """Write a tiny file in the dataset layout whose pixels and actions encode the global row index."""
-    lens = np.asarray(lens)
-    n, rows = int(lens.sum()), np.arange(int(lens.sum()))
-    offset = np.concatenate([[0], np.cumsum(lens)[:-1]]).astype(np.int64)
-    code = np.stack([rows % 256, rows // 256, np.full(n, 7)], -1).astype(np.uint8)  # (N, 3)
-    action = np.stack([rows, 1.0 - 2.0 * rows**0.5], -1).astype(np.float32)  # (N, 2)
-    action[offset + lens - 1] = np.nan
-    cols = {
-        "ep_len": lens.astype(np.int32),
-        "ep_offset": offset,
-        index: np.repeat(np.arange(len(lens)), lens).astype(np.int32),
-        "step_idx": rows - np.repeat(offset, lens),
-        "pixels": np.ascontiguousarray(np.broadcast_to(code[:, None, None], (n, img, img, 3))),
-        "action": action,
-        "state": np.stack([rows, rows * 10], -1).astype(np.float64),
-    }
-    cols.update(edit)
-    with h5py.File(path, "w") as f:
-        for k, v in cols.items():
-            if v is not None:
-                f.create_dataset(k, data=v, chunks=(10, *v.shape[1:]) if k == "pixels" else None)
-    return str(path)
+def _quadratic(target):
+    """Cost (B, S) = squared distance of each candidate (B, S, N, A) to a per-problem target (B, N, A)."""
+    return lambda a: ((a - target[:, None]) ** 2).sum(dim=(-2, -1))
+
+
+def test_plan_cem_finds_quadratic_minimiser():
+    """CEM with the reference settings returns the minimiser of a quadratic cost."""
+    target = torch.rand(2, 5, 4, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    plan = cem(_quadratic(target), 2, 5, 4, generator=torch.Generator().manual_seed(42))
+    assert plan.shape == (2, 5, 4)
+    torch.testing.assert_close(plan, target, atol=1e-3, rtol=0)
+
+
+def test_plan_cem_batched_equals_one_at_a_time():
+    """Batched CEM with one generator per problem gives the same plans as solving each problem alone."""
+    target = torch.randn(4, 5, 6, generator=torch.Generator().manual_seed(1))
+    cost = _quadratic(target)
+    gens = [torch.Generator().manual_seed(100 + b) for b in range(4)]
+    batched = cem(cost, 4, 5, 6, num_samples=64, iterations=8, topk=8, generator=gens)
+    for b in range(4):
+        gen = [torch.Generator().manual_seed(100 + b)]
+        alone = cem(_quadratic(target[b : b + 1]), 1, 5, 6, num_samples=64, iterations=8, topk=8, generator=gen)
+        torch.testing.assert_close(batched[b : b + 1], alone, atol=0, rtol=0)
+
+
+def test_plan_cem_candidate_zero_is_mean():
+    """At every iteration candidate 0 is the current mean: the warm start first, then the previous elite mean."""
+    target = torch.randn(2, 4, 3, generator=torch.Generator().manual_seed(2))
+    init = torch.randn(2, 4, 3, generator=torch.Generator().manual_seed(3))
+    calls = []
+    cost = _quadratic(target)
+
+    def cost_fn(a):
+        calls.append((a.clone(), cost(a)))
+        return calls[-1][1]
+
+    gen = torch.Generator().manual_seed(4)
+    plan = cem(cost_fn, 2, 4, 3, num_samples=50, iterations=5, topk=5, init_mean=init, generator=gen)
+    mean = init
+    for a, c in calls:
+        torch.testing.assert_close(a[:, 0], mean)
+        idx = c.topk(5, dim=1, largest=False).indices  # (B, K)
+        mean = torch.stack([a[b, idx[b]].mean(dim=0) for b in range(2)])  # (B, N, A)
+    assert len(calls) == 5
+    torch.testing.assert_close(plan, mean)
+
+
+def test_plan_warm_start_shifts_tail():
+    """warm_start moves the unexecuted blocks to the front and zero-pads the rest."""
+    prev = torch.arange(2 * 5 * 3, dtype=torch.float32).reshape(2, 5, 3)
+    init = warm_start(prev, 2)
+    torch.testing.assert_close(init[:, :3], prev[:, 2:])
+    assert bool((init[:, 3:] == 0).all())
+    torch.testing.assert_close(warm_start(prev, 0), prev)
+    assert bool((warm_start(prev, 5) == 0).all())
+
+
+def test_plan_gradient_finds_minimiser_and_returns_best():
+    """The gradient planner reaches a quadratic's minimiser, even under no_grad, and returns its lowest-cost sample."""
+    target = torch.rand(2, 5, 4, generator=torch.Generator().manual_seed(5)) - 0.5
+    calls = []
+    cost = _quadratic(target)
+
+    def cost_fn(a):
+        calls.append((a.detach().clone(), cost(a).detach()))
+        return cost(a)
+
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(6)
+        plan = gradient_plan(cost_fn, 2, 5, 4, steps=60, generator=gen)
+    assert len(calls) == 61  # 60 steps + one re-evaluation after the final update
+    torch.testing.assert_close(plan, target, atol=0.02, rtol=0)
+    last_plans, last_costs = calls[-1]
+    best = last_costs.argmin(dim=1)  # (B,)
+    torch.testing.assert_close(plan, last_plans[torch.arange(2), best])
+    torch.testing.assert_close(cost(plan[:, None])[:, 0], last_costs.min(dim=1).values)  # the lowest cost
+    torch.testing.assert_close(calls[0][0][:, 0], torch.zeros(2, 5, 4))  # sample 0 starts at the zero plan
+
+
+# --- data
 
 
 def _all_batches(loader):
@@ -1094,24 +1254,6 @@ def test_data_bad_input_gives_clear_error(tmp_path, case):
         data.ClipLoader(traj, range(traj.num_episodes), {"mean": [0, 0], "std": [1, 1]}, **CLIP)
 
 
-def _collect(path, episodes=3, **kw):
-    kw = {"img_size": 32, "episode_steps": 25, "workers": 1, "seed": 5, **kw}
-    return data.collect("pusht", episodes, str(path), **kw)
-
-
-def _assert_same_file(a, b):
-    with h5py.File(a) as fa, h5py.File(b) as fb:
-        assert set(fa) == set(fb) and dict(fa.attrs) == dict(fb.attrs)
-        for k in fa:
-            assert np.array_equal(fa[k][()], fb[k][()], equal_nan=fa[k].dtype.kind == "f"), k
-
-
-@pytest.fixture(scope="module")
-def pusht_file(tmp_path_factory):
-    """Three PushT episodes at 32 px collected with two worker processes (the uninterrupted reference)."""
-    return _collect(tmp_path_factory.mktemp("collect") / "ref.h5", workers=2)
-
-
 def test_data_collected_file_satisfies_layout(pusht_file):
     """A collected file has consistent offsets and indices, NaN only on last actions, the layout dtypes, info columns."""
     assert not os.path.exists(pusht_file + ".tmp")
@@ -1180,118 +1322,83 @@ def test_data_append_matches_single_run(tmp_path, pusht_file):
     _assert_same_file(out, pusht_file)
 
 
-# --- plan tests
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(p) for p in f.read().split()]
 
 
-def _quadratic(target):
-    """Cost (B, S) = squared distance of each candidate (B, S, N, A) to a per-problem target (B, N, A)."""
-    return lambda a: ((a - target[:, None]) ** 2).sum(dim=(-2, -1))
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in "ZX"  # a zombie has exited
+    except FileNotFoundError:
+        return True
 
 
-def test_plan_cem_finds_quadratic_minimiser():
-    """CEM with the reference settings returns the minimiser of a quadratic cost."""
-    target = torch.rand(2, 5, 4, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    plan = cem(_quadratic(target), 2, 5, 4, generator=torch.Generator().manual_seed(42))
-    assert plan.shape == (2, 5, 4)
-    torch.testing.assert_close(plan, target, atol=1e-3, rtol=0)
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_fail_collection_killed_at_any_moment_resumes_identically(tmp_path):
+    """Case 2: SIGTERM, then kill -9 at several moments (start, mid-run, at the merge) of a 2-worker collection:
+    the workers die with their parent, and resuming writes the same file as an uninterrupted run."""
+    import signal
+    import time
+
+    kw = {"img_size": 32, "episode_steps": 40, "seed": 3}
+    ref = data.collect("tworoom", 8, str(tmp_path / "ref.h5"), workers=1, **kw)
+    out = tmp_path / "d.h5"
+    cmd = [sys.executable, os.path.join(REPO, "data.py"), "--env", "tworoom", "--episodes", "8", "--out", str(out),
+           "--img_size", "32", "--episode_steps", "40", "--seed", "3", "--workers", "2"]  # fmt: skip
+    parts = f"{out}.parts"
+
+    def n_parts() -> int:
+        return len([n for n in os.listdir(parts) if n.endswith(".h5")]) if os.path.isdir(parts) else -1
+
+    for sig, when in ((signal.SIGTERM, lambda: n_parts() >= 1), (signal.SIGKILL, lambda: n_parts() >= 0),
+                      (signal.SIGKILL, lambda: n_parts() >= 4), (signal.SIGKILL, lambda: n_parts() >= 8)):  # fmt: skip
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.time() + 240
+        while not when() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.005)
+        workers = _children(proc.pid) if proc.poll() is None else []
+        proc.send_signal(sig)
+        log = proc.communicate(timeout=120)[0]
+        if sig == signal.SIGTERM:
+            assert proc.returncode == 143 and "run the same command again" in log, log[-500:]
+        for _ in range(100):  # the watchdog polls every 0.2 s
+            if all(map(_gone, workers)):
+                break
+            time.sleep(0.1)
+        assert all(map(_gone, workers)), "workers outlived their parent"
+        if out.exists():  # killed after the final rename: nothing left to resume
+            break
+    data.collect("tworoom", 8, str(out), workers=1, **kw)
+    assert not os.path.exists(parts) and not os.path.exists(f"{out}.tmp")
+    _assert_same_file(out, ref)
 
 
-def test_plan_cem_batched_equals_one_at_a_time():
-    """Batched CEM with one generator per problem gives the same plans as solving each problem alone."""
-    target = torch.randn(4, 5, 6, generator=torch.Generator().manual_seed(1))
-    cost = _quadratic(target)
-    gens = [torch.Generator().manual_seed(100 + b) for b in range(4)]
-    batched = cem(cost, 4, 5, 6, num_samples=64, iterations=8, topk=8, generator=gens)
-    for b in range(4):
-        gen = [torch.Generator().manual_seed(100 + b)]
-        alone = cem(_quadratic(target[b : b + 1]), 1, 5, 6, num_samples=64, iterations=8, topk=8, generator=gen)
-        torch.testing.assert_close(batched[b : b + 1], alone, atol=0, rtol=0)
+def test_fail_collection_bad_arguments_before_any_file(tmp_path):
+    """Case 7: bad collection arguments (img_size 7, unknown env or policy, 0 episodes, a folder as --out) raise
+    UsageError naming the flag, and no file or folder is created."""
+    out = str(tmp_path / "d.h5")
+    for kw, flag in (({"img_size": 7}, "--img_size 7"), ({"env": "foo"}, "--env foo"), ({"policy": "x"}, "--policy"),
+                     ({"episodes": 0}, "--episodes 0"), ({"out": str(tmp_path)}, "is a folder")):  # fmt: skip
+        args = {"env": "tworoom", "episodes": 2, "out": out, **kw}
+        with pytest.raises(data.UsageError, match=flag):
+            data.collect(args.pop("env"), args.pop("episodes"), args.pop("out"), **args)
+    assert os.listdir(tmp_path) == []
 
 
-def test_plan_cem_candidate_zero_is_mean():
-    """At every iteration candidate 0 is the current mean: the warm start first, then the previous elite mean."""
-    target = torch.randn(2, 4, 3, generator=torch.Generator().manual_seed(2))
-    init = torch.randn(2, 4, 3, generator=torch.Generator().manual_seed(3))
-    calls = []
-    cost = _quadratic(target)
-
-    def cost_fn(a):
-        calls.append((a.clone(), cost(a)))
-        return calls[-1][1]
-
-    gen = torch.Generator().manual_seed(4)
-    plan = cem(cost_fn, 2, 4, 3, num_samples=50, iterations=5, topk=5, init_mean=init, generator=gen)
-    mean = init
-    for a, c in calls:
-        torch.testing.assert_close(a[:, 0], mean)
-        idx = c.topk(5, dim=1, largest=False).indices  # (B, K)
-        mean = torch.stack([a[b, idx[b]].mean(dim=0) for b in range(2)])  # (B, N, A)
-    assert len(calls) == 5
-    torch.testing.assert_close(plan, mean)
+def test_fail_action_outlier_is_refused(tmp_path):
+    """Case 8: one action of 3e38 (which would make its dimension constant after z-scoring) is refused."""
+    path = _data_file(tmp_path / "d.h5")
+    with h5py.File(path, "a") as f:
+        f["action"][5, 1] = 3e38
+    with data.Trajectories(path) as traj, pytest.raises(data.UsageError, match="dimension 1.*outlier"):
+        data.action_stats(traj, range(traj.num_episodes))
+    with data.Trajectories(_data_file(tmp_path / "ok.h5")) as traj:
+        data.action_stats(traj, range(traj.num_episodes))  # normal data passes
 
 
-def test_plan_warm_start_shifts_tail():
-    """warm_start moves the unexecuted blocks to the front and zero-pads the rest."""
-    prev = torch.arange(2 * 5 * 3, dtype=torch.float32).reshape(2, 5, 3)
-    init = warm_start(prev, 2)
-    torch.testing.assert_close(init[:, :3], prev[:, 2:])
-    assert bool((init[:, 3:] == 0).all())
-    torch.testing.assert_close(warm_start(prev, 0), prev)
-    assert bool((warm_start(prev, 5) == 0).all())
-
-
-def test_plan_gradient_finds_minimiser_and_returns_best():
-    """The gradient planner reaches a quadratic's minimiser, even under no_grad, and returns its lowest-cost sample."""
-    target = torch.rand(2, 5, 4, generator=torch.Generator().manual_seed(5)) - 0.5
-    calls = []
-    cost = _quadratic(target)
-
-    def cost_fn(a):
-        calls.append((a.detach().clone(), cost(a).detach()))
-        return cost(a)
-
-    with torch.no_grad():
-        gen = torch.Generator().manual_seed(6)
-        plan = gradient_plan(cost_fn, 2, 5, 4, steps=60, generator=gen)
-    assert len(calls) == 61  # 60 steps + one re-evaluation after the final update
-    torch.testing.assert_close(plan, target, atol=0.02, rtol=0)
-    last_plans, last_costs = calls[-1]
-    best = last_costs.argmin(dim=1)  # (B,)
-    torch.testing.assert_close(plan, last_plans[torch.arange(2), best])
-    torch.testing.assert_close(cost(plan[:, None])[:, 0], last_costs.min(dim=1).values)  # the lowest cost
-    torch.testing.assert_close(calls[0][0][:, 0], torch.zeros(2, 5, 4))  # sample 0 starts at the zero plan
-
-
-# --- train tests
-
-
-@pytest.fixture(scope="module")
-def tiny_pusht(tmp_path_factory):
-    """A 6-episode, 32-px PushT dataset collected with the real collector."""
-    path = str(tmp_path_factory.mktemp("data") / "pusht_tiny.h5")
-    return data.collect("pusht", 6, path, img_size=32, workers=1)
-
-
-def tiny_cfg(tmp_path, data_path, **kw) -> "train.TrainConfig":
-    base = dict(
-        env="pusht",
-        preset="tiny",
-        data=data_path,
-        out_dir=str(tmp_path / "run"),
-        max_steps=8,
-        log_every=1,
-        eval_every=4,
-        ckpt_every=4,
-        val_batches=2,
-        num_proj=128,
-        device="cpu",
-    )
-    return train.TrainConfig(**{**base, **kw})
-
-
-def read_metrics(out_dir) -> dict:
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        return {r["step"]: r for r in map(json.loads, f)}
+# --- train
 
 
 def test_train_main_lowers_loss_on_fixed_batch(tmp_path, tiny_pusht):
@@ -1455,7 +1562,76 @@ def test_train_torchrun_matches_single_process(tmp_path, tiny_pusht):
     assert single["steps"] == 3
 
 
-# --- eval tests
+BAD_TRAIN = {  # case 7 and 8: field -> (value, text the one-line error contains)
+    "max_steps": (-5, "--max_steps -5"),
+    "log_every": (0, "--log_every 0"),
+    "ckpt_every": (0, "--ckpt_every 0"),
+    "batch_size": (-4, "--batch_size -4"),
+    "warmup": (float("nan"), "--warmup nan"),
+    "grad_clip": (-1.0, "--grad_clip -1"),
+    "lr": (float("inf"), "--lr inf"),
+    "env": ("foo", "--env 'foo'"),
+    "preset": ("huge", "--preset 'huge'"),
+    "device": ("cuda" if not torch.cuda.is_available() else "tpu", "--device"),
+    "data": ("missing.h5", "--data missing.h5"),
+}
+
+
+@pytest.mark.parametrize("field", list(BAD_TRAIN))
+def test_fail_train_bad_argument_is_refused(tmp_path, field):
+    """Cases 3, 7, 8: train.main refuses an out-of-range or unknown argument before any work, naming it."""
+    value, text = BAD_TRAIN[field]
+    with pytest.raises(data.UsageError, match=re.escape(text)):
+        train.main(tiny_cfg(tmp_path, "", **{field: value}))
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_fail_nan_gradient_stops_before_update_and_checkpoint(tmp_path, tiny_pusht, monkeypatch):
+    """Case 1: a NaN planted in the gradients (the loss stays finite) stops the run before the update: the last
+    good checkpoint is untouched and holds finite weights."""
+    real_loss, calls = train.lewm_loss, {"n": 0}
+
+    def nan_gradients_at_step_3(model, *args, **kw):
+        loss, parts = real_loss(model, *args, **kw)
+        calls["n"] += model.training
+        if model.training and calls["n"] == 3:
+            loss.register_hook(lambda g: g * float("nan"))
+        return loss, parts
+
+    monkeypatch.setattr(train, "lewm_loss", nan_gradients_at_step_3)
+    with pytest.raises(FloatingPointError, match="non-finite gradient norm nan at step 2"):
+        train.main(tiny_cfg(tmp_path, tiny_pusht, max_steps=5, ckpt_every=2, eval_every=100))
+    ckpt = load_checkpoint(str(tmp_path / "run" / "ckpt.pt"))
+    assert ckpt["step"] == 2 and all(v.isfinite().all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def test_fail_train_sigint_checkpoints_and_resumes(tmp_path, tiny_pusht):
+    """Case 4: SIGINT to a real training process finishes the step, writes a checkpoint at that step and exits 130
+    with the resume command; --resume continues from it to the end."""
+    import signal
+
+    out_dir = tmp_path / "run"
+    cmd = [sys.executable, os.path.join(REPO, "train.py"), "--env", "pusht", "--preset", "tiny", "--data", tiny_pusht,
+           "--out_dir", str(out_dir), "--max_steps", "400", "--log_every", "1", "--eval_every", "1000",
+           "--ckpt_every", "1000", "--num_proj", "32", "--val_batches", "1", "--device", "cpu"]  # fmt: skip
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    for line in proc.stdout:
+        if line.startswith("step      3"):
+            proc.send_signal(signal.SIGINT)
+            break
+    log = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 130, log[-800:]
+    step = load_checkpoint(str(out_dir / "ckpt.pt"))["step"]
+    assert 3 <= step < 400 and f"interrupted at step {step}" in log and "--resume" in log
+    assert train.read_metrics(str(out_dir / "metrics.jsonl"))[-1]["step"] == step
+    summary = train.main(tiny_cfg(tmp_path, tiny_pusht, max_steps=step + 2, num_proj=32, eval_every=1000,
+                                  ckpt_every=1000, resume=True))  # fmt: skip
+    assert summary["steps"] == step + 2
+    assert [r["step"] for r in train.read_metrics(str(out_dir / "metrics.jsonl"))][-3:] == [step, step + 1, step + 2]
+
+
+# --- evaluate
 
 
 class _CentroidModel(torch.nn.Module):
@@ -1494,6 +1670,15 @@ class _BlindModel(_CentroidModel):
 
     def predict(self, z, actions):
         return z.clone()
+
+
+def _centroid_world(path, model_cls=_CentroidModel) -> "evaluate.World":
+    traj = data.Trajectories(path)
+    eps = np.arange(traj.num_episodes)
+    stats = data.action_stats(traj, eps)
+    return evaluate.World(model=model_cls(stats, 32), stats=stats, traj=traj, train_eps=eps, val_eps=eps,
+                          env="tworoom", frameskip=5, action_dim=2, img_size=32, device=torch.device("cpu"),
+                          source="hand-built")  # fmt: skip
 
 
 def test_eval_line_chart_png_size_colours_and_direction(tmp_path):
@@ -1586,15 +1771,6 @@ def test_eval_surprise_teleport_spikes_on_position_tracking_model(tiny_tworoom):
     assert res["rerender"]["perturbed"] == pytest.approx(res["rerender"]["original_same_steps"], rel=1e-6)
 
 
-def _centroid_world(path, model_cls=_CentroidModel) -> "evaluate.World":
-    traj = data.Trajectories(path)
-    eps = np.arange(traj.num_episodes)
-    stats = data.action_stats(traj, eps)
-    return evaluate.World(model=model_cls(stats, 32), stats=stats, traj=traj, train_eps=eps, val_eps=eps,
-                          env="tworoom", frameskip=5, action_dim=2, img_size=32, device=torch.device("cpu"),
-                          source="hand-built")  # fmt: skip
-
-
 def test_eval_diagnose_ranks_true_actions_first_for_exact_model(tiny_tworoom):
     """diagnose: an exact model ranks the recorded actions near the top and moves with them; a blind one is at chance."""
     world = _centroid_world(tiny_tworoom)
@@ -1675,32 +1851,6 @@ def test_eval_probe_linear_recovers_linear_quantity():
     noise = evaluate.probe_model(z[:500], z[500:], {"q": rng.normal(size=(500, 2))},
                                  {"q": rng.normal(size=(100, 2))}, epochs=1, seed=0)["q"]  # fmt: skip
     assert noise["linear"]["mse"] > 0.8 and abs(noise["linear"]["r"]) < 0.3
-
-
-def _eval_ckpt(path, data_path, env, block_dims=None, seed=0) -> str:
-    """A tiny-preset checkpoint in train.py's format (random weights) for the dataset at data_path."""
-    traj = data.Trajectories(data_path)
-    train_eps, val_eps = data.split_episodes(traj.num_episodes, 0.34, seed=data.SPLIT_SEED)
-    mcfg = dataclasses.replace(PRESETS["tiny"], action_dim=block_dims or PRESETS["tiny"].frameskip * traj.action_dim)
-    torch.manual_seed(seed)
-    save_checkpoint(str(path), {
-        "model": LeWM(mcfg).state_dict(), "model_config": dataclasses.asdict(mcfg), "env": env,
-        "action_stats": data.action_stats(traj, train_eps), "val_episodes": [int(e) for e in val_eps],
-        "train_config": {"data": data_path}, "step": 0,
-    })  # fmt: skip
-    traj.close()
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def tiny_tworoom(tmp_path_factory):
-    """A 6-episode, 32-px TwoRoom dataset collected with the real collector."""
-    return data.collect("tworoom", 6, str(tmp_path_factory.mktemp("data") / "tworoom_tiny.h5"), img_size=32, workers=1)
-
-
-def _eval_cfg(ckpt, tmp_path, **kw) -> "evaluate.EvalConfig":
-    base = dict(ckpt=ckpt, episodes=4, samples=16, iterations=2, topk=4, device="cpu", out=str(tmp_path / "r.json"))
-    return evaluate.EvalConfig(**{**base, **kw})
 
 
 def test_eval_plan_end_to_end_writes_json(tmp_path, tiny_pusht, capsys):
@@ -1871,111 +2021,6 @@ def test_eval_adam_solver_and_wilson(tmp_path, tiny_pusht):
     assert abs(lo - 0.3664) < 1e-3 and abs(hi - 0.6336) < 1e-3
 
 
-# --- failure tests: bad input and interruptions are handled before any work is lost
-
-REPO = os.path.dirname(os.path.abspath(__file__))
-
-
-def _children(pid: int) -> list[int]:
-    with open(f"/proc/{pid}/task/{pid}/children") as f:
-        return [int(p) for p in f.read().split()]
-
-
-def _gone(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] in "ZX"  # a zombie has exited
-    except FileNotFoundError:
-        return True
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-def test_fail_collection_killed_at_any_moment_resumes_identically(tmp_path):
-    """Case 2: SIGTERM, then kill -9 at several moments (start, mid-run, at the merge) of a 2-worker collection:
-    the workers die with their parent, and resuming writes the same file as an uninterrupted run."""
-    import signal
-    import time
-
-    kw = {"img_size": 32, "episode_steps": 40, "seed": 3}
-    ref = data.collect("tworoom", 8, str(tmp_path / "ref.h5"), workers=1, **kw)
-    out = tmp_path / "d.h5"
-    cmd = [sys.executable, os.path.join(REPO, "data.py"), "--env", "tworoom", "--episodes", "8", "--out", str(out),
-           "--img_size", "32", "--episode_steps", "40", "--seed", "3", "--workers", "2"]  # fmt: skip
-    parts = f"{out}.parts"
-
-    def n_parts() -> int:
-        return len([n for n in os.listdir(parts) if n.endswith(".h5")]) if os.path.isdir(parts) else -1
-
-    for sig, when in ((signal.SIGTERM, lambda: n_parts() >= 1), (signal.SIGKILL, lambda: n_parts() >= 0),
-                      (signal.SIGKILL, lambda: n_parts() >= 4), (signal.SIGKILL, lambda: n_parts() >= 8)):  # fmt: skip
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        deadline = time.time() + 240
-        while not when() and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.005)
-        workers = _children(proc.pid) if proc.poll() is None else []
-        proc.send_signal(sig)
-        log = proc.communicate(timeout=120)[0]
-        if sig == signal.SIGTERM:
-            assert proc.returncode == 143 and "run the same command again" in log, log[-500:]
-        for _ in range(100):  # the watchdog polls every 0.2 s
-            if all(map(_gone, workers)):
-                break
-            time.sleep(0.1)
-        assert all(map(_gone, workers)), "workers outlived their parent"
-        if out.exists():  # killed after the final rename: nothing left to resume
-            break
-    data.collect("tworoom", 8, str(out), workers=1, **kw)
-    assert not os.path.exists(parts) and not os.path.exists(f"{out}.tmp")
-    _assert_same_file(out, ref)
-
-
-def test_fail_collection_bad_arguments_before_any_file(tmp_path):
-    """Case 7: bad collection arguments (img_size 7, unknown env or policy, 0 episodes, a folder as --out) raise
-    UsageError naming the flag, and no file or folder is created."""
-    out = str(tmp_path / "d.h5")
-    for kw, flag in (({"img_size": 7}, "--img_size 7"), ({"env": "foo"}, "--env foo"), ({"policy": "x"}, "--policy"),
-                     ({"episodes": 0}, "--episodes 0"), ({"out": str(tmp_path)}, "is a folder")):  # fmt: skip
-        args = {"env": "tworoom", "episodes": 2, "out": out, **kw}
-        with pytest.raises(data.UsageError, match=flag):
-            data.collect(args.pop("env"), args.pop("episodes"), args.pop("out"), **args)
-    assert os.listdir(tmp_path) == []
-
-
-def test_fail_action_outlier_is_refused(tmp_path):
-    """Case 8: one action of 3e38 (which would make its dimension constant after z-scoring) is refused."""
-    path = _data_file(tmp_path / "d.h5")
-    with h5py.File(path, "a") as f:
-        f["action"][5, 1] = 3e38
-    with data.Trajectories(path) as traj, pytest.raises(data.UsageError, match="dimension 1.*outlier"):
-        data.action_stats(traj, range(traj.num_episodes))
-    with data.Trajectories(_data_file(tmp_path / "ok.h5")) as traj:
-        data.action_stats(traj, range(traj.num_episodes))  # normal data passes
-
-
-BAD_TRAIN = {  # case 7 and 8: field -> (value, text the one-line error contains)
-    "max_steps": (-5, "--max_steps -5"),
-    "log_every": (0, "--log_every 0"),
-    "ckpt_every": (0, "--ckpt_every 0"),
-    "batch_size": (-4, "--batch_size -4"),
-    "warmup": (float("nan"), "--warmup nan"),
-    "grad_clip": (-1.0, "--grad_clip -1"),
-    "lr": (float("inf"), "--lr inf"),
-    "env": ("foo", "--env 'foo'"),
-    "preset": ("huge", "--preset 'huge'"),
-    "device": ("cuda" if not torch.cuda.is_available() else "tpu", "--device"),
-    "data": ("missing.h5", "--data missing.h5"),
-}
-
-
-@pytest.mark.parametrize("field", list(BAD_TRAIN))
-def test_fail_train_bad_argument_is_refused(tmp_path, field):
-    """Cases 3, 7, 8: train.main refuses an out-of-range or unknown argument before any work, naming it."""
-    value, text = BAD_TRAIN[field]
-    with pytest.raises(data.UsageError, match=re.escape(text)):
-        train.main(tiny_cfg(tmp_path, "", **{field: value}))
-    assert not os.path.exists(tmp_path / "run")
-
-
 def test_fail_cli_errors_are_one_line_exit_2(tmp_path):
     """Case 7: a user error at the real command line is one line on stderr, exit code 2, no traceback."""
     for script, args, text in (("evaluate.py", [], "exactly one of --ckpt"),
@@ -2036,25 +2081,6 @@ def test_fail_nonfinite_weights_refused_on_load(tmp_path, tiny_pusht):
         load_official(weights, config)
 
 
-def test_fail_nan_gradient_stops_before_update_and_checkpoint(tmp_path, tiny_pusht, monkeypatch):
-    """Case 1: a NaN planted in the gradients (the loss stays finite) stops the run before the update: the last
-    good checkpoint is untouched and holds finite weights."""
-    real_loss, calls = train.lewm_loss, {"n": 0}
-
-    def nan_gradients_at_step_3(model, *args, **kw):
-        loss, parts = real_loss(model, *args, **kw)
-        calls["n"] += model.training
-        if model.training and calls["n"] == 3:
-            loss.register_hook(lambda g: g * float("nan"))
-        return loss, parts
-
-    monkeypatch.setattr(train, "lewm_loss", nan_gradients_at_step_3)
-    with pytest.raises(FloatingPointError, match="non-finite gradient norm nan at step 2"):
-        train.main(tiny_cfg(tmp_path, tiny_pusht, max_steps=5, ckpt_every=2, eval_every=100))
-    ckpt = load_checkpoint(str(tmp_path / "run" / "ckpt.pt"))
-    assert ckpt["step"] == 2 and all(v.isfinite().all() for v in ckpt["model"].values() if v.is_floating_point())
-
-
 def test_fail_dataset_env_and_resume_mismatch(tmp_path, tiny_pusht, tiny_tworoom):
     """Case 3: a dataset of another env is refused by training and evaluation; a resumed run must keep its env,
     dataset and model config; case 5: a torn last metrics line is dropped on resume; case 6: an existing run folder
@@ -2100,33 +2126,7 @@ def test_fail_eval_finds_dataset_from_another_directory(tmp_path, tiny_pusht, mo
         evaluate.load_world(_eval_cfg(ckpt, tmp_path))
 
 
-def test_fail_train_sigint_checkpoints_and_resumes(tmp_path, tiny_pusht):
-    """Case 4: SIGINT to a real training process finishes the step, writes a checkpoint at that step and exits 130
-    with the resume command; --resume continues from it to the end."""
-    import signal
-
-    out_dir = tmp_path / "run"
-    cmd = [sys.executable, os.path.join(REPO, "train.py"), "--env", "pusht", "--preset", "tiny", "--data", tiny_pusht,
-           "--out_dir", str(out_dir), "--max_steps", "400", "--log_every", "1", "--eval_every", "1000",
-           "--ckpt_every", "1000", "--num_proj", "32", "--val_batches", "1", "--device", "cpu"]  # fmt: skip
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
-    for line in proc.stdout:
-        if line.startswith("step      3"):
-            proc.send_signal(signal.SIGINT)
-            break
-    log = proc.communicate(timeout=300)[0]
-    assert proc.returncode == 130, log[-800:]
-    step = load_checkpoint(str(out_dir / "ckpt.pt"))["step"]
-    assert 3 <= step < 400 and f"interrupted at step {step}" in log and "--resume" in log
-    assert train.read_metrics(str(out_dir / "metrics.jsonl"))[-1]["step"] == step
-    summary = train.main(tiny_cfg(tmp_path, tiny_pusht, max_steps=step + 2, num_proj=32, eval_every=1000,
-                                  ckpt_every=1000, resume=True))  # fmt: skip
-    assert summary["steps"] == step + 2
-    assert [r["step"] for r in train.read_metrics(str(out_dir / "metrics.jsonl"))][-3:] == [step, step + 1, step + 2]
-
-
-# --- bench tests: render similarity
+# --- bench
 
 
 def _png_bytes(image: np.ndarray, filters: list[int]) -> bytes:
@@ -2202,6 +2202,9 @@ def test_bench_render_match_recovers_known_states(tmp_path):
             assert abs((res["state"][4] - state[4] + np.pi) % (2 * np.pi) - np.pi) < 0.05
 
 
+# --- docs and project: the README runs, the project stands alone
+
+
 def test_readme_use_a_trained_model_snippet_runs(tmp_path):
     """The README's "Use a trained model" code runs as written on a tiny checkpoint: embeddings, rollout and a CEM
     plan of the documented shapes, the plan cheaper than the zero plan."""
@@ -2226,12 +2229,6 @@ def test_readme_use_a_trained_model_snippet_runs(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(scope["model"].embed(scope["frames"]), model.embed(scope["frames"]))
         assert cost(plan[:, None]) < cost(torch.zeros(1, 1, 5, 10))
-
-
-# --- the project stands alone
-
-
-REPO = os.path.dirname(os.path.abspath(__file__))
 
 
 def _project_texts() -> dict[str, str]:
