@@ -219,7 +219,7 @@ def own_dataset(env: str, img_size: int, episodes: int) -> tuple[str, str]:
     """Our simulator's data for a released model: data/<env>_<img>px_<N>ep.h5 at the model's image size, with the
     env's default data policy, collected first if missing. Returns (path, where the data comes from in words)."""
     path = data.default_data_path(env, img_size, episodes)
-    policy = envs.ENV_DEFAULTS[env]["policy"]
+    policy = envs.REGISTRY[env].policy
     if not os.path.exists(path):
         print(f"no --data: collecting {episodes} episodes of our {env} simulator at {img_size} px ({policy!r} "
               f"policy) into {path}")  # fmt: skip
@@ -265,8 +265,8 @@ def load_world(cfg: EvalConfig) -> World:
     else:
         if not cfg.env:
             raise UsageError("--official needs --env (the environment to evaluate on)")
-        if cfg.env not in envs.ENV_IDS:
-            raise UsageError(f"--env {cfg.env}: unknown environment; valid: {', '.join(envs.ENV_IDS)}")
+        if cfg.env not in envs.REGISTRY:
+            raise UsageError(f"--env {cfg.env}: unknown environment; valid: {', '.join(envs.REGISTRY)}")
         model = load_released(cfg.official)
         env = cfg.env
         if cfg.data:

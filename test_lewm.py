@@ -1132,7 +1132,7 @@ def test_data_official_blosc_file_reads_like_gzip(tmp_path):
         np.testing.assert_array_equal(bl.read("pixels", np.arange(210)), pixels)
         np.testing.assert_array_equal(bl.episode(1, ["pixels"])["pixels"], pixels[120:])
         stats = data.action_stats(gz, [0])
-        loaders = [data.ClipLoader(t, [0, 1], stats, batch_size=8, seed=5, cache=False) for t in (gz, bl)]
+        loaders = [data.ClipLoader(t, [0, 1], stats, batch_size=8, seed=5, cache=False, **CLIP) for t in (gz, bl)]
         batches = 0
         for (p_gz, a_gz), (p_bl, a_bl) in zip(*loaders, strict=True):
             assert torch.equal(p_gz, p_bl) and torch.equal(a_gz, a_bl)
@@ -1968,7 +1968,7 @@ def test_eval_released_model_on_own_simulator_data(tmp_path, monkeypatch, capsys
     assert "collecting 10 episodes of our tworoom simulator at 32 px" in capsys.readouterr().out
     with data.Trajectories(path) as traj:
         assert traj.num_episodes == 10 and traj.img_shape == (32, 32, 3)
-        assert str(traj.file.attrs["policy"]) == envs.ENV_DEFAULTS["tworoom"]["policy"]
+        assert str(traj.file.attrs["policy"]) == envs.REGISTRY["tworoom"].policy
         val = set(data.split_episodes(10)[1])
     with open(tmp_path / "r.json") as f:
         saved = json.load(f)
