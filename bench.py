@@ -138,11 +138,20 @@ def bench_train(cases: tuple = (("paper", 8, 2), ("cpu", 64, 5), ("tiny", 64, 5)
     for preset, batch, steps in cases:
         for bf16 in (False, True):
             sec, flops = _train_step_time(preset, batch, bf16, steps)
-            row = {"preset": preset, "batch": batch, "dtype": "bf16" if bf16 else "fp32", "ms_per_step": 1e3 * sec,
-                   "samples_per_s": batch / sec, "gflop_per_step": flops / 1e9, "gflop_per_s": flops / 1e9 / sec}  # fmt: skip
+            row = {
+                "preset": preset,
+                "batch": batch,
+                "dtype": "bf16" if bf16 else "fp32",
+                "ms_per_step": 1e3 * sec,
+                "samples_per_s": batch / sec,
+                "gflop_per_step": flops / 1e9,
+                "gflop_per_s": flops / 1e9 / sec,
+            }
             rows.append(row)
-            print(f"{preset:8s} {batch:5d} {row['dtype']:>5s} {row['ms_per_step']:9.0f} {row['samples_per_s']:10.1f} "
-                  f"{row['gflop_per_step']:11.1f} {row['gflop_per_s']:8.0f}")  # fmt: skip
+            print(
+                f"{preset:8s} {batch:5d} {row['dtype']:>5s} {row['ms_per_step']:9.0f} {row['samples_per_s']:10.1f} "
+                f"{row['gflop_per_step']:11.1f} {row['gflop_per_s']:8.0f}"
+            )
     return rows
 
 
@@ -298,8 +307,10 @@ def load_png(path: str) -> np.ndarray:
     w, h, depth, colour, _, _, interlace = header
     channels = {0: 1, 2: 3, 6: 4}.get(colour)
     if depth != 8 or channels is None or interlace:
-        raise ValueError(f"{path}: only 8-bit non-interlaced grey, RGB or RGBA PNGs are read (bit depth {depth}, "
-                         f"colour type {colour}, interlace {interlace})")  # fmt: skip
+        raise ValueError(
+            f"{path}: only 8-bit non-interlaced grey, RGB or RGBA PNGs are read (bit depth {depth}, "
+            f"colour type {colour}, interlace {interlace})"
+        )
     stride = w * channels
     data_rows = np.frombuffer(zlib.decompress(b"".join(idat)), np.uint8).reshape(h, stride + 1)
     out = np.zeros((h, stride), np.int32)
@@ -339,8 +350,10 @@ def ssim(a: np.ndarray, b: np.ndarray, size: int = 11, sigma: float = 1.5) -> fl
     """Mean structural similarity (Wang et al. 2004) of two uint8 images, (H, W) grey or (H, W, 3) RGB taken to
     luma (ITU-R 601 weights): 11 x 11 Gaussian window, sigma 1.5, C1 = (0.01 L)^2, C2 = (0.03 L)^2, L = 255."""
     if a.shape != b.shape or a.ndim not in (2, 3) or min(a.shape[:2]) < size:
-        raise ValueError(f"ssim needs two images of the same (H, W) or (H, W, 3) shape, at least {size} px, "
-                         f"got {a.shape} and {b.shape}")  # fmt: skip
+        raise ValueError(
+            f"ssim needs two images of the same (H, W) or (H, W, 3) shape, at least {size} px, "
+            f"got {a.shape} and {b.shape}"
+        )
     luma = np.array([0.299, 0.587, 0.114])
     x, y = (im.astype(np.float64) @ luma if im.ndim == 3 else im.astype(np.float64) for im in (a, b))
     c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
@@ -425,13 +438,21 @@ def render_match(name: str, image_path: str) -> dict:
     t0 = time.perf_counter()
     state, frame = fit_state(name, image)
     diff = np.abs(frame.astype(np.int32) - image.astype(np.int32))
-    result = {"env": name, "image": image_path, "img_size": image.shape[0], "state": [round(float(v), 2) for v in state],
-              "mean_abs_diff": float(diff.mean()), "ssim": ssim(frame, image),
-              "pixels_off_by_more_than_32": float((diff.max(axis=2) > 32).mean()),
-              "seconds": time.perf_counter() - t0}  # fmt: skip
-    print(f"{name}: fitted state {result['state']} | our {image.shape[0]} px frame vs the reference frame: mean "
-          f"|diff| {result['mean_abs_diff']:.2f}/255, SSIM {result['ssim']:.4f}, "
-          f"{100 * result['pixels_off_by_more_than_32']:.2f} % of pixels off by > 32")  # fmt: skip
+    result = {
+        "env": name,
+        "image": image_path,
+        "img_size": image.shape[0],
+        "state": [round(float(v), 2) for v in state],
+        "mean_abs_diff": float(diff.mean()),
+        "ssim": ssim(frame, image),
+        "pixels_off_by_more_than_32": float((diff.max(axis=2) > 32).mean()),
+        "seconds": time.perf_counter() - t0,
+    }
+    print(
+        f"{name}: fitted state {result['state']} | our {image.shape[0]} px frame vs the reference frame: mean "
+        f"|diff| {result['mean_abs_diff']:.2f}/255, SSIM {result['ssim']:.4f}, "
+        f"{100 * result['pixels_off_by_more_than_32']:.2f} % of pixels off by > 32"
+    )
     return result
 
 

@@ -326,8 +326,10 @@ def action_stats(traj: Trajectories, episodes: Sequence[int]) -> dict[str, list[
     if not np.isfinite(std).all() or ((share > 0.5) & (std > 0)).any():
         d = int(np.argmax(np.where(np.isfinite(share), share, np.inf)))
         r = int(np.argmax(np.abs(action[:, d] - mean[d])))
-        raise UsageError(f"{traj.path}: action dimension {d} is dominated by one outlier ({action[r, d]:.3g}); "
-                         "z-scored, it would be constant: fix or drop that episode")  # fmt: skip
+        raise UsageError(
+            f"{traj.path}: action dimension {d} is dominated by one outlier ({action[r, d]:.3g}); "
+            "z-scored, it would be constant: fix or drop that episode"
+        )
     # DEVIATION: a constant action dim gets std 1 instead of a division by zero (the official code has no eps).
     std = np.where(std > 0, std, 1.0)
     return {"mean": mean.tolist(), "std": std.tolist()}
@@ -672,8 +674,16 @@ def default_data_path(env: str, img_size: int, episodes: int) -> str:
     return os.path.join("data", f"{env}_{img_size}px_{episodes}ep.h5")
 
 
-def check_collect_args(env: str, episodes: int, out: str, img_size: int, policy: str | None, noise: float | None,
-                       workers: int, episode_steps: int | None) -> None:  # fmt: skip
+def check_collect_args(
+    env: str,
+    episodes: int,
+    out: str,
+    img_size: int,
+    policy: str | None,
+    noise: float | None,
+    workers: int,
+    episode_steps: int | None,
+) -> None:
     """Every collection argument checked before any work: a UsageError naming the flag and its value."""
     import envs
 
@@ -707,6 +717,35 @@ def check_writable_file(path: str, flag: str) -> None:
         parent = os.path.dirname(parent)
     if not os.access(parent, os.W_OK | os.X_OK):
         raise UsageError(f"{flag} {path}: folder {parent} is not writable")
+
+
+def _open_parts(out: str, parts: str, tmp: str, meta: dict, episodes: int, append: bool, progress) -> tuple:
+    """Check `out` and an interrupted collection's `parts` folder against this request; create or clean the folder.
+    Returns (first, target, state): the episodes [first, target) to collect and the progress record."""
+    first = 0
+    if append:
+        if not os.path.isfile(out):
+            raise UsageError(f"--out {out}: nothing to append to (--append needs an existing file)")
+        with Trajectories(out) as traj:
+            _check_settings(traj.file, meta)
+            first = traj.num_episodes
+    elif os.path.exists(out):
+        raise UsageError(f"--out {out}: already exists; pass --append to add episodes, or delete it")
+    target = first + episodes
+    state = {**meta, "first": first, "target": target}
+    if progress is not None and {k: progress.get(k) for k in state} != state:
+        raise UsageError(
+            f"{parts} holds an interrupted collection with {progress}, not {state}: rerun that "
+            "command to finish it, or delete the folder"
+        )
+    os.makedirs(parts, exist_ok=True)
+    _write_json(os.path.join(parts, "progress.json"), state)
+    for name in os.listdir(parts):  # parts being written when the last run was killed
+        if ".tmp" in name:
+            os.remove(os.path.join(parts, name))
+    if os.path.exists(tmp):
+        print(f"{tmp}: partial file of an interrupted run; rebuilding it from {parts}")
+    return first, target, state
 
 
 def collect(
@@ -748,47 +787,23 @@ def collect(
         shutil.rmtree(parts)  # the previous run finished; it was killed while cleaning up
         print(f"{out}: complete (removed the leftover {parts})")
         return out
-    first = 0
-    if append:
-        if not os.path.isfile(out):
-            raise UsageError(f"--out {out}: nothing to append to (--append needs an existing file)")
-        with Trajectories(out) as traj:
-            _check_settings(traj.file, meta)
-            first = traj.num_episodes
-    elif os.path.exists(out):
-        raise UsageError(f"--out {out}: already exists; pass --append to add episodes, or delete it")
-    target = first + episodes
-    state = {**meta, "first": first, "target": target}
-    if progress is not None and {k: progress.get(k) for k in state} != state:
-        raise UsageError(f"{parts} holds an interrupted collection with {progress}, not {state}: rerun that "
-                         "command to finish it, or delete the folder")  # fmt: skip
-    os.makedirs(parts, exist_ok=True)
-    _write_json(os.path.join(parts, "progress.json"), state)
-    for name in os.listdir(parts):  # parts being written when the last run was killed
-        if ".tmp" in name:
-            os.remove(os.path.join(parts, name))
-    if os.path.exists(tmp):
-        print(f"{tmp}: partial file of an interrupted run; rebuilding it from {parts}")
+    first, target, state = _open_parts(out, parts, tmp, meta, episodes, append, progress)
     handlers = {}
     if threading.current_thread() is threading.main_thread():
         handlers = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
-    pool, done = None, 0
+    pool = None
     try:
         while True:
             todo = [e for e in range(first, target) if not os.path.exists(_part_path(parts, e))]
-            done = target - len(todo)
-            jobs = [(_part_path(parts, e), (env, meta["img_size"], meta["policy"], meta["noise"],
-                                            meta["episode_steps"], seed + e)) for e in todo]  # fmt: skip
-            n_workers = min(workers, len(jobs))
-            bar = tqdm(total=target, initial=done, desc=f"collect {env} {img_size}px", unit="ep")
-            with bar:
-                if n_workers > 1:
-                    pool = _start_pool(n_workers)
+            settings = (meta["img_size"], meta["policy"], meta["noise"], meta["episode_steps"])
+            jobs = [(_part_path(parts, e), (env, *settings, seed + e)) for e in todo]
+            with tqdm(total=target, initial=target - len(todo), desc=f"collect {env} {img_size}px", unit="ep") as bar:
+                if min(workers, len(jobs)) > 1:
+                    pool = _start_pool(min(workers, len(jobs)))
                     results = pool.imap_unordered(_collect_part, jobs)
                 else:
                     results = map(_collect_part, jobs)
                 for _ in results:
-                    done += 1
                     bar.update(1)
             if pool is not None:
                 pool.close()
@@ -803,8 +818,11 @@ def collect(
         os.replace(tmp, out)
         shutil.rmtree(parts)
     except KeyboardInterrupt:
-        print(f"\ncollection interrupted: {done} of {target} episodes saved in {parts}; run the same command again "
-              "to resume")  # fmt: skip
+        done = sum(os.path.exists(_part_path(parts, e)) for e in range(first, target))
+        print(
+            f"\ncollection interrupted: {done} of {target} episodes saved in {parts}; run the same command again "
+            "to resume"
+        )
         raise
     finally:
         if pool is not None:  # stop the workers now, mid-episode: their finished parts are already on disk
@@ -824,10 +842,19 @@ def describe(path: str, goal_offset: int = 25) -> dict:
         env = str(traj.file.attrs.get("env", ""))
         action = traj.cache("action")
         finite = np.isfinite(action).all(1)
-        out = {"path": path, "env": env, "episodes": traj.num_episodes, "rows": traj.num_rows,
-               "episode_length": {"mean": float(traj.ep_len.mean()), "min": int(traj.ep_len.min()),
-                                  "max": int(traj.ep_len.max())},
-               "action_mean": action[finite].mean(0).tolist(), "action_std": action[finite].std(0).tolist()}  # fmt: skip
+        out = {
+            "path": path,
+            "env": env,
+            "episodes": traj.num_episodes,
+            "rows": traj.num_rows,
+            "episode_length": {
+                "mean": float(traj.ep_len.mean()),
+                "min": int(traj.ep_len.min()),
+                "max": int(traj.ep_len.max()),
+            },
+            "action_mean": action[finite].mean(0).tolist(),
+            "action_std": action[finite].std(0).tolist(),
+        }
         if "state" in traj.columns and env in envs.REGISTRY:
             state = traj.cache("state").astype(np.float64)
             out["state_mean"], out["state_std"] = state.mean(0).tolist(), state.std(0).tolist()

@@ -43,14 +43,34 @@ from planner import cem, gradient_plan, make_cost, warm_start
 # Flags every subcommand takes; COMMANDS: subcommand -> (help, its flags). A new subcommand is one entry.
 COMMON_FIELDS = ("ckpt", "official", "data", "collect_episodes", "env", "episodes", "out", "seed", "device")
 COMMANDS = {
-    "plan": ("MPC success rate (default)", COMMON_FIELDS + ("split", "goal_offset", "budget", "horizon",
-             "receding_horizon", "policy", "solver", "samples", "iterations", "topk", "lr", "warm_start", "bf16",
-             "planner_seed", "video")),
+    "plan": (
+        "MPC success rate (default)",
+        COMMON_FIELDS
+        + (
+            "split",
+            "goal_offset",
+            "budget",
+            "horizon",
+            "receding_horizon",
+            "policy",
+            "solver",
+            "samples",
+            "iterations",
+            "topk",
+            "lr",
+            "warm_start",
+            "bf16",
+            "planner_seed",
+            "video",
+        ),
+    ),
     "probe": ("probes on frozen embeddings", COMMON_FIELDS + ("frames", "probe_epochs")),
     "surprise": ("latent surprise along trajectories", COMMON_FIELDS + ("perturb_steps",)),
-    "diagnose": ("can the model plan? action ranking, sensitivity, probes", COMMON_FIELDS + ("pairs", "eval_pairs",
-                 "goal_offset", "horizon", "samples", "frames")),
-}  # fmt: skip
+    "diagnose": (
+        "can the model plan? action ranking, sensitivity, probes",
+        COMMON_FIELDS + ("pairs", "eval_pairs", "goal_offset", "horizon", "samples", "frames"),
+    ),
+}
 
 # --- configuration
 
@@ -108,8 +128,13 @@ class World:
 
 
 # Valid values, checked before any work: choices, and (rule, test) for the fields with a range.
-CHOICES = {"env": ["", *envs.REGISTRY], "split": ["val", "train"], "policy": ["planner", "random"],
-           "solver": ["cem", "adam"], "device": ["auto", "cuda", "mps", "cpu"]}  # fmt: skip
+CHOICES = {
+    "env": ["", *envs.REGISTRY],
+    "split": ["val", "train"],
+    "policy": ["planner", "random"],
+    "solver": ["cem", "adam"],
+    "device": ["auto", "cuda", "mps", "cpu"],
+}
 RANGES = {
     "episodes": (">= 1", lambda v: v >= 1),
     "goal_offset": (">= 1", lambda v: v >= 1),
@@ -142,8 +167,13 @@ def parse_args(argv: list[str] | None = None) -> EvalConfig:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=data.HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     for command, (text, fields) in COMMANDS.items():
-        data.add_config_flags(sub.add_parser(command, help=text, description=text, formatter_class=data.HelpFormatter),
-                              EvalConfig, names=fields, choices=CHOICES, metavars={"official": "SOURCE"})  # fmt: skip
+        data.add_config_flags(
+            sub.add_parser(command, help=text, description=text, formatter_class=data.HelpFormatter),
+            EvalConfig,
+            names=fields,
+            choices=CHOICES,
+            metavars={"official": "SOURCE"},
+        )
     args = vars(parser.parse_args(argv))
     args["official"] = tuple(args.get("official") or ())
     return EvalConfig(**args)
@@ -201,8 +231,10 @@ def check_official(official: tuple) -> None:
         if missing:
             raise UsageError(f"--official {official[0]}: the folder lacks {' and '.join(missing)}")
     elif len(official) != 1 or not official[0].startswith("hf:"):
-        raise UsageError(f"--official {' '.join(official)}: give hf:owner/name, a folder with weights.pt and "
-                         "config.json, or the two files WEIGHTS CONFIG")  # fmt: skip
+        raise UsageError(
+            f"--official {' '.join(official)}: give hf:owner/name, a folder with weights.pt and "
+            "config.json, or the two files WEIGHTS CONFIG"
+        )
 
 
 def load_released(official: tuple) -> LeWM:
@@ -221,11 +253,15 @@ def own_dataset(env: str, img_size: int, episodes: int) -> tuple[str, str]:
     path = data.default_data_path(env, img_size, episodes)
     policy = envs.REGISTRY[env].policy
     if not os.path.exists(path):
-        print(f"no --data: collecting {episodes} episodes of our {env} simulator at {img_size} px ({policy!r} "
-              f"policy) into {path}")  # fmt: skip
+        print(
+            f"no --data: collecting {episodes} episodes of our {env} simulator at {img_size} px ({policy!r} "
+            f"policy) into {path}"
+        )
         data.collect(env, episodes, path, img_size=img_size, workers=COLLECT_WORKERS)
-    source = (f"own simulator, collected by data.collect({env!r}, episodes={episodes}, img_size={img_size}) with "
-              f"the {policy!r} policy")  # fmt: skip
+    source = (
+        f"own simulator, collected by data.collect({env!r}, episodes={episodes}, img_size={img_size}) with "
+        f"the {policy!r} policy"
+    )
     print(f"data: {path} ({source})")
     return path, source
 
@@ -257,8 +293,10 @@ def load_world(cfg: EvalConfig) -> World:
         stats = {k: [float(x) for x in v] for k, v in ckpt["action_stats"].items()}
         val_eps = np.sort(np.asarray(ckpt.get("val_episodes", []), dtype=np.int64))
         if len(val_eps) and val_eps.max() >= traj.num_episodes:
-            raise UsageError(f"{path} has {traj.num_episodes} episodes but the checkpoint holds out episode "
-                             f"{val_eps.max()}: not the dataset it was trained on")  # fmt: skip
+            raise UsageError(
+                f"{path} has {traj.num_episodes} episodes but the checkpoint holds out episode "
+                f"{val_eps.max()}: not the dataset it was trained on"
+            )
         train_eps = np.setdiff1d(np.arange(traj.num_episodes), val_eps)
         source = cfg.ckpt
         data_source = f"--data {path}" if cfg.data else f"the checkpoint's training data {path}"
@@ -290,8 +328,20 @@ def load_world(cfg: EvalConfig) -> World:
     if len(stats["mean"]) != traj.action_dim:
         raise ValueError(f"action statistics have {len(stats['mean'])} dims, the dataset {traj.action_dim}")
     model = model.to(device).eval().requires_grad_(False)
-    return World(model, stats, traj, train_eps, val_eps, env, frameskip, traj.action_dim, traj.img_shape[0], device,
-                 source, data_source)  # fmt: skip
+    return World(
+        model,
+        stats,
+        traj,
+        train_eps,
+        val_eps,
+        env,
+        frameskip,
+        traj.action_dim,
+        traj.img_shape[0],
+        device,
+        source,
+        data_source,
+    )
 
 
 def default_out(cfg: EvalConfig, world: World, name: str) -> str:
@@ -528,8 +578,9 @@ def _tile(frame: np.ndarray, scale: int) -> np.ndarray:
     return frame.repeat(scale, 0).repeat(scale, 1)  # nearest-neighbour upscaling keeps the model's pixels visible
 
 
-def episode_strip(frames: list[np.ndarray], goal: np.ndarray, title: str, every: int = 5, per_row: int = 4,
-                  min_size: int = 128) -> np.ndarray:  # fmt: skip
+def episode_strip(
+    frames: list[np.ndarray], goal: np.ndarray, title: str, every: int = 5, per_row: int = 4, min_size: int = 128
+) -> np.ndarray:
     """Every `every`-th observation (and the last), each beside the goal with a gap, labelled with its step, under
     a title line; frames are upscaled to at least `min_size` px. (H', W', 3) uint8 on white."""
     steps = list(range(0, len(frames), every)) + ([len(frames) - 1] if (len(frames) - 1) % every else [])
@@ -569,16 +620,19 @@ def save_episode_pictures(folder: str, env: str, videos, goal_frames, per_episod
     gifs, firsts = True, {}
     for r, frames, goal in zip(per_episode, videos, goal_frames, strict=True):
         i, tag = r["index"], "ok" if r["success"] else "fail"
-        outcome = (f"success at step {r['first_success_step']}" if r["success"]
-                   else f"failure after {len(frames) - 1} steps")  # fmt: skip
+        outcome = (
+            f"success at step {r['first_success_step']}" if r["success"] else f"failure after {len(frames) - 1} steps"
+        )
         sheet = episode_strip(frames, goal, f"{env} pair {i}: {outcome}")
         envs.save_png(os.path.join(folder, f"episode_{i:03d}_{tag}.png"), sheet)
         firsts.setdefault(tag, sheet)
         pairs = [np.concatenate([f, np.full((f.shape[0], 2, 3), 255, np.uint8), goal], axis=1) for f in frames]
         gifs = gifs and save_gif(os.path.join(folder, f"episode_{i:03d}_{tag}.gif"), pairs)
     envs.save_png(os.path.join(folder, "summary.png"), stack_sheets([firsts[k] for k in ("ok", "fail") if k in firsts]))
-    print(f"episodes: {folder}/episode_*.png (every 5th step, observation beside goal), summary.png"
-          + ("" if gifs else "; GIFs need Pillow or imageio (pip install pillow)"))  # fmt: skip
+    print(
+        f"episodes: {folder}/episode_*.png (every 5th step, observation beside goal), summary.png"
+        + ("" if gifs else "; GIFs need Pillow or imageio (pip install pillow)")
+    )
 
 
 # --- MPC evaluation (plan): docs/method.md §9, §10
@@ -615,14 +669,34 @@ def plan_batch(world: World, cfg: EvalConfig, frames: np.ndarray, z_goal: torch.
         with torch.inference_mode():
             z0 = encode_frames(model, frames, world.device)  # (B, 1, D)
             cost_fn = make_cost(model, z0, z_goal, cfg.bf16)
-            return cem(cost_fn, b, cfg.horizon, block, num_samples=samples, iterations=cfg.iterations, topk=cfg.topk,
-                       init_mean=init_mean, generator=generators, device=world.device)  # fmt: skip
+            return cem(
+                cost_fn,
+                b,
+                cfg.horizon,
+                block,
+                num_samples=samples,
+                iterations=cfg.iterations,
+                topk=cfg.topk,
+                init_mean=init_mean,
+                generator=generators,
+                device=world.device,
+            )
     if cfg.solver == "adam":
         with torch.no_grad():  # not inference_mode: the embeddings enter the autograd graph of the plans
             z0 = encode_frames(model, frames, world.device)  # (B, 1, D)
         cost_fn = make_cost(model, z0, z_goal, cfg.bf16)
-        return gradient_plan(cost_fn, b, cfg.horizon, block, num_samples=samples, steps=cfg.iterations, lr=cfg.lr,
-                             init_mean=init_mean, generator=generators, device=world.device)  # fmt: skip
+        return gradient_plan(
+            cost_fn,
+            b,
+            cfg.horizon,
+            block,
+            num_samples=samples,
+            steps=cfg.iterations,
+            lr=cfg.lr,
+            init_mean=init_mean,
+            generator=generators,
+            device=world.device,
+        )
     raise ValueError(f"unknown solver {cfg.solver!r}; valid: cem, adam")
 
 
@@ -630,20 +704,26 @@ def print_plan_table(results: dict) -> None:
     """One line per episode, then the summary line."""
     print(f"{'#':>3} {'episode':>7} {'start':>5} {'at_start':>8} {'success':>7} {'step':>4} {'dist0':>9} {'dist':>9}")
     for r in results["per_episode"]:
-        print(f"{r['index']:>3} {r['episode']:>7} {r['start_step']:>5} {r['solved_at_start']!s:>8} "
-              f"{r['success']!s:>7} {r['first_success_step']:>4} {r['start_distance']:>9.3f} "
-              f"{r['final_distance']:>9.3f}")  # fmt: skip
+        print(
+            f"{r['index']:>3} {r['episode']:>7} {r['start_step']:>5} {r['solved_at_start']!s:>8} "
+            f"{r['success']!s:>7} {r['first_success_step']:>4} {r['start_distance']:>9.3f} "
+            f"{r['final_distance']:>9.3f}"
+        )
     timing = ""
     if results["plan_calls"]:
-        timing = (f" | {results['mean_plan_seconds']:.3f} s per episode-plan, {results['seconds_per_call']:.2f} s per"
-                  f" batched call")  # fmt: skip
+        timing = (
+            f" | {results['mean_plan_seconds']:.3f} s per episode-plan, {results['seconds_per_call']:.2f} s per"
+            f" batched call"
+        )
     rate = results.get("success_rate_unsolved_at_start")
     unsolved = f" (success on the others {100 * rate:.1f} %)" if rate is not None and results["solved_at_start"] else ""
     lo, hi = results["ci95"]
     print(f"data: {results['data']} ({results['data_source']})")
-    print(f"{results['env']} {results['policy']} ({results['split']} split): success {results['successes']}/"
-          f"{results['episodes']} = {100 * results['success_rate']:.1f} % [95 % CI {100 * lo:.1f}-{100 * hi:.1f}] | "
-          f"solved at start {100 * results['solved_at_start']:.1f} %{unsolved}{timing}")  # fmt: skip
+    print(
+        f"{results['env']} {results['policy']} ({results['split']} split): success {results['successes']}/"
+        f"{results['episodes']} = {100 * results['success_rate']:.1f} % [95 % CI {100 * lo:.1f}-{100 * hi:.1f}] | "
+        f"solved at start {100 * results['solved_at_start']:.1f} %{unsolved}{timing}"
+    )
 
 
 @dataclass
@@ -669,9 +749,15 @@ def draw_pairs(world: World, cfg: EvalConfig) -> Pairs:
     traj = world.traj
     rows = start_rows(traj, pool, cfg.episodes, cfg.goal_offset, cfg.seed)  # (B,)
     episode = np.searchsorted(traj.ep_offset, rows, side="right") - 1  # (B,)
-    return Pairs(rows, episode, rows - traj.ep_offset[episode], traj.read("pixels", rows),
-                 traj.read("pixels", rows + cfg.goal_offset), dataset_states(world, rows),
-                 dataset_states(world, rows + cfg.goal_offset))  # fmt: skip
+    return Pairs(
+        rows,
+        episode,
+        rows - traj.ep_offset[episode],
+        traj.read("pixels", rows),
+        traj.read("pixels", rows + cfg.goal_offset),
+        dataset_states(world, rows),
+        dataset_states(world, rows + cfg.goal_offset),
+    )
 
 
 def reset_envs(world: World, cfg: EvalConfig, pairs: Pairs) -> tuple[list, np.ndarray, np.ndarray]:
@@ -691,9 +777,16 @@ def plan_results(cfg: EvalConfig, world: World, pairs: Pairs, outcome: dict, pla
     """The results JSON of a plan run; outcome holds the per-pair arrays success, first_step, solved0, dist0, dist."""
     success, solved0 = outcome["success"], outcome["solved0"]
     b, n_ok = len(success), int(outcome["success"].sum())
-    solver = {"solver": cfg.solver, "samples": cfg.samples or (300 if cfg.solver == "cem" else 100),
-              "iterations": cfg.iterations, "horizon": cfg.horizon, "receding_horizon": cfg.receding_horizon,
-              "frameskip": world.frameskip, "warm_start": cfg.warm_start, "bf16": cfg.bf16}  # fmt: skip
+    solver = {
+        "solver": cfg.solver,
+        "samples": cfg.samples or (300 if cfg.solver == "cem" else 100),
+        "iterations": cfg.iterations,
+        "horizon": cfg.horizon,
+        "receding_horizon": cfg.receding_horizon,
+        "frameskip": world.frameskip,
+        "warm_start": cfg.warm_start,
+        "bf16": cfg.bf16,
+    }
     solver |= {"topk": cfg.topk} if cfg.solver == "cem" else {"lr": cfg.lr}
     per_call = [c["seconds"] / c["episodes"] for c in plan_calls]
     return {
@@ -1099,8 +1192,15 @@ def plot_surprise(summary: dict, out_png: str) -> None:
     series = {f"unperturbed (mean {res['teleport']['unperturbed']:.3g})": (ex["frames"], ex["surprise"])}
     for k in PERTURBATIONS:
         series[f"{k} (mean {res[k]['perturbed']:.3g})"] = (ex["perturbed_frames"], ex[k])
-    line_chart(series, title=f"surprise, held-out episode {ex['episode']}", xlabel="frame (every frameskip steps)",
-               ylabel="||z_pred - z||^2", out_png=out_png, log_y=True, width=800)  # fmt: skip
+    line_chart(
+        series,
+        title=f"surprise, held-out episode {ex['episode']}",
+        xlabel="frame (every frameskip steps)",
+        ylabel="||z_pred - z||^2",
+        out_png=out_png,
+        log_y=True,
+        width=800,
+    )
     print(f"wrote {out_png}")
 
 
@@ -1121,8 +1221,10 @@ def run_surprise(cfg: EvalConfig) -> dict:
     header = ("kind", "perturbed", "same steps", "all steps", "ratio", "p", "|dpix|")
     print("{:10s} {:>10s} {:>10s} {:>10s} {:>7s} {:>7s} {:>7s}".format(*header))
     for k, r in summary["results"].items():
-        print(f"{k:10s} {r['perturbed']:10.4f} {r['original_same_steps']:10.4f} {r['unperturbed']:10.4f} "
-              f"{r['ratio']:7.2f} {r['p_value']:7.4f} {r['pixel_change']:7.2f}")  # fmt: skip
+        print(
+            f"{k:10s} {r['perturbed']:10.4f} {r['original_same_steps']:10.4f} {r['unperturbed']:10.4f} "
+            f"{r['ratio']:7.2f} {r['p_value']:7.4f} {r['pixel_change']:7.2f}"
+        )
     out = default_out(cfg, world, "surprise")
     save_json(summary, out)
     plot_surprise(summary, os.path.splitext(out)[0] + ".png")
@@ -1144,8 +1246,10 @@ def diagnose_episodes(world: World, eval_pairs: int, goal_offset: int) -> np.nda
     eval_eps = np.searchsorted(world.traj.ep_offset, eval_rows, side="right") - 1
     episodes = np.setdiff1d(world.val_eps, eval_eps)
     if len(episodes) == 0:
-        raise UsageError(f"every held-out episode holds one of the {eval_pairs} evaluation pairs: nothing left to "
-                         "diagnose on; collect more episodes or lower --eval_pairs")  # fmt: skip
+        raise UsageError(
+            f"every held-out episode holds one of the {eval_pairs} evaluation pairs: nothing left to "
+            "diagnose on; collect more episodes or lower --eval_pairs"
+        )
     return episodes
 
 
@@ -1214,8 +1318,9 @@ def run_diagnose(cfg: EvalConfig) -> dict:
     if len(world.val_eps) == 0:
         raise UsageError("diagnose needs held-out episodes, and this model has no validation split")
     if cfg.goal_offset != cfg.horizon * world.frameskip:
-        raise UsageError(f"diagnose needs goal_offset = horizon x frameskip = {cfg.horizon * world.frameskip}, "
-                         f"got {cfg.goal_offset}")  # fmt: skip
+        raise UsageError(
+            f"diagnose needs goal_offset = horizon x frameskip = {cfg.horizon * world.frameskip}, got {cfg.goal_offset}"
+        )
     episodes = diagnose_episodes(world, cfg.eval_pairs, cfg.goal_offset)
     rows = start_rows(world.traj, episodes, cfg.pairs, cfg.goal_offset, cfg.seed)
     samples = cfg.samples or 300
@@ -1237,13 +1342,19 @@ def run_diagnose(cfg: EvalConfig) -> dict:
         "config": dataclasses.asdict(cfg),
     }
     rk = summary["ranking"]
-    print(f"diagnose {world.env} | {world.source} | {len(rows)} pairs from {len(episodes)} held-out episodes "
-          f"without evaluation pairs | {samples} random sequences per pair")  # fmt: skip
-    print(f"(a) true actions: median rank {100 * rk['median_rank']:.1f} % (0 = cheapest), "
-          f"in the top 10 % for {100 * rk['top10']:.0f} % of pairs")  # fmt: skip
-    print(f"(b) action sensitivity: {rk['sensitivity_1']:.2f} after one block, {rk['sensitivity_n']:.2f} after "
-          f"{cfg.horizon} (random-vs-true prediction gap / true embedding movement); rollout error "
-          f"{rk['rollout_error_1']:.2f} / {rk['rollout_error_n']:.2f} of the movement")  # fmt: skip
+    print(
+        f"diagnose {world.env} | {world.source} | {len(rows)} pairs from {len(episodes)} held-out episodes "
+        f"without evaluation pairs | {samples} random sequences per pair"
+    )
+    print(
+        f"(a) true actions: median rank {100 * rk['median_rank']:.1f} % (0 = cheapest), "
+        f"in the top 10 % for {100 * rk['top10']:.0f} % of pairs"
+    )
+    print(
+        f"(b) action sensitivity: {rk['sensitivity_1']:.2f} after one block, {rk['sensitivity_n']:.2f} after "
+        f"{cfg.horizon} (random-vs-true prediction gap / true embedding movement); rollout error "
+        f"{rk['rollout_error_1']:.2f} / {rk['rollout_error_n']:.2f} of the movement"
+    )
     print("(c) linear probe r: " + ", ".join(f"{k} {v:.3f}" for k, v in probes.items()))
     out = default_out(cfg, world, "diagnose")
     save_json(summary, out)

@@ -328,8 +328,10 @@ class LeWM(nn.Module):
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """Normalised pixels (B, T, 3, H, W) -> z (B, T, D)."""
         if pixels.dim() != 5 or pixels.shape[2] != 3:
-            raise ValueError(f"encode expects normalised pixels (B, T, 3, H, W), got {tuple(pixels.shape)}; "
-                             "for raw uint8 frames use model.embed(frames)")  # fmt: skip
+            raise ValueError(
+                f"encode expects normalised pixels (B, T, 3, H, W), got {tuple(pixels.shape)}; "
+                "for raw uint8 frames use model.embed(frames)"
+            )
         b, t = pixels.shape[:2]
         h = self.encoder(pixels.flatten(0, 1))  # (B*T, D) CLS
         return self.projector(h).view(b, t, -1)  # (B, T, D); BN statistics over all B*T rows
@@ -339,8 +341,9 @@ class LeWM(nn.Module):
         """uint8 frames (H, W, 3), (T, H, W, 3) or (B, T, H, W, 3) -> z (D,), (T, D) or (B, T, D), no gradient."""
         x = torch.as_tensor(frames)
         if x.dtype != torch.uint8 or x.dim() not in (3, 4, 5) or x.shape[-1] != 3:
-            raise ValueError(f"embed expects uint8 frames (H, W, 3), (T, H, W, 3) or (B, T, H, W, 3), "
-                             f"got {x.dtype} {tuple(x.shape)}")  # fmt: skip
+            raise ValueError(
+                f"embed expects uint8 frames (H, W, 3), (T, H, W, 3) or (B, T, H, W, 3), got {x.dtype} {tuple(x.shape)}"
+            )
         lead = x.shape[:-3]
         x = x.reshape(1, -1, *x.shape[-3:]).to(next(self.parameters()).device)  # (1, B*T, H, W, 3)
         z = self.encode(self.preprocess(x))  # (1, B*T, D); eval-mode BN is per frame
@@ -442,8 +445,11 @@ def check_state_dict(model: nn.Module, state: dict, source: str):
         raise ValueError("\n".join(lines))
     bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
-        raise ValueError(f"{source} holds non-finite weights (NaN or inf) in {len(bad)} tensors: "
-                         + ", ".join(bad[:4]) + (" ..." if len(bad) > 4 else ""))  # fmt: skip
+        raise ValueError(
+            f"{source} holds non-finite weights (NaN or inf) in {len(bad)} tensors: "
+            + ", ".join(bad[:4])
+            + (" ..." if len(bad) > 4 else "")
+        )
 
 
 def save_checkpoint(path: str, ckpt: dict):
@@ -661,9 +667,14 @@ def _hf4_to_hf5(key: str) -> str:
     if not m:
         return key
     tail = m[2]
-    for old, new in [("attention.attention.query", "attention.q_proj"), ("attention.attention.key", "attention.k_proj"),
-                     ("attention.attention.value", "attention.v_proj"), ("attention.output.dense", "attention.o_proj"),
-                     ("intermediate.dense", "mlp.fc1"), ("output.dense", "mlp.fc2")]:  # fmt: skip
+    for old, new in [
+        ("attention.attention.query", "attention.q_proj"),
+        ("attention.attention.key", "attention.k_proj"),
+        ("attention.attention.value", "attention.v_proj"),
+        ("attention.output.dense", "attention.o_proj"),
+        ("intermediate.dense", "mlp.fc1"),
+        ("output.dense", "mlp.fc2"),
+    ]:
         tail = tail.replace(old, new)  # attention.output.dense before output.dense
     return f"encoder.layers.{m[1]}.{tail}"
 
@@ -678,8 +689,13 @@ def export_official(model: LeWM, folder: str, hf5: bool = False) -> tuple[str, s
     if hf5:
         state = {_hf4_to_hf5(k): v for k, v in state.items()}
     c = model.cfg
-    mlp = {"_target_": "stable_worldmodel.wm.lewm.module.MLP", "input_dim": c.embed_dim, "output_dim": c.embed_dim,
-           "hidden_dim": c.proj_hidden, "norm_fn": {"_target_": "torch.nn.BatchNorm1d", "_partial_": True}}  # fmt: skip
+    mlp = {
+        "_target_": "stable_worldmodel.wm.lewm.module.MLP",
+        "input_dim": c.embed_dim,
+        "output_dim": c.embed_dim,
+        "hidden_dim": c.proj_hidden,
+        "norm_fn": {"_target_": "torch.nn.BatchNorm1d", "_partial_": True},
+    }
     config = {
         "_target_": "stable_worldmodel.wm.lewm.LeWM",
         "encoder": {

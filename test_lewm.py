@@ -70,9 +70,15 @@ def _train_ckpt(tmp_path, model: LeWM) -> str:
     opt = torch.optim.AdamW(model.parameters())
     model(torch.randn(2, 4, 3, 32, 32), torch.randn(2, 4, 10))[1].sum().backward()
     opt.step()
-    ckpt = {"model": model.state_dict(), "model_config": dataclasses.asdict(model.cfg), "optimizer": opt.state_dict(),
-            "rng": {"torch": torch.get_rng_state()}, "step": 7, "env": "pusht",
-            "action_stats": {"mean": [0.0, 0.0], "std": [1.0, 1.0]}}  # fmt: skip
+    ckpt = {
+        "model": model.state_dict(),
+        "model_config": dataclasses.asdict(model.cfg),
+        "optimizer": opt.state_dict(),
+        "rng": {"torch": torch.get_rng_state()},
+        "step": 7,
+        "env": "pusht",
+        "action_stats": {"mean": [0.0, 0.0], "std": [1.0, 1.0]},
+    }
     path = str(tmp_path / "ckpt.pt")
     save_checkpoint(path, ckpt)
     return path
@@ -164,11 +170,18 @@ def _eval_ckpt(path, data_path, env, block_dims=None, seed=0) -> str:
     train_eps, val_eps = data.split_episodes(traj.num_episodes, 0.34, seed=data.SPLIT_SEED)
     mcfg = dataclasses.replace(PRESETS["tiny"], action_dim=block_dims or PRESETS["tiny"].frameskip * traj.action_dim)
     torch.manual_seed(seed)
-    save_checkpoint(str(path), {
-        "model": LeWM(mcfg).state_dict(), "model_config": dataclasses.asdict(mcfg), "env": env,
-        "action_stats": data.action_stats(traj, train_eps), "val_episodes": [int(e) for e in val_eps],
-        "train_config": {"data": data_path}, "step": 0,
-    })  # fmt: skip
+    save_checkpoint(
+        str(path),
+        {
+            "model": LeWM(mcfg).state_dict(),
+            "model_config": dataclasses.asdict(mcfg),
+            "env": env,
+            "action_stats": data.action_stats(traj, train_eps),
+            "val_episodes": [int(e) for e in val_eps],
+            "train_config": {"data": data_path},
+            "step": 0,
+        },
+    )
     traj.close()
     return str(path)
 
@@ -404,7 +417,11 @@ def test_model_official_format_round_trip(tmp_path, hf5):
         enc = json.load(f)["encoder"]
     assert enc["size"] in ("tiny", "small", "base", "large", "huge") and enc["image_size"] == 32
     assert (enc["hidden_size"], enc["num_hidden_layers"], enc["num_attention_heads"], enc["intermediate_size"]) == (
-        32, 2, 2, 64)  # fmt: skip
+        32,
+        2,
+        2,
+        64,
+    )
     loaded = load_official(weights, config)
     assert not loaded.training and loaded.cfg == model.cfg
     x, a = torch.randn(2, 4, 3, 32, 32), torch.randn(2, 3, 25)
@@ -419,8 +436,12 @@ def test_model_export_cli_writes_weights_only_files(tmp_path):
     model = randomise(tiny_model()).eval()
     ckpt = _train_ckpt(tmp_path, model)
     out = tmp_path / "export"
-    subprocess.run([sys.executable, "model.py", "export", "--ckpt", ckpt, "--out", str(out)], check=True,
-                   cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True)  # fmt: skip
+    subprocess.run(
+        [sys.executable, "model.py", "export", "--ckpt", ckpt, "--out", str(out)],
+        check=True,
+        cwd=os.path.dirname(os.path.abspath(__file__)),
+        capture_output=True,
+    )
     assert sorted(os.listdir(out)) == ["config.json", "model.pt", "weights.pt"]
     shared = torch.load(out / "model.pt", weights_only=True)
     assert "optimizer" not in shared and "rng" not in shared and shared["step"] == 7 and shared["env"] == "pusht"
@@ -543,8 +564,13 @@ _CUBE_DIRECTION = np.array([0.6, 0.0, 0.8])  # 3-D offset, part of it vertical
 SUCCESS_CASES = {
     "pusht": [
         (_PUSHT_GOAL, _PUSHT_GOAL, np.zeros(2, np.float32), True, None),
-        (_PUSHT_GOAL + np.array([25.0 / 2, 0, 0, 25.0 * np.sqrt(3) / 2, 0, 50, 50]), _PUSHT_GOAL,
-         np.zeros(2, np.float32), False, None),
+        (
+            _PUSHT_GOAL + np.array([25.0 / 2, 0, 0, 25.0 * np.sqrt(3) / 2, 0, 50, 50]),
+            _PUSHT_GOAL,
+            np.zeros(2, np.float32),
+            False,
+            None,
+        ),
     ],
     "tworoom": [
         ([50.0, 100.0], [61.0, 111.0], np.zeros(2, np.float32), True, None),  # 15.56 px
@@ -555,10 +581,16 @@ SUCCESS_CASES = {
         ([0.2, -0.2, 0.0, 0.0], np.array([0.3, -0.2]), np.zeros(2, np.float32), False, None),
     ],
     "cube": [
-        (_CUBE_HIGH, np.array([*(_CUBE_HIGH[:3] + dist * _CUBE_DIRECTION), 0.0]), _cube_act(), expected, float(expected))
+        (
+            _CUBE_HIGH,
+            np.array([*(_CUBE_HIGH[:3] + dist * _CUBE_DIRECTION), 0.0]),
+            _cube_act(),
+            expected,
+            float(expected),
+        )
         for dist, expected in ((0.039, True), (0.041, False))
     ],
-}  # fmt: skip
+}
 
 
 def test_env_make_env_rejects_unknown_name():
@@ -688,9 +720,12 @@ def test_env_pusht_demo_data_match_reference_statistics():
     act = np.concatenate([e["action"][:-1] for e in eps])  # (N, 2), the NaN last row dropped
     state = np.concatenate([e["state"] for e in eps])  # (N, 7)
     lengths = np.array([len(e["state"]) for e in eps])
-    ref = {"action std": (act.std(0), 0.20), "agent velocity std": (state[:, 5:7].std(0), 75.0),
-           "block position std": (state[:, 2:4].std(0), np.array([53.0, 57.0])),
-           "mean episode length": (lengths.mean(), 125.0)}  # fmt: skip
+    ref = {
+        "action std": (act.std(0), 0.20),
+        "agent velocity std": (state[:, 5:7].std(0), 75.0),
+        "block position std": (state[:, 2:4].std(0), np.array([53.0, 57.0])),
+        "mean episode length": (lengths.mean(), 125.0),
+    }
     for name, (ours, theirs) in ref.items():
         assert np.all(np.abs(np.asarray(ours) / theirs - 1) <= 0.25), f"{name}: {ours} vs reference {theirs}"
     assert np.all(np.abs(act.mean(0)) < 0.03), act.mean(0)
@@ -1118,8 +1153,10 @@ def test_data_official_blosc_file_reads_like_gzip(tmp_path):
     same data gzip-compressed."""
     hdf5plugin = pytest.importorskip("hdf5plugin")
     pixels = np.random.default_rng(0).integers(0, 256, (210, 8, 8, 3), dtype=np.uint8)  # incompressible noise
-    compressions = {"gzip": {"compression": "gzip"},
-                    "blosc": hdf5plugin.Blosc(cname="lz4", clevel=5, shuffle=hdf5plugin.Blosc.SHUFFLE)}  # fmt: skip
+    compressions = {
+        "gzip": {"compression": "gzip"},
+        "blosc": hdf5plugin.Blosc(cname="lz4", clevel=5, shuffle=hdf5plugin.Blosc.SHUFFLE),
+    }
     paths = {}
     for name, comp in compressions.items():
         paths[name] = _data_file(tmp_path / f"{name}.h5", lens=(120, 90), index="episode_idx", pixels=None)
@@ -1345,15 +1382,35 @@ def test_fail_collection_killed_at_any_moment_resumes_identically(tmp_path):
     kw = {"img_size": 32, "episode_steps": 40, "seed": 3}
     ref = data.collect("tworoom", 8, str(tmp_path / "ref.h5"), workers=1, **kw)
     out = tmp_path / "d.h5"
-    cmd = [sys.executable, os.path.join(REPO, "data.py"), "--env", "tworoom", "--episodes", "8", "--out", str(out),
-           "--img_size", "32", "--episode_steps", "40", "--seed", "3", "--workers", "2"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        os.path.join(REPO, "data.py"),
+        "--env",
+        "tworoom",
+        "--episodes",
+        "8",
+        "--out",
+        str(out),
+        "--img_size",
+        "32",
+        "--episode_steps",
+        "40",
+        "--seed",
+        "3",
+        "--workers",
+        "2",
+    ]
     parts = f"{out}.parts"
 
     def n_parts() -> int:
         return len([n for n in os.listdir(parts) if n.endswith(".h5")]) if os.path.isdir(parts) else -1
 
-    for sig, when in ((signal.SIGTERM, lambda: n_parts() >= 1), (signal.SIGKILL, lambda: n_parts() >= 0),
-                      (signal.SIGKILL, lambda: n_parts() >= 4), (signal.SIGKILL, lambda: n_parts() >= 8)):  # fmt: skip
+    for sig, when in (
+        (signal.SIGTERM, lambda: n_parts() >= 1),
+        (signal.SIGKILL, lambda: n_parts() >= 0),
+        (signal.SIGKILL, lambda: n_parts() >= 4),
+        (signal.SIGKILL, lambda: n_parts() >= 8),
+    ):
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         deadline = time.time() + 240
         while not when() and proc.poll() is None and time.time() < deadline:
@@ -1379,8 +1436,13 @@ def test_fail_collection_bad_arguments_before_any_file(tmp_path):
     """Case 7: bad collection arguments (img_size 7, unknown env or policy, 0 episodes, a folder as --out) raise
     UsageError naming the flag, and no file or folder is created."""
     out = str(tmp_path / "d.h5")
-    for kw, flag in (({"img_size": 7}, "--img_size 7"), ({"env": "foo"}, "--env foo"), ({"policy": "x"}, "--policy"),
-                     ({"episodes": 0}, "--episodes 0"), ({"out": str(tmp_path)}, "is a folder")):  # fmt: skip
+    for kw, flag in (
+        ({"img_size": 7}, "--img_size 7"),
+        ({"env": "foo"}, "--env foo"),
+        ({"policy": "x"}, "--policy"),
+        ({"episodes": 0}, "--episodes 0"),
+        ({"out": str(tmp_path)}, "is a folder"),
+    ):
         args = {"env": "tworoom", "episodes": 2, "out": out, **kw}
         with pytest.raises(data.UsageError, match=flag):
             data.collect(args.pop("env"), args.pop("episodes"), args.pop("out"), **args)
@@ -1611,9 +1673,32 @@ def test_fail_train_sigint_checkpoints_and_resumes(tmp_path, tiny_pusht):
     import signal
 
     out_dir = tmp_path / "run"
-    cmd = [sys.executable, os.path.join(REPO, "train.py"), "--env", "pusht", "--preset", "tiny", "--data", tiny_pusht,
-           "--out_dir", str(out_dir), "--max_steps", "400", "--log_every", "1", "--eval_every", "1000",
-           "--ckpt_every", "1000", "--num_proj", "32", "--val_batches", "1", "--device", "cpu"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        os.path.join(REPO, "train.py"),
+        "--env",
+        "pusht",
+        "--preset",
+        "tiny",
+        "--data",
+        tiny_pusht,
+        "--out_dir",
+        str(out_dir),
+        "--max_steps",
+        "400",
+        "--log_every",
+        "1",
+        "--eval_every",
+        "1000",
+        "--ckpt_every",
+        "1000",
+        "--num_proj",
+        "32",
+        "--val_batches",
+        "1",
+        "--device",
+        "cpu",
+    ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
     for line in proc.stdout:
@@ -1625,8 +1710,9 @@ def test_fail_train_sigint_checkpoints_and_resumes(tmp_path, tiny_pusht):
     step = load_checkpoint(str(out_dir / "ckpt.pt"))["step"]
     assert 3 <= step < 400 and f"interrupted at step {step}" in log and "--resume" in log
     assert train.read_metrics(str(out_dir / "metrics.jsonl"))[-1]["step"] == step
-    summary = train.main(tiny_cfg(tmp_path, tiny_pusht, max_steps=step + 2, num_proj=32, eval_every=1000,
-                                  ckpt_every=1000, resume=True))  # fmt: skip
+    summary = train.main(
+        tiny_cfg(tmp_path, tiny_pusht, max_steps=step + 2, num_proj=32, eval_every=1000, ckpt_every=1000, resume=True)
+    )
     assert summary["steps"] == step + 2
     assert [r["step"] for r in train.read_metrics(str(out_dir / "metrics.jsonl"))][-3:] == [step, step + 1, step + 2]
 
@@ -1676,9 +1762,19 @@ def _centroid_world(path, model_cls=_CentroidModel) -> "evaluate.World":
     traj = data.Trajectories(path)
     eps = np.arange(traj.num_episodes)
     stats = data.action_stats(traj, eps)
-    return evaluate.World(model=model_cls(stats, 32), stats=stats, traj=traj, train_eps=eps, val_eps=eps,
-                          env="tworoom", frameskip=5, action_dim=2, img_size=32, device=torch.device("cpu"),
-                          source="hand-built")  # fmt: skip
+    return evaluate.World(
+        model=model_cls(stats, 32),
+        stats=stats,
+        traj=traj,
+        train_eps=eps,
+        val_eps=eps,
+        env="tworoom",
+        frameskip=5,
+        action_dim=2,
+        img_size=32,
+        device=torch.device("cpu"),
+        source="hand-built",
+    )
 
 
 def test_eval_line_chart_png_size_colours_and_direction(tmp_path):
@@ -1755,9 +1851,19 @@ def test_eval_surprise_teleport_spikes_on_position_tracking_model(tiny_tworoom):
     traj = data.Trajectories(tiny_tworoom)
     eps = np.arange(traj.num_episodes)
     stats = data.action_stats(traj, eps)
-    world = evaluate.World(model=_CentroidModel(stats, 32), stats=stats, traj=traj, train_eps=eps, val_eps=eps,
-                           env="tworoom", frameskip=5, action_dim=2, img_size=32, device=torch.device("cpu"),
-                           source="hand-built")  # fmt: skip
+    world = evaluate.World(
+        model=_CentroidModel(stats, 32),
+        stats=stats,
+        traj=traj,
+        train_eps=eps,
+        val_eps=eps,
+        env="tworoom",
+        frameskip=5,
+        action_dim=2,
+        img_size=32,
+        device=torch.device("cpu"),
+        source="hand-built",
+    )
     out = evaluate.measure_surprise(world, episodes=6, steps=4, seed=0)
     res = out["results"]
     assert out["episodes"] == 6 and out["perturbed_steps"] == 24
@@ -1796,8 +1902,23 @@ def test_eval_diagnose_never_uses_evaluation_episodes(tiny_tworoom):
 def test_eval_diagnose_cli_writes_json(tmp_path, tiny_pusht):
     """`evaluate.py diagnose` on a tiny checkpoint writes ranks in [0, 1], finite ratios and a probe r per quantity."""
     ckpt = _eval_ckpt(tmp_path / "ckpt.pt", tiny_pusht, "pusht")
-    argv = ["diagnose", "--ckpt", ckpt, "--pairs", "6", "--samples", "16", "--frames", "400", "--eval_pairs", "0",
-            "--device", "cpu", "--out", str(tmp_path / "d.json")]  # fmt: skip
+    argv = [
+        "diagnose",
+        "--ckpt",
+        ckpt,
+        "--pairs",
+        "6",
+        "--samples",
+        "16",
+        "--frames",
+        "400",
+        "--eval_pairs",
+        "0",
+        "--device",
+        "cpu",
+        "--out",
+        str(tmp_path / "d.json"),
+    ]
     res = evaluate.main(evaluate.parse_args(argv))
     with open(tmp_path / "d.json") as f:
         saved = json.load(f)
@@ -1848,23 +1969,53 @@ def test_eval_probe_linear_recovers_linear_quantity():
     y = z @ rng.normal(size=(24, 3)) + rng.normal(size=3)  # (N, 3)
     scores = evaluate.probe_model(z[:500], z[500:], {"q": y[:500]}, {"q": y[500:]}, epochs=1, seed=0)["q"]
     assert scores["linear"]["mse"] < 1e-6 and scores["linear"]["r"] > 1 - 1e-6
-    noise = evaluate.probe_model(z[:500], z[500:], {"q": rng.normal(size=(500, 2))},
-                                 {"q": rng.normal(size=(100, 2))}, epochs=1, seed=0)["q"]  # fmt: skip
+    noise = evaluate.probe_model(
+        z[:500], z[500:], {"q": rng.normal(size=(500, 2))}, {"q": rng.normal(size=(100, 2))}, epochs=1, seed=0
+    )["q"]
     assert noise["linear"]["mse"] > 0.8 and abs(noise["linear"]["r"]) < 0.3
 
 
 def test_eval_plan_end_to_end_writes_json(tmp_path, tiny_pusht, capsys):
     """The default CLI subcommand runs batched CEM MPC from held-out starts and writes every required JSON field."""
     ckpt = _eval_ckpt(tmp_path / "ckpt.pt", tiny_pusht, "pusht")
-    argv = ["--ckpt", ckpt, "--episodes", "3", "--samples", "16", "--iterations", "2", "--topk", "4", "--device",
-            "cpu", "--out", str(tmp_path / "r.json"), "--video", str(tmp_path / "gifs")]  # fmt: skip
+    argv = [
+        "--ckpt",
+        ckpt,
+        "--episodes",
+        "3",
+        "--samples",
+        "16",
+        "--iterations",
+        "2",
+        "--topk",
+        "4",
+        "--device",
+        "cpu",
+        "--out",
+        str(tmp_path / "r.json"),
+        "--video",
+        str(tmp_path / "gifs"),
+    ]
     cfg = evaluate.parse_args(argv)
     assert cfg.command == "plan" and evaluate.parse_args(["plan", *argv]) == cfg
     res = evaluate.main(cfg)
     with open(tmp_path / "r.json") as f:
         saved = json.load(f)
-    for key in ("success_rate", "ci95", "episodes", "successes", "mean_plan_seconds", "seconds_per_call", "planner",
-                "policy", "split", "env", "checkpoint", "per_episode", "solved_at_start"):  # fmt: skip
+    for key in (
+        "success_rate",
+        "ci95",
+        "episodes",
+        "successes",
+        "mean_plan_seconds",
+        "seconds_per_call",
+        "planner",
+        "policy",
+        "split",
+        "env",
+        "checkpoint",
+        "per_episode",
+        "solved_at_start",
+    ):
         assert key in saved, key
     assert saved["episodes"] == 3 and saved["policy"] == "planner" and saved["split"] == "val"
     assert saved["planner"]["solver"] == "cem" and saved["planner"]["samples"] == 16
@@ -1915,8 +2066,9 @@ def test_eval_random_policy_matches_independent_replay(tmp_path, tiny_tworoom):
     state = traj.cache("state")
     runs = {}
     for planner_seed in (0, 1):
-        res = evaluate.main(_eval_cfg(ckpt, tmp_path, policy="random", episodes=8, split="train", budget=30,
-                                      planner_seed=planner_seed))  # fmt: skip
+        res = evaluate.main(
+            _eval_cfg(ckpt, tmp_path, policy="random", episodes=8, split="train", budget=30, planner_seed=planner_seed)
+        )
         for r in res["per_episode"]:
             row = traj.ep_offset[r["episode"]] + r["start_step"]
             env = envs.make_env("tworoom", img_size=32)
@@ -1961,8 +2113,18 @@ def test_eval_released_model_on_own_simulator_data(tmp_path, monkeypatch, capsys
     model = randomise(tiny_model(), seed=4).eval()  # 32 px: the image size comes from the model, never 224
     offline_hub_cache(tmp_path, monkeypatch, model)
     monkeypatch.chdir(tmp_path)
-    cfg = evaluate.EvalConfig(official=("hf:someone/lewm-tiny",), env="tworoom", collect_episodes=10, episodes=2,
-                              budget=5, samples=8, iterations=1, topk=2, device="cpu", out=str(tmp_path / "r.json"))  # fmt: skip
+    cfg = evaluate.EvalConfig(
+        official=("hf:someone/lewm-tiny",),
+        env="tworoom",
+        collect_episodes=10,
+        episodes=2,
+        budget=5,
+        samples=8,
+        iterations=1,
+        topk=2,
+        device="cpu",
+        out=str(tmp_path / "r.json"),
+    )
     res = evaluate.main(cfg)
     path = os.path.join("data", "tworoom_32px_10ep.h5")
     assert "collecting 10 episodes of our tworoom simulator at 32 px" in capsys.readouterr().out
@@ -1990,14 +2152,18 @@ def test_eval_released_model_source_errors_are_one_line(tmp_path, monkeypatch):
     export_official(randomise(tiny_model()), str(folder))
     os.remove(folder / "config.json")
     base = evaluate.EvalConfig(env="pusht", device="cpu", out=str(tmp_path / "r.json"))
-    cases = [((str(folder),), "the folder lacks config.json"), ((str(folder / "weights.pt"),), "give hf:owner/name"),
-             (("a", "b", "c"), "give hf:owner/name")]  # fmt: skip
+    cases = [
+        ((str(folder),), "the folder lacks config.json"),
+        ((str(folder / "weights.pt"),), "give hf:owner/name"),
+        (("a", "b", "c"), "give hf:owner/name"),
+    ]
     for official, text in cases:
         with pytest.raises(data.UsageError, match=re.escape(text)):
             evaluate.main(dataclasses.replace(base, official=official))
     with pytest.raises(data.UsageError, match="--official needs --env"):
-        evaluate.main(dataclasses.replace(base, official=(str(folder / "weights.pt"), str(folder / "weights.pt")),
-                                          env=""))  # fmt: skip
+        evaluate.main(
+            dataclasses.replace(base, official=(str(folder / "weights.pt"), str(folder / "weights.pt")), env="")
+        )
     with monkeypatch.context() as m:
         m.setitem(sys.modules, "huggingface_hub", None)  # import fails as if it were not installed
         with pytest.raises(data.UsageError, match="needs huggingface_hub: pip install huggingface_hub") as e:
@@ -2023,12 +2189,19 @@ def test_eval_adam_solver_and_wilson(tmp_path, tiny_pusht):
 
 def test_fail_cli_errors_are_one_line_exit_2(tmp_path):
     """Case 7: a user error at the real command line is one line on stderr, exit code 2, no traceback."""
-    for script, args, text in (("evaluate.py", [], "exactly one of --ckpt"),
-                               ("train.py", ["--max_steps", "-5"], "--max_steps -5"),
-                               ("evaluate.py", ["--solver", "ADAM"], "--solver"),
-                               ("evaluate.py", ["--official", "a", "b", "c", "--env", "pusht"], "--official a b c")):  # fmt: skip
-        res = subprocess.run([sys.executable, os.path.join(REPO, script), *args], cwd=tmp_path, capture_output=True,
-                             text=True, timeout=300)  # fmt: skip
+    for script, args, text in (
+        ("evaluate.py", [], "exactly one of --ckpt"),
+        ("train.py", ["--max_steps", "-5"], "--max_steps -5"),
+        ("evaluate.py", ["--solver", "ADAM"], "--solver"),
+        ("evaluate.py", ["--official", "a", "b", "c", "--env", "pusht"], "--official a b c"),
+    ):
+        res = subprocess.run(
+            [sys.executable, os.path.join(REPO, script), *args],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert res.returncode == 2 and text in res.stderr and "Traceback" not in res.stderr, res.stderr[-800:]
     assert os.listdir(tmp_path) == []
 
@@ -2037,18 +2210,27 @@ def test_fail_eval_bad_arguments_before_loading(tmp_path, tiny_pusht):
     """Cases 7, 8, 9: evaluation refuses bad flags before loading anything; each subcommand takes only its own
     flags, and help shows the defaults."""
     ckpt = _eval_ckpt(tmp_path / "ckpt.pt", tiny_pusht, "pusht")
-    for kw, text in (({"episodes": 0}, "--episodes 0"), ({"iterations": 0}, "--iterations 0"),
-                     ({"budget": 0}, "--budget 0"), ({"out": str(tmp_path)}, "is a folder"),
-                     ({"solver": "ADAM"}, "--solver 'ADAM'"), ({"ckpt": ""}, "exactly one"),
-                     ({"ckpt": str(tmp_path / "x.pt")}, "no such file"),
-                     ({"official": (ckpt, ckpt)}, "exactly one")):  # fmt: skip
+    for kw, text in (
+        ({"episodes": 0}, "--episodes 0"),
+        ({"iterations": 0}, "--iterations 0"),
+        ({"budget": 0}, "--budget 0"),
+        ({"out": str(tmp_path)}, "is a folder"),
+        ({"solver": "ADAM"}, "--solver 'ADAM'"),
+        ({"ckpt": ""}, "exactly one"),
+        ({"ckpt": str(tmp_path / "x.pt")}, "no such file"),
+        ({"official": (ckpt, ckpt)}, "exactly one"),
+    ):
         with pytest.raises(data.UsageError, match=re.escape(text)):
             evaluate.main(dataclasses.replace(_eval_cfg(ckpt, tmp_path), **kw))
     with pytest.raises(SystemExit):
         evaluate.parse_args(["probe", "--ckpt", ckpt, "--budget", "3"])  # a plan flag
     assert evaluate.parse_args(["surprise", "--ckpt", ckpt]).perturb_steps == 5
-    helps = subprocess.run([sys.executable, os.path.join(REPO, "evaluate.py"), "probe", "--help"], capture_output=True,
-                           text=True, timeout=300).stdout  # fmt: skip
+    helps = subprocess.run(
+        [sys.executable, os.path.join(REPO, "evaluate.py"), "probe", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    ).stdout
     assert "--frames" in helps and "--budget" not in helps and "(default: 20000)" in helps
 
 
@@ -2094,9 +2276,11 @@ def test_fail_dataset_env_and_resume_mismatch(tmp_path, tiny_pusht, tiny_tworoom
     train.main(tiny_cfg(tmp_path, tiny_pusht, max_steps=2, eval_every=100))
     with pytest.raises(data.UsageError, match="already holds a run"):
         train.main(tiny_cfg(tmp_path, tiny_pusht, max_steps=2))
-    for kw, text in (({"env": "tworoom", "data": tiny_tworoom}, "is a pusht run"),
-                     ({"data": shutil.copy(tiny_pusht, tmp_path / "copy.h5")}, "was trained on"),
-                     ({"dropout": 0.3}, "another model config")):  # fmt: skip
+    for kw, text in (
+        ({"env": "tworoom", "data": tiny_tworoom}, "is a pusht run"),
+        ({"data": shutil.copy(tiny_pusht, tmp_path / "copy.h5")}, "was trained on"),
+        ({"dropout": 0.3}, "another model config"),
+    ):
         with pytest.raises(data.UsageError, match=text):
             train.main(tiny_cfg(tmp_path, tiny_pusht, max_steps=4, resume=True, **kw))
     with open(tmp_path / "run" / "metrics.jsonl", "a") as f:
@@ -2150,8 +2334,12 @@ def _png_bytes(image: np.ndarray, filters: list[int]) -> bytes:
         return len(body).to_bytes(4, "big") + kind + body + zlib.crc32(kind + body).to_bytes(4, "big")
 
     header = w.to_bytes(4, "big") + h.to_bytes(4, "big") + bytes([8, 2, 0, 0, 0])
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"".join(rows))) + chunk(
-        b"IEND", b"")  # fmt: skip
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"".join(rows)))
+        + chunk(b"IEND", b"")
+    )
 
 
 def test_bench_load_png_undoes_every_filter(tmp_path):
@@ -2216,9 +2404,11 @@ def test_readme_use_a_trained_model_snippet_runs(tmp_path):
     ckpt = _train_ckpt(tmp_path, model)
     assert '"runs/pusht_cpu/ckpt.pt"' in code
     rng = np.random.default_rng(0)
-    scope = {"frames": rng.integers(0, 256, (4, 48, 48, 3), dtype=np.uint8),
-             "goal": rng.integers(0, 256, (48, 48, 3), dtype=np.uint8),
-             "blocks": torch.randn(5, 10)}  # fmt: skip
+    scope = {
+        "frames": rng.integers(0, 256, (4, 48, 48, 3), dtype=np.uint8),
+        "goal": rng.integers(0, 256, (48, 48, 3), dtype=np.uint8),
+        "blocks": torch.randn(5, 10),
+    }
     torch.manual_seed(0)
     exec(code.replace('"runs/pusht_cpu/ckpt.pt"', repr(ckpt)), scope)  # noqa: S102 (the README's own code)
     z, z_pred, plan, cost = scope["z"], scope["z_pred"], scope["plan"], scope["cost"]

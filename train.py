@@ -211,8 +211,10 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.data and not os.path.isfile(cfg.data):
         raise UsageError(f"--data {cfg.data}: no such file")
     if cfg.keep_every % cfg.eval_every:
-        raise UsageError(f"--keep_every {cfg.keep_every}: must be a multiple of --eval_every {cfg.eval_every}, so "
-                         "that each kept checkpoint holds BatchNorm statistics refreshed at its step")  # fmt: skip
+        raise UsageError(
+            f"--keep_every {cfg.keep_every}: must be a multiple of --eval_every {cfg.eval_every}, so "
+            "that each kept checkpoint holds BatchNorm statistics refreshed at its step"
+        )
 
 
 def lock_run_folder(out_dir: str, cleanup: ExitStack) -> None:
@@ -244,8 +246,11 @@ def resume_command(cfg: TrainConfig) -> str:
         value = getattr(cfg, f.name)
         if f.name in ("resume", "overwrite") or value == f.default:
             continue
-        flags += [f"--{f.name}" if value is True else f"--no-{f.name}"] if isinstance(value, bool) else [
-            f"--{f.name}", shlex.quote(str(value))]  # fmt: skip
+        flags += (
+            [f"--{f.name}" if value is True else f"--no-{f.name}"]
+            if isinstance(value, bool)
+            else [f"--{f.name}", shlex.quote(str(value))]
+        )
     return " ".join(["python train.py", *flags, "--resume"])
 
 
@@ -331,8 +336,19 @@ def epoch_steps(cfg: TrainConfig, rank: int, world: int) -> int:
         train_eps, _ = data.split_episodes(traj.num_episodes, cfg.val_fraction)
         stats = data.action_stats(traj, train_eps)
         shape = clip_shape(PRESETS[cfg.preset])
-        return len(data.ClipLoader(traj, train_eps, stats, cfg.batch_size // world, cache=False, world_size=world,
-                                   rank=rank, prefetch=0, **shape))  # fmt: skip
+        return len(
+            data.ClipLoader(
+                traj,
+                train_eps,
+                stats,
+                cfg.batch_size // world,
+                cache=False,
+                world_size=world,
+                rank=rank,
+                prefetch=0,
+                **shape,
+            )
+        )
 
 
 def setup_device(name: str) -> tuple[torch.device, int, int]:
@@ -351,8 +367,10 @@ def prepare_run_folder(out_dir: str, cfg: TrainConfig, cleanup: ExitStack) -> No
     lock_run_folder(out_dir, cleanup)
     found = [n for n in ("ckpt.pt", "metrics.jsonl", "config.json") if os.path.exists(os.path.join(out_dir, n))]
     if found and not cfg.resume and not cfg.overwrite:
-        raise UsageError(f"--out_dir {out_dir}: already holds a run ({', '.join(found)}); pass --resume to "
-                         "continue it or --overwrite to start afresh")  # fmt: skip
+        raise UsageError(
+            f"--out_dir {out_dir}: already holds a run ({', '.join(found)}); pass --resume to "
+            "continue it or --overwrite to start afresh"
+        )
     if cfg.overwrite:
         for n in (*found, "metrics.png"):
             if os.path.exists(os.path.join(out_dir, n)):
@@ -375,8 +393,11 @@ def resume_state(cfg: TrainConfig, ckpt_path: str, mcfg: ModelConfig, model: LeW
     if os.path.realpath(saved_data) != os.path.realpath(cfg.data):
         raise UsageError(f"--data {cfg.data}: {ckpt_path} was trained on {saved_data}; resume it with that --data")
     if ckpt["model_config"] != dataclasses.asdict(mcfg):
-        diff = {k: (v, ckpt["model_config"].get(k)) for k, v in dataclasses.asdict(mcfg).items()
-                if ckpt["model_config"].get(k) != v}  # fmt: skip
+        diff = {
+            k: (v, ckpt["model_config"].get(k))
+            for k, v in dataclasses.asdict(mcfg).items()
+            if ckpt["model_config"].get(k) != v
+        }
         raise UsageError(f"--resume: {ckpt_path} has another model config; (now, checkpoint): {diff}")
     try:
         check_state_dict(model, ckpt["model"], ckpt_path)
@@ -403,22 +424,34 @@ def wrap_model(model: LeWM, cfg: TrainConfig, device, world: int) -> nn.Module:
     return torch.compile(model) if cfg.compile else model
 
 
-def save_run(path: str, model: LeWM, opt, step: int, cfg: TrainConfig, mcfg: ModelConfig, stats, val_eps, device,
-             rank: int) -> None:  # fmt: skip
+def save_run(
+    path: str, model: LeWM, opt, step: int, cfg: TrainConfig, mcfg: ModelConfig, stats, val_eps, device, rank: int
+) -> None:
     """Checkpoint the raw model (rank 0 writes; every rank refuses non-finite weights, which are never saved)."""
     bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not v.isfinite().all()]
     if bad:
-        raise FloatingPointError(f"non-finite weights at step {step} ({', '.join(bad[:3])}, ...); not saved. "
-                                 f"The last good checkpoint {path} is untouched; try a lower --lr")  # fmt: skip
+        raise FloatingPointError(
+            f"non-finite weights at step {step} ({', '.join(bad[:3])}, ...); not saved. "
+            f"The last good checkpoint {path} is untouched; try a lower --lr"
+        )
     if rank == 0:
         rng = {"torch": torch.get_rng_state()}
         if device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state()
-        save_checkpoint(path, {
-            "model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "rng": rng,
-            "model_config": dataclasses.asdict(mcfg), "train_config": dataclasses.asdict(cfg),
-            "action_stats": stats, "env": cfg.env, "val_episodes": [int(e) for e in val_eps],
-        })  # fmt: skip
+        save_checkpoint(
+            path,
+            {
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "step": step,
+                "rng": rng,
+                "model_config": dataclasses.asdict(mcfg),
+                "train_config": dataclasses.asdict(cfg),
+                "action_stats": stats,
+                "env": cfg.env,
+                "val_episodes": [int(e) for e in val_eps],
+            },
+        )
 
 
 def write_run_files(cfg: TrainConfig, mcfg: ModelConfig, metrics_path: str, step: int) -> None:
@@ -432,9 +465,11 @@ def write_run_files(cfg: TrainConfig, mcfg: ModelConfig, metrics_path: str, step
 
 def describe_run(cfg: TrainConfig, model: LeWM, loader, n_train: int, n_val: int, where: str) -> str:
     """The start-of-run line: model size, split, clips and steps."""
-    return (f"model {cfg.preset}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters | {n_train} "
-            f"train / {n_val} val episodes | {len(loader.starts)} train clips, {len(loader)} steps/epoch | "
-            f"{cfg.max_steps} steps on {where}")  # fmt: skip
+    return (
+        f"model {cfg.preset}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters | {n_train} "
+        f"train / {n_val} val episodes | {len(loader.starts)} train clips, {len(loader)} steps/epoch | "
+        f"{cfg.max_steps} steps on {where}"
+    )
 
 
 def trim_metrics(path: str, step: int) -> None:
@@ -544,8 +579,9 @@ def setup_run(cfg: TrainConfig, cleanup: ExitStack, device, rank: int, world: in
 
 def model_config(cfg: TrainConfig, raw_action_dim: int) -> ModelConfig:
     """The preset's model at the resolved sizes; the action block is frameskip x the dataset's raw action dim."""
-    mcfg = dataclasses.replace(PRESETS[cfg.preset], img_size=cfg.img_size, patch_size=cfg.patch_size,
-                               pred_dropout=cfg.dropout)  # fmt: skip
+    mcfg = dataclasses.replace(
+        PRESETS[cfg.preset], img_size=cfg.img_size, patch_size=cfg.patch_size, pred_dropout=cfg.dropout
+    )
     return dataclasses.replace(mcfg, action_dim=mcfg.frameskip * raw_action_dim)
 
 
@@ -569,9 +605,11 @@ def sync_stop(stop: list, device) -> None:
 def report_end(summary: dict, cfg: TrainConfig) -> None:
     """The end-of-run lines: steps, time, final validation losses, and the command that evaluates the model."""
     nan = float("nan")
-    print(f"done: {summary['steps']} steps in {summary['minutes']:.1f} min | val pred_loss "
-          f"{summary.get('val_pred_loss', nan):.4f} | val sigreg {summary.get('val_sigreg_loss', nan):.3f} | model: "
-          f"{summary['checkpoint']}")  # fmt: skip
+    print(
+        f"done: {summary['steps']} steps in {summary['minutes']:.1f} min | val pred_loss "
+        f"{summary.get('val_pred_loss', nan):.4f} | val sigreg {summary.get('val_sigreg_loss', nan):.3f} | model: "
+        f"{summary['checkpoint']}"
+    )
     print(f"next: python evaluate.py --ckpt {summary['checkpoint']} --env {cfg.env}")
 
 
@@ -581,9 +619,16 @@ def log_step(step: int, loss, parts: dict, grad_norm, lr: float, dt: float, cfg:
         dist.all_reduce(parts["pred_loss"])
         parts["pred_loss"] /= world
         loss = parts["pred_loss"] + cfg.lambd * parts["sigreg_loss"]
-    return {"step": step, "loss": loss.item(), "pred_loss": parts["pred_loss"].item(),
-            "sigreg_loss": parts["sigreg_loss"].item(), "grad_norm": grad_norm.item(), "lr": lr,
-            "ms_per_step": 1000 * dt, "samples_per_s": cfg.batch_size / dt}  # fmt: skip
+    return {
+        "step": step,
+        "loss": loss.item(),
+        "pred_loss": parts["pred_loss"].item(),
+        "sigreg_loss": parts["sigreg_loss"].item(),
+        "grad_norm": grad_norm.item(),
+        "lr": lr,
+        "ms_per_step": 1000 * dt,
+        "samples_per_s": cfg.batch_size / dt,
+    }
 
 
 # --- main
@@ -620,8 +665,17 @@ def run(cfg: TrainConfig, cleanup: ExitStack) -> dict:
     bar = tqdm(total=cfg.max_steps, initial=step, desc="train", unit="step", disable=rank != 0, dynamic_ncols=True)
     log = bar.write if rank == 0 else say
     stop = stop_on_signals(cleanup, log)
-    save = {"path": ckpt_path, "model": raw_model, "opt": opt, "cfg": cfg, "mcfg": mcfg, "stats": stats,
-            "val_eps": val_eps, "device": device, "rank": rank}  # fmt: skip
+    save = {
+        "path": ckpt_path,
+        "model": raw_model,
+        "opt": opt,
+        "cfg": cfg,
+        "mcfg": mcfg,
+        "stats": stats,
+        "val_eps": val_eps,
+        "device": device,
+        "rank": rank,
+    }
     model.train()
     batches, t_log, last = loader.steps(step), time.time(), {}
     while step < cfg.max_steps:
@@ -645,16 +699,20 @@ def run(cfg: TrainConfig, cleanup: ExitStack) -> dict:
         if step % cfg.log_every == 0 or end:
             dt = (time.time() - t_log) / (cfg.log_every if step % cfg.log_every == 0 else step % cfg.log_every)
             last = log_step(step, loss, parts, grad_norm, lr, dt, cfg, world)
-            log(f"step {step:6d} | loss {last['loss']:.4f} | pred {last['pred_loss']:.4f} | sigreg "
+            log(
+                f"step {step:6d} | loss {last['loss']:.4f} | pred {last['pred_loss']:.4f} | sigreg "
                 f"{last['sigreg_loss']:.3f} | lr {lr:.2e} | {last['ms_per_step']:.0f} ms/step | "
-                f"{last['samples_per_s']:.0f} samples/s")  # fmt: skip
+                f"{last['samples_per_s']:.0f} samples/s"
+            )
             t_log = time.time()
         if step % cfg.eval_every == 0 or end:
             if cfg.bn_batches:
                 refresh_bn_stats(raw_model, bn_loader, cfg, device, cfg.bn_batches)
             last = {**last, "step": step, **validate(raw_model, val_loader, sigreg, cfg, device, cfg.val_batches)}
-            log(f"step {step:6d} | val loss {last['val_loss']:.4f} | val pred {last['val_pred_loss']:.4f}"
-                f" | val sigreg {last['val_sigreg_loss']:.3f}")  # fmt: skip
+            log(
+                f"step {step:6d} | val loss {last['val_loss']:.4f} | val pred {last['val_pred_loss']:.4f}"
+                f" | val sigreg {last['val_sigreg_loss']:.3f}"
+            )
         if rank == 0 and (step % cfg.log_every == 0 or step % cfg.eval_every == 0 or end):
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(last) + "\n")
