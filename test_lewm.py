@@ -1848,22 +1848,7 @@ def test_eval_plot_metrics_png_skips_torn_lines(tmp_path):
 
 def test_eval_surprise_teleport_spikes_on_position_tracking_model(tiny_tworoom):
     """A model tracking the agent exactly: surprise ~0 on real steps, huge at teleports, blind to recolouring."""
-    traj = data.Trajectories(tiny_tworoom)
-    eps = np.arange(traj.num_episodes)
-    stats = data.action_stats(traj, eps)
-    world = evaluate.World(
-        model=_CentroidModel(stats, 32),
-        stats=stats,
-        traj=traj,
-        train_eps=eps,
-        val_eps=eps,
-        env="tworoom",
-        frameskip=5,
-        action_dim=2,
-        img_size=32,
-        device=torch.device("cpu"),
-        source="hand-built",
-    )
+    world = _centroid_world(tiny_tworoom)
     out = evaluate.measure_surprise(world, episodes=6, steps=4, seed=0)
     res = out["results"]
     assert out["episodes"] == 6 and out["perturbed_steps"] == 24
