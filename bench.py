@@ -22,7 +22,7 @@ import data
 import envs
 from model import PRESETS, LeWM
 from planner import cem, make_cost
-from train import attention_kernel, clip_shape
+from train import clip_shape
 
 # --- simulators
 
@@ -111,7 +111,7 @@ def _train_step_time(preset: str, batch: int, bf16: bool, steps: int) -> tuple[f
     actions = torch.randn(batch, 4, cfg.action_dim)
 
     def step():
-        with attention_kernel(torch.device("cpu")), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             loss, _ = lewm_loss(model, model.preprocess(pixels), actions, sig)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -142,6 +142,50 @@ class MLPProjector(nn.Module):
         return self.net(x)  # (rows, out_dim)
 
 
+class _ExplicitAttention(torch.autograd.Function):
+    """softmax(q k^T / sqrt(dh)) v with a hand-written backward: the unmasked, dropout-free training case of `attend`.
+
+    Three batched matmuls forward, four backward, and the softmax gradient p * (dp - rowsum(do * o)) taken in fp32.
+    Autograd through the same forward spends most of its time in the bf16 softmax backward.
+    """
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        q = q * q.shape[-1] ** -0.5  # (B, h, P, dh); 1/8 for dh 64, exact in any precision
+        p = torch.softmax(q @ k.transpose(-2, -1), dim=-1)  # (B, h, P, P)
+        o = p @ v  # (B, h, P, dh)
+        ctx.save_for_backward(q, k, v, p, o)
+        return o
+
+    @staticmethod
+    def backward(ctx, do: torch.Tensor):
+        q, k, v, p, o = ctx.saved_tensors  # q already scaled
+        dv = p.transpose(-2, -1) @ do  # (B, h, P, dh)
+        dp = do @ v.transpose(-2, -1)  # (B, h, P, P)
+        rowsum = (do.float() * o.float()).sum(-1, keepdim=True)  # (B, h, P, 1) = sum_j p_ij dp_ij
+        ds = (p.float() * (dp.float() - rowsum)).to(p.dtype)  # (B, h, P, P) gradient of the scaled scores
+        return (ds @ k) * q.shape[-1] ** -0.5, ds.transpose(-2, -1) @ q, dv
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False, dropout: float = 0.0):
+    """Scaled dot-product attention (B, h, Pq, dh) x (B, h, Pk, dh) -> (B, h, Pq, dh); `causal` when Pq == Pk.
+
+    The maths of F.scaled_dot_product_attention, with the kernel chosen by measurement (BENCHMARKS.md): in bf16 on
+    a CPU, PyTorch's fused and plain kernels spend most of their time converting and in softmax, so bf16 on a CPU
+    runs the three matmuls and the softmax explicitly: 2.3x faster for a ViT-Tiny layer's training step at 257
+    tokens, 1.6x at 17, 2 to 5x for the predictor's 3-token planning rollout. fp32 and GPUs keep PyTorch's kernel
+    (on CPUs the fused one, the fastest in fp32).
+    """
+    if q.device.type != "cpu" or q.dtype != torch.bfloat16:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=dropout)
+    if not causal and not dropout and torch.is_grad_enabled():
+        return _ExplicitAttention.apply(q, k, v)
+    s = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # (B, h, Pq, Pk)
+    if causal:
+        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1), float("-inf"))
+    return F.dropout(s.softmax(-1), dropout, training=bool(dropout)) @ v  # (B, h, Pq, dh)
+
+
 class ViTBlock(nn.Module):
     """Pre-LN ViT layer, Hugging Face ViT maths: LN eps 1e-12, qkv with bias, exact GELU, no dropout."""
 
@@ -158,7 +202,7 @@ class ViTBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, p, d = x.shape  # (B, P, D)
         q, k, v = self.qkv(self.norm1(x)).view(b, p, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        a = F.scaled_dot_product_attention(q, k, v)  # (B, heads, P, D/heads)
+        a = attend(q, k, v)  # (B, heads, P, D/heads)
         x = x + self.proj(a.transpose(1, 2).reshape(b, p, d))  # (B, P, D)
         return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))  # (B, P, D)
 
@@ -209,7 +253,8 @@ class ActionEncoder(nn.Module):
         self.fc2 = nn.Linear(mlp_scale * dim, dim)
 
     def forward(self, a: torch.Tensor) -> torch.Tensor:
-        a = self.conv(a.float().transpose(1, 2)).transpose(1, 2)  # (B, T, smoothed_dim)
+        # contiguous: on the transposed view, fc1 would run as a batched matmul over a copied weight per row
+        a = self.conv(a.float().transpose(1, 2)).transpose(1, 2).contiguous()  # (B, T, smoothed_dim)
         return self.fc2(F.silu(self.fc1(a)))  # (B, T, D)
 
 
@@ -237,7 +282,7 @@ class CausalAttention(nn.Module):
             cache[:] = [k, v]
         p = self.dropout if self.training else 0.0
         # The one new token after cached ones is the last in time and attends to all of them: no mask needed.
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=k.shape[2] == t, dropout_p=p)  # (B, h, T, dh)
+        a = attend(q, k, v, causal=k.shape[2] == t, dropout=p)  # (B, h, T, dh)
         a = self.proj(a.transpose(1, 2).reshape(b, t, -1))  # (B, T, D)
         return F.dropout(a, p, self.training)
 
@@ -275,9 +320,14 @@ class ConditionalBlock(nn.Module):
         nn.init.zeros_(self.adaln.weight)
         nn.init.zeros_(self.adaln.bias)
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, cache: list | None = None) -> torch.Tensor:
+    def modulation(self, c: torch.Tensor) -> torch.Tensor:
+        """Action embeddings (B, T, D) -> this block's AdaLN parameters (B, T, 6D); per token, position-free."""
+        return self.adaln(F.silu(c))
+
+    def forward(self, x: torch.Tensor, mod: torch.Tensor, cache: list | None = None) -> torch.Tensor:
+        """x (B, T, D) and `modulation(c)` (B, T, 6D) -> (B, T, D)."""
         # Chunk order of the official code: shift, scale, gate for attention, then for the MLP.
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaln(F.silu(c)).chunk(6, dim=-1)  # 6 x (B, T, D)
+        shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=-1)  # 6 x (B, T, D)
         x = x + gate1 * self.attn(self.norm1(x) * (1 + scale1) + shift1, cache)  # (B, T, D)
         return x + gate2 * self.mlp(self.norm2(x) * (1 + scale2) + shift2)  # (B, T, D)
 
@@ -291,15 +341,23 @@ class Predictor(nn.Module):
         self.blocks = nn.ModuleList([ConditionalBlock(dim, heads, dim_head, mlp_dim, dropout) for _ in range(depth)])
         self.norm = nn.LayerNorm(dim)
 
-    def forward(self, z: torch.Tensor, a_emb: torch.Tensor, caches: list | None = None, start: int = 0):
+    def modulations(self, a_emb: torch.Tensor) -> list[torch.Tensor]:
+        """Action embeddings (B, T, D) -> every block's AdaLN parameters, [(B, T, 6D)] * depth."""
+        return [block.modulation(a_emb) for block in self.blocks]
+
+    def forward(
+        self, z: torch.Tensor, a_emb: torch.Tensor | None, caches: list | None = None, start: int = 0, mods=None
+    ):
         """z, a_emb (B, T, D) -> (B, T, D). `caches` (one list per block) and `start` (the position of z's first
-        token) let the rollout feed only the newest token while earlier ones keep their positions."""
+        token) let the rollout feed only the newest token while earlier ones keep their positions. `mods`, the
+        tokens' slice of `modulations(a_emb)`, replaces a_emb: the rollout computes them once per action block."""
+        mods = self.modulations(a_emb) if mods is None else mods
         t = z.shape[1]
         if start + t > self.pos_embed.shape[1]:
             raise ValueError(f"predictor window holds at most {self.pos_embed.shape[1]} frames, got {start + t}")
         x = z + self.pos_embed[:, start : start + t]  # (B, T, D); positions relative to the window
         for i, block in enumerate(self.blocks):
-            x = block(x, a_emb, None if caches is None else caches[i])  # (B, T, D)
+            x = block(x, mods[i], None if caches is None else caches[i])  # (B, T, D)
         return self.norm(x)  # (B, T, D)
 
 
@@ -380,7 +438,9 @@ class LeWM(nn.Module):
                 raise ValueError(f"a context of {t0} frames needs action_history of shape (B, {t0 - 1}, A)")
             hist = action_history[:, None].expand(b, s, t0 - 1, -1).reshape(b * s, t0 - 1, -1)
             acts = torch.cat([hist, acts], dim=1)  # (B*S, T0-1+N, A)
-        a_emb = self.action_encoder(acts)  # (B*S, T0-1+N, D), per token, so computed once
+        # Per token, so computed once: the action embeddings and every block's AdaLN parameters (a token fed in
+        # up to `history` windows would otherwise be modulated once per window).
+        mods = self.predictor.modulations(self.action_encoder(acts))  # [(B*S, T0-1+N, 6D)] * depth
         z = z0[:, None].expand(b, s, t0, d).reshape(b * s, t0, d)  # (B*S, T0, D), no copy of the context
         zs = [z[:, i] for i in range(t0)]
         w = self.cfg.history
@@ -392,9 +452,11 @@ class LeWM(nn.Module):
                 # previous step (causal attention): feed only the newest token (the whole context the first time).
                 # This saves 3 of the 12 token passes of the official 5-step rollout, with the same result.
                 first = 0 if k == t0 else k - 1
-                h = self.predictor(torch.stack(zs[first:k], dim=1), a_emb[:, first:k], caches, start=first)
+                window = [m[:, first:k] for m in mods]
+                h = self.predictor(torch.stack(zs[first:k], dim=1), None, caches, start=first, mods=window)
             else:  # the window slides: positions are re-indexed from 0, so every token is recomputed
-                h = self.predictor(torch.stack(zs[lo:k], dim=1), a_emb[:, lo:k])  # (B*S, history, D)
+                window = [m[:, lo:k] for m in mods]
+                h = self.predictor(torch.stack(zs[lo:k], dim=1), None, mods=window)  # (B*S, history, D)
             h = h[:, -1]  # (B*S, D) last position only
             zs.append(self.pred_proj(h))  # (B*S, D); eval-mode BN is per row, so one row at a time is exact
         return torch.stack(zs, dim=1).view(b, s, t0 + n, d)  # (B, S, T0+N, D)

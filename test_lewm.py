@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 from gymnasium.utils.env_checker import check_env
 from pymunk.vec2d import Vec2d
 
@@ -29,6 +30,7 @@ import train
 from model import (
     PRESETS,
     LeWM,
+    attend,
     export_official,
     lewm_loss,
     load_checkpoint,
@@ -386,6 +388,53 @@ def test_model_rollout_truncates_history():
             lo = max(0, k - 3)
             zs.append(model.predict(torch.stack(zs[lo:], 1), a[:, lo:k])[:, -1])
         torch.testing.assert_close(out[:, b], torch.stack(zs, 1))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_model_attend_bf16_cpu_kernel_matches_sdpa(causal):
+    """The explicit bf16 CPU attention (forward, and the hand-written backward of the unmasked case) gives the
+    outputs and gradients of PyTorch's kernel to bf16 round-off, for a ViT-like and a predictor-like shape."""
+    for shape in [(4, 3, 17, 16), (6, 2, 3, 8)]:
+        g = torch.Generator().manual_seed(0)
+        q, k, v, do = (torch.randn(shape, generator=g) for _ in range(4))
+        results = []
+        for fn, dtype in ((attend, torch.bfloat16), (F.scaled_dot_product_attention, torch.float64)):
+            qkv = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+            out = fn(*qkv, causal) if fn is attend else fn(*qkv, is_causal=causal)
+            out.backward(do.to(dtype))
+            results.append([t.double() for t in (out, *(t.grad for t in qkv))])
+        for got, ref in zip(*results):
+            err = (got - ref).abs().max() / ref.abs().max()
+            assert err < 0.03, (shape, causal, float(err))
+
+
+def test_model_bf16_training_step_matches_plain_kernels(monkeypatch):
+    """A bf16 training loss and gradients with the chosen attention kernels equal those with PyTorch's SDPA
+    everywhere, to bf16 round-off (same maths, faster path)."""
+    import model as model_module
+
+    def run():  # no dropout: the two kernels would draw different masks
+        torch.manual_seed(0)
+        m = randomise(LeWM(dataclasses.replace(PRESETS["tiny"], action_dim=10, pred_dropout=0.0))).train()
+        torch.manual_seed(3)
+        x, a = torch.randn(4, 4, 3, 32, 32), torch.randn(4, 4, 10)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, _ = lewm_loss(m, x, a, SIGReg(num_proj=16), lambd=0.09)
+        loss.backward()
+        return loss.detach(), torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None])
+
+    fast = run()
+    monkeypatch.setattr(
+        model_module,
+        "attend",
+        lambda q, k, v, causal=False, dropout=0.0: F.scaled_dot_product_attention(
+            q, k, v, is_causal=causal, dropout_p=dropout
+        ),
+    )
+    plain = run()
+    torch.testing.assert_close(fast[0], plain[0], rtol=0.02, atol=0.0)
+    cos = F.cosine_similarity(fast[1].double(), plain[1].double(), dim=0)
+    assert cos > 0.999 and (fast[1].norm() / plain[1].norm() - 1).abs() < 0.02
 
 
 def test_model_loss_has_no_stop_gradient():

@@ -29,13 +29,12 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
 import data
@@ -252,11 +251,6 @@ def resume_command(cfg: TrainConfig) -> str:
             else [f"--{f.name}", shlex.quote(str(value))]
         )
     return " ".join(["python train.py", *flags, "--resume"])
-
-
-def attention_kernel(device: torch.device):
-    """On CPUs the plain (math) attention kernel trains these short sequences ~20 % faster than the fused one."""
-    return sdpa_kernel(SDPBackend.MATH) if device.type == "cpu" else nullcontext()
 
 
 def lr_at(step: int, peak: float, warmup_steps: int, total_steps: int) -> float:
@@ -684,7 +678,7 @@ def run(cfg: TrainConfig, cleanup: ExitStack) -> dict:
             group["lr"] = lr
         pixels, actions = next(batches)
         pixels, actions = raw_model.preprocess(pixels.to(device, non_blocking=True)), actions.to(device)
-        with attention_kernel(device), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
             loss, parts = lewm_loss(model, pixels, actions, sigreg, cfg.lambd)
         check_finite(loss, parts, None, step, ckpt_path)
         opt.zero_grad(set_to_none=True)
