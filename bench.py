@@ -90,17 +90,47 @@ def bench_data(env: str = "pusht", episodes: int = 30, sizes: tuple = (64, 224),
     return rows
 
 
+# --- the yardstick: this machine's matmul peak, measured in the same run
+
+
+_PEAKS: dict[torch.dtype, float] = {}
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
+    """GFLOP/s of an n x n x n matmul in `dtype` on this machine: best of 3 timings of `reps` (cached per run).
+
+    Achieved FLOP/s are reported as a fraction of it, so the figures stay comparable on a shared machine whose
+    absolute speed varies from run to run."""
+    if dtype not in _PEAKS:
+        a = torch.randn(n, n).to(dtype)
+        a @ a  # warm-up
+        best = float("inf")
+        for _ in range(3):
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                a @ a
+            best = min(best, time.perf_counter() - t0)
+        _PEAKS[dtype] = 2 * n**3 * reps / best / 1e9
+    return _PEAKS[dtype]
+
+
+def count_flops(fn) -> int:
+    """FLOPs of fn() by torch.utils.flop_counter, under bf16 autocast: there every attention runs as explicit
+    matmuls, which the counter sees (it does not count PyTorch's fused CPU attention kernel). The count is the same
+    maths in fp32."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter, torch.autocast("cpu", dtype=torch.bfloat16):
+        fn()
+    return counter.get_total_flops()
+
+
 # --- training
 
 
 def _train_step_time(preset: str, batch: int, bf16: bool, steps: int) -> tuple[float, float]:
-    """Seconds per training step (after one warm-up step) and FLOPs per step, synthetic clips, CPU."""
-    import time
-
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from model import PRESETS, LeWM, lewm_loss
+    """Seconds per training step (median of `steps`, after one warm-up step) and FLOPs per step, synthetic clips."""
+    from model import lewm_loss
     from sigreg import SIGReg
 
     torch.manual_seed(0)
@@ -110,7 +140,7 @@ def _train_step_time(preset: str, batch: int, bf16: bool, steps: int) -> tuple[f
     pixels = torch.randint(0, 256, (batch, 4, cfg.img_size, cfg.img_size, 3), dtype=torch.uint8)
     actions = torch.randn(batch, 4, cfg.action_dim)
 
-    def step():
+    def step(bf16: bool = bf16):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             loss, _ = lewm_loss(model, model.preprocess(pixels), actions, sig)
         opt.zero_grad(set_to_none=True)
@@ -118,22 +148,26 @@ def _train_step_time(preset: str, batch: int, bf16: bool, steps: int) -> tuple[f
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
 
-    with FlopCounterMode(display=False) as counter:
-        step()
-    t0 = time.perf_counter()
+    flops = count_flops(lambda: step(True))  # the bf16 path's count: the same maths, every attention counted
+    step()  # warm-up
+    times = []
     for _ in range(steps):
+        t0 = time.perf_counter()
         step()
-    return (time.perf_counter() - t0) / steps, counter.get_total_flops()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times)), flops
 
 
-def bench_train(cases: tuple = (("paper", 8, 2), ("cpu", 64, 5), ("tiny", 64, 5))) -> list[dict]:
-    """Training throughput per preset in fp32 and bf16 autocast: samples/s, ms/step, achieved GFLOP/s."""
-    import torch
-
+def bench_train(cases: tuple = (("paper", 8, 3), ("cpu", 64, 5), ("tiny", 64, 5))) -> list[dict]:
+    """Training throughput per preset in fp32 and bf16 autocast: samples/s, ms/step, achieved GFLOP/s and its
+    fraction of the matmul peak measured in the same run (`of_peak`)."""
     rows = []
+    peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
     print(f"training on CPU ({torch.get_num_threads()} threads), synthetic clips of 4 frames")
+    print(f"matmul peak (2048^3): fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s")
     print(
         f"{'preset':8s} {'batch':>5s} {'dtype':>5s} {'ms/step':>9s} {'samples/s':>10s} {'GFLOP/step':>11s} {'GFLOP/s':>8s}"
+        f" {'of peak':>8s}"
     )
     for preset, batch, steps in cases:
         for bf16 in (False, True):
@@ -146,11 +180,13 @@ def bench_train(cases: tuple = (("paper", 8, 2), ("cpu", 64, 5), ("tiny", 64, 5)
                 "samples_per_s": batch / sec,
                 "gflop_per_step": flops / 1e9,
                 "gflop_per_s": flops / 1e9 / sec,
+                "peak_gflop_per_s": peaks["bf16" if bf16 else "fp32"],
             }
+            row["of_peak"] = row["gflop_per_s"] / row["peak_gflop_per_s"]
             rows.append(row)
             print(
                 f"{preset:8s} {batch:5d} {row['dtype']:>5s} {row['ms_per_step']:9.0f} {row['samples_per_s']:10.1f} "
-                f"{row['gflop_per_step']:11.1f} {row['gflop_per_s']:8.0f}"
+                f"{row['gflop_per_step']:11.1f} {row['gflop_per_s']:8.0f} {row['of_peak']:8.0%}"
             )
     return rows
 
@@ -218,6 +254,16 @@ def _time_plan(model: LeWM, batch: int, bf16: bool, iterations: int) -> tuple[fl
     return t_encode + float(per_iter.sum()) * scale, t_encode + float(per_iter.median()) * PLAN_ITERS, plan
 
 
+def _plan_flops(model: LeWM) -> int:
+    """FLOPs of one plan for one problem: encoding the two frames plus 30 iterations of 300 candidate rollouts."""
+    with torch.inference_mode():
+        encode = count_flops(lambda: _plan_embeddings(model, 1))
+        z0, z_goal = _plan_embeddings(model, 1)  # (1, 1, D), (1, D)
+        cost = make_cost(model, z0, z_goal, False)
+        iteration = count_flops(lambda: cost(torch.randn(1, 300, 5, PLAN_ACTION_DIM)))
+    return encode + PLAN_ITERS * iteration
+
+
 def _bf16_agreement(model: LeWM) -> dict:
     """Run an fp32 CEM plan and score the bf16 costs of every iteration's 300 candidates against the fp32 ones."""
     spearman, overlap = [], []
@@ -248,14 +294,17 @@ def bench_plan(presets: tuple[str, ...] | None = None, batches: tuple[int, ...] 
 
     Batch 1 runs all 30 iterations; larger batches run 3 and extrapolate (every iteration does identical work:
     no early stopping). s_per_plan = (encode + 30 x median iteration) / batch; s_per_plan_wall sums the iterations
-    instead, so it includes interference from other jobs on the shared cores. Reference: the official code needs
-    about 16 s per plan at the paper configuration on this 2-core CPU; target <= 4 s. A last row
+    instead, so it includes interference from other jobs on the shared cores. gflop_per_s divides the plan's
+    counted FLOPs by s_per_plan; of_peak is its fraction of the matmul peak measured in the same run. A last row
     per preset scores bf16 against fp32: rank agreement of each iteration's 300 candidate costs, shared top-30
     elites, and the fp32 cost of the bf16 plan relative to the fp32 plan.
     """
     rows = []
+    peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+    print(f"matmul peak (2048^3): fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s")
     for preset in presets or tuple(PRESETS):
         model = _plan_model(preset)
+        flops = _plan_flops(model)
         _time_plan(model, 2, True, 1)  # warm-up: one-off kernel selection for both precisions
         _time_plan(model, 2, False, 1)
         plans = {}
@@ -268,6 +317,9 @@ def bench_plan(presets: tuple[str, ...] | None = None, batches: tuple[int, ...] 
                 row = {"preset": preset, "rollout": "bf16" if bf16 else "fp32", "batch": batch}
                 row |= {"iterations_timed": iterations, "s_per_plan": round(robust / batch, 3)}
                 row["s_per_plan_wall"] = round(wall / batch, 3)
+                row["gflop_per_plan"] = round(flops / 1e9, 1)
+                row["gflop_per_s"] = round(flops / 1e9 / (robust / batch), 1)
+                row["of_peak"] = round(row["gflop_per_s"] / peaks[row["rollout"]], 3)
                 rows.append(row)
                 print(row, flush=True)
         row = {"preset": preset, "check": "bf16 vs fp32"} | _bf16_agreement(model)
