@@ -1685,7 +1685,10 @@ def test_train_torchrun_matches_single_process(tmp_path, tiny_pusht):
     one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
     assert sorted(one) == sorted(two) == [1, 2, 3]
     for step in (1, 2, 3):
-        assert abs(one[step]["loss"] - two[step]["loss"]) < 1e-4 * abs(one[step]["loss"]), (one[step], two[step])
+        # Step 1 (no update yet) agrees to fp32 round-off (4e-5 relative measured); each Adam update then amplifies
+        # the round-off of near-zero gradient entries (1e-4 relative measured at step 3).
+        tol = 1e-4 if step == 1 else 5e-4
+        assert abs(one[step]["loss"] - two[step]["loss"]) < tol * abs(one[step]["loss"]), (one[step], two[step])
     assert single["steps"] == 3
 
 
