@@ -112,7 +112,8 @@ RECIPES = {
     # DEVIATION (PushT): 3000 demo episodes and 6000 steps. Chosen on validation loss and `evaluate.py diagnose`
     # against patch 8 at equal wall time (README, "Choosing the PushT recipe"); about 65 min with collection.
     # Reacher and Cube: 6000 steps. For Reacher chosen on validation loss and diagnose against 3000 steps at 96 px
-    # (equal wall time) and 3000 at 64 px (README, "Reacher and Cube"); about 35 min each here.
+    # (equal wall time) and 3000 at 64 px (README, "Reacher and Cube"); about 35 min each here. TwoRoom: 6000
+    # steps, chosen on validation loss and diagnose against 3000 (README, "TwoRoom"); about 30 min here.
     "cpu": {
         "batch_size": 64,
         "lr": 3e-4,
@@ -124,6 +125,7 @@ RECIPES = {
             "pusht": {"max_steps": 6000, "episodes": 3000},
             "reacher": {"max_steps": 6000},
             "cube": {"max_steps": 6000},
+            "tworoom": {"max_steps": 6000},
         },
     },
     # Tests and smoke runs: seconds.
