@@ -143,7 +143,7 @@ class MLPProjector(nn.Module):
 
 
 class _ExplicitAttention(torch.autograd.Function):
-    """softmax(q k^T / sqrt(dh)) v with a hand-written backward: the unmasked, dropout-free training case of `attend`.
+    """softmax(q k^T / sqrt(dh)) v with a hand-written backward: the unmasked, dropout-free case of `attend`.
 
     Three batched matmuls forward, four backward, and the softmax gradient p * (dp - rowsum(do * o)) with the row
     sums in fp32.
@@ -179,7 +179,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = Fal
     """
     if q.device.type != "cpu" or q.dtype != torch.bfloat16:
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=dropout)
-    if not causal and not dropout and torch.is_grad_enabled():
+    if not causal and not dropout:
         return _ExplicitAttention.apply(q, k, v)
     s = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # (B, h, Pq, Pk)
     if causal:
