@@ -114,6 +114,13 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
     return _PEAKS[dtype]
 
 
+def matmul_peaks() -> dict[str, float]:
+    """{"fp32": GFLOP/s, "bf16": GFLOP/s} from `matmul_peak`, printed above a benchmark table."""
+    peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+    print(f"matmul peak (2048^3): fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s")
+    return peaks
+
+
 def count_flops(fn) -> int:
     """FLOPs of fn() by torch.utils.flop_counter, under bf16 autocast: there every attention runs as explicit
     matmuls, which the counter sees (it does not count PyTorch's fused CPU attention kernel). The count is the same
@@ -162,9 +169,8 @@ def bench_train(cases: tuple = (("paper", 8, 3), ("cpu", 64, 5), ("tiny", 64, 5)
     """Training throughput per preset in fp32 and bf16 autocast: samples/s, ms/step, achieved GFLOP/s and its
     fraction of the matmul peak measured in the same run (`of_peak`)."""
     rows = []
-    peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
     print(f"training on CPU ({torch.get_num_threads()} threads), synthetic clips of 4 frames")
-    print(f"matmul peak (2048^3): fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s")
+    peaks = matmul_peaks()
     print(
         f"{'preset':8s} {'batch':>5s} {'dtype':>5s} {'ms/step':>9s} {'samples/s':>10s} {'GFLOP/step':>11s} {'GFLOP/s':>8s}"
         f" {'of peak':>8s}"
@@ -300,8 +306,7 @@ def bench_plan(presets: tuple[str, ...] | None = None, batches: tuple[int, ...] 
     elites, and the fp32 cost of the bf16 plan relative to the fp32 plan.
     """
     rows = []
-    peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
-    print(f"matmul peak (2048^3): fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s")
+    peaks = matmul_peaks()
     for preset in presets or tuple(PRESETS):
         model = _plan_model(preset)
         flops = _plan_flops(model)
