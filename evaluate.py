@@ -486,8 +486,10 @@ def line_chart(
     width: int = 640,
     height: int = 400,
     ylim: tuple | None = None,
+    legend: str = "top",
 ) -> np.ndarray:
-    """Draw each series {name: (xs, ys)} as a 2-px polyline with square markers; write out_png ('' = don't)."""
+    """Draw each series {name: (xs, ys)} as a 2-px polyline with square markers, the legend in the top or bottom
+    right corner (`legend`); write out_png ('' = don't)."""
     img = np.full((height, width, 3), 255, np.uint8)  # (H, W, 3) white
     top, bottom, left, right = 30, height - 42, 64, width - 16  # the plot box in pixels
     pts = {}
@@ -526,9 +528,9 @@ def line_chart(
             f = np.linspace(0, 1, int(max(abs(cs[k + 1] - cs[k]), abs(rs[k + 1] - rs[k]))) + 2)
             _paint(img, rs[k] + f * (rs[k + 1] - rs[k]), cs[k] + f * (cs[k + 1] - cs[k]), color, 2, box)
         _paint(img, rs, cs, color, 5, box)
-    if pts:  # legend, top-right inside the box: a colour swatch and the name of each series
+    if pts:  # legend, in a right corner inside the box: a colour swatch and the name of each series
         w, h = max(text_width(name) for name in pts) + 24, 12 * len(pts) + 6
-        x0, y0 = right - 6 - w, top + 6
+        x0, y0 = right - 6 - w, top + 6 if legend == "top" else bottom - 7 - h
         img[y0 : y0 + h + 1, x0 : x0 + w + 1] = 160
         img[y0 + 1 : y0 + h, x0 + 1 : x0 + w] = 255
         for i, name in enumerate(pts):
@@ -569,6 +571,61 @@ def plot_metrics_png(metrics_jsonl: str, out_png: str) -> np.ndarray:
     os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
     envs.save_png(out_png, img)
     return img
+
+
+def success_curve(
+    plan_jsons: list[str], metrics_jsonl: str, out_png: str, out_json: str = "", random_json: str = ""
+) -> dict:
+    """Success against training time: one point per `plan` JSON of one run's checkpoints (`ckpt_<step>.pt` kept by
+    `--keep_every`, or the final `ckpt.pt`). Minutes are the summed logged step times up to that step (steps only,
+    no validation). The random floor of `random_json` is drawn as a flat line. Writes the PNG and the JSON."""
+    rows = [r for r in read_metrics(metrics_jsonl) if "ms_per_step" in r]
+    if not rows:
+        raise UsageError(f"{metrics_jsonl}: no training rows (step, ms_per_step)")
+    steps = np.array([r["step"] for r in rows], np.float64)
+    minutes = np.cumsum(np.diff(steps, prepend=0.0) * [r["ms_per_step"] for r in rows]) / 60000.0
+    points, env = [], ""
+    for path in plan_jsons:
+        with open(path) as f:
+            res = json.load(f)
+        env, name = res.get("env", ""), os.path.basename(res["checkpoint"])
+        step = int(name[5:-3]) if name.startswith("ckpt_") else int(steps[-1])  # ckpt_<step>.pt, else the last
+        if step > steps[-1]:
+            raise UsageError(f"{path}: checkpoint step {step} is past the last step of {metrics_jsonl}")
+        points.append(
+            {
+                "step": step,
+                "train_minutes": round(float(np.interp(step, steps, minutes)), 2),
+                "success_rate": res["success_rate"],
+                "successes": res["successes"],
+                "episodes": res["episodes"],
+                "ci95": res["ci95"],
+                "success_rate_unsolved_at_start": res.get("success_rate_unsolved_at_start"),
+                "plan_json": path,
+            }
+        )
+    points.sort(key=lambda p: p["step"])
+    xs = [p["train_minutes"] for p in points]
+    series = {"planner": (xs, [100 * p["success_rate"] for p in points])}
+    if any(p["success_rate_unsolved_at_start"] not in (None, p["success_rate"]) for p in points):
+        series["not solved at start"] = (xs, [100 * p["success_rate_unsolved_at_start"] for p in points])
+    out = {"metrics": metrics_jsonl, "points": points}
+    if random_json:
+        with open(random_json) as f:
+            out["random_success_rate"] = json.load(f)["success_rate"]
+        series["random actions"] = ([0.0, xs[-1]], [100 * out["random_success_rate"]] * 2)
+    line_chart(
+        series,
+        title=f"{env} success vs training time",
+        xlabel="training minutes",
+        ylabel="success %",
+        out_png=out_png,
+        ylim=(0, 100),
+        legend="bottom",
+    )
+    if out_json:
+        save_json(out, out_json)
+    return out
 
 
 # --- episode pictures: labelled filmstrips of observation beside goal

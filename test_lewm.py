@@ -1914,6 +1914,32 @@ def test_eval_plot_metrics_png_skips_torn_lines(tmp_path):
     assert all((half == evaluate.PALETTE[0]).all(-1).sum() > 100 for half in (img[:, :640], img[:, 640:]))
 
 
+def test_eval_success_curve_minutes_from_logged_step_times(tmp_path):
+    """success_curve reads the step from ckpt_<step>.pt (the final ckpt.pt is the last logged step), sums the logged
+    step times up to it, sorts the points, draws the random floor, and refuses a step past the log."""
+    metrics = tmp_path / "metrics.jsonl"
+    rows = [{"step": s, "ms_per_step": 600.0 if s <= 100 else 300.0} for s in range(50, 301, 50)]
+    metrics.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    plans = []
+    for name, rate in (("ckpt.pt", 0.6), ("ckpt_100.pt", 0.2), ("ckpt_200.pt", 0.4)):
+        res = {"env": "tworoom", "checkpoint": f"runs/x/{name}", "success_rate": rate, "successes": int(50 * rate)}
+        res.update(episodes=50, ci95=[rate - 0.1, rate + 0.1], success_rate_unsolved_at_start=rate)
+        plans.append(tmp_path / f"{name}.json")
+        plans[-1].write_text(json.dumps(res))
+    rand = tmp_path / "random.json"
+    rand.write_text(json.dumps({"success_rate": 0.1}))
+    out = evaluate.success_curve([str(p) for p in plans], str(metrics), str(tmp_path / "c.png"), random_json=str(rand))
+    assert [p["step"] for p in out["points"]] == [100, 200, 300]
+    # 100 steps at 0.6 s = 1 min, then 100 more at 0.3 s = 0.5 min each
+    assert [p["train_minutes"] for p in out["points"]] == [1.0, 1.5, 2.0]
+    assert [p["success_rate"] for p in out["points"]] == [0.2, 0.4, 0.6] and out["random_success_rate"] == 0.1
+    assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    late = json.loads(plans[1].read_text()) | {"checkpoint": "runs/x/ckpt_400.pt"}
+    plans[1].write_text(json.dumps(late))
+    with pytest.raises(data.UsageError, match="past the last step"):
+        evaluate.success_curve([str(plans[1])], str(metrics), str(tmp_path / "d.png"))
+
+
 def test_eval_surprise_teleport_spikes_on_position_tracking_model(tiny_tworoom):
     """A model tracking the agent exactly: surprise ~0 on real steps, huge at teleports, blind to recolouring."""
     world = _centroid_world(tiny_tworoom)

@@ -28,6 +28,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -317,12 +318,19 @@ def make_loaders(cfg: TrainConfig, traj: data.Trajectories, mcfg: ModelConfig, r
     train_eps, val_eps = data.split_episodes(traj.num_episodes, cfg.val_fraction)
     stats = data.action_stats(traj, train_eps)
     kw = {**clip_shape(mcfg), "rank": rank, "world_size": world}
-    loader = data.ClipLoader(traj, train_eps, stats, cfg.batch_size // world, seed=cfg.seed, **kw)
-    # Validation draws the same random clips every time (epoch 0 of a fixed seed): consecutive clips of a few
-    # episodes would make SIGReg, a test of the batch's distribution, meaningless. BN statistics are refreshed on
-    # a fixed draw of training clips.
-    val_loader = data.ClipLoader(traj, val_eps, stats, cfg.batch_size // world, drop_last=False, seed=cfg.seed, **kw)
-    bn_loader = data.ClipLoader(traj, train_eps, stats, cfg.batch_size // world, seed=cfg.seed + 1, **kw)
+    with warnings.catch_warnings(record=True) as caught:  # a note on skipped short episodes, once per message
+        warnings.simplefilter("always")
+        loader = data.ClipLoader(traj, train_eps, stats, cfg.batch_size // world, seed=cfg.seed, **kw)
+        # Validation draws the same random clips every time (epoch 0 of a fixed seed): consecutive clips of a few
+        # episodes would make SIGReg, a test of the batch's distribution, meaningless. BN statistics are refreshed
+        # on a fixed draw of training clips.
+        val_loader = data.ClipLoader(
+            traj, val_eps, stats, cfg.batch_size // world, drop_last=False, seed=cfg.seed, **kw
+        )
+        bn_loader = data.ClipLoader(traj, train_eps, stats, cfg.batch_size // world, seed=cfg.seed + 1, **kw)
+    for message in dict.fromkeys(str(w.message) for w in caught):
+        if rank == 0:
+            print(f"note: {message}")
     return train_eps, val_eps, stats, (loader, val_loader, bn_loader)
 
 
