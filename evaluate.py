@@ -574,24 +574,28 @@ def plot_metrics_png(metrics_jsonl: str, out_png: str) -> np.ndarray:
 
 
 def success_curve(
-    plan_jsons: list[str], metrics_jsonl: str, out_png: str, out_json: str = "", random_json: str = ""
+    plan_jsons: list[str], metrics: str | list[str], out_png: str, out_json: str = "", random_json: str = ""
 ) -> dict:
-    """Success against training time: one point per `plan` JSON of one run's checkpoints (`ckpt_<step>.pt` kept by
-    `--keep_every`, or the final `ckpt.pt`). Minutes are the summed logged step times up to that step (steps only,
-    no validation). The random floor of `random_json` is drawn as a flat line. Writes the PNG and the JSON."""
-    rows = [r for r in read_metrics(metrics_jsonl) if "ms_per_step" in r]
-    if not rows:
-        raise UsageError(f"{metrics_jsonl}: no training rows (step, ms_per_step)")
-    steps = np.array([r["step"] for r in rows], np.float64)
-    minutes = np.cumsum(np.diff(steps, prepend=0.0) * [r["ms_per_step"] for r in rows]) / 60000.0
+    """Success against training time: one point per `plan` JSON, of one run's checkpoints (`ckpt_<step>.pt` kept by
+    `--keep_every`, or the final `ckpt.pt`) with that run's metrics.jsonl, or of several runs with one metrics.jsonl
+    each. Minutes are the summed logged step times up to that step (steps only, no validation). The random floor of
+    `random_json` is drawn as a flat line. Writes the PNG and the JSON."""
+    logs = [metrics] * len(plan_jsons) if isinstance(metrics, str) else list(metrics)
+    if len(logs) != len(plan_jsons):
+        raise UsageError(f"{len(plan_jsons)} plan files but {len(logs)} metrics files")
     points, env = [], ""
-    for path in plan_jsons:
+    for path, log in zip(plan_jsons, logs):
+        rows = [r for r in read_metrics(log) if "ms_per_step" in r]
+        if not rows:
+            raise UsageError(f"{log}: no training rows (step, ms_per_step)")
+        steps = np.array([r["step"] for r in rows], np.float64)
+        minutes = np.cumsum(np.diff(steps, prepend=0.0) * [r["ms_per_step"] for r in rows]) / 60000.0
         with open(path) as f:
             res = json.load(f)
         env, name = res.get("env", ""), os.path.basename(res["checkpoint"])
         step = int(name[5:-3]) if name.startswith("ckpt_") else int(steps[-1])  # ckpt_<step>.pt, else the last
         if step > steps[-1]:
-            raise UsageError(f"{path}: checkpoint step {step} is past the last step of {metrics_jsonl}")
+            raise UsageError(f"{path}: checkpoint step {step} is past the last step of {log}")
         points.append(
             {
                 "step": step,
@@ -602,14 +606,15 @@ def success_curve(
                 "ci95": res["ci95"],
                 "success_rate_unsolved_at_start": res.get("success_rate_unsolved_at_start"),
                 "plan_json": path,
+                "metrics": log,
             }
         )
-    points.sort(key=lambda p: p["step"])
+    points.sort(key=lambda p: p["train_minutes"])
     xs = [p["train_minutes"] for p in points]
     series = {"planner": (xs, [100 * p["success_rate"] for p in points])}
     if any(p["success_rate_unsolved_at_start"] not in (None, p["success_rate"]) for p in points):
         series["not solved at start"] = (xs, [100 * p["success_rate_unsolved_at_start"] for p in points])
-    out = {"metrics": metrics_jsonl, "points": points}
+    out = {"points": points}
     if random_json:
         with open(random_json) as f:
             out["random_success_rate"] = json.load(f)["success_rate"]

@@ -1916,7 +1916,8 @@ def test_eval_plot_metrics_png_skips_torn_lines(tmp_path):
 
 def test_eval_success_curve_minutes_from_logged_step_times(tmp_path):
     """success_curve reads the step from ckpt_<step>.pt (the final ckpt.pt is the last logged step), sums the logged
-    step times up to it, sorts the points, draws the random floor, and refuses a step past the log."""
+    step times up to it, sorts the points by minutes, takes one log per run for several runs, and refuses a step
+    past the log."""
     metrics = tmp_path / "metrics.jsonl"
     rows = [{"step": s, "ms_per_step": 600.0 if s <= 100 else 300.0} for s in range(50, 301, 50)]
     metrics.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
@@ -1934,6 +1935,12 @@ def test_eval_success_curve_minutes_from_logged_step_times(tmp_path):
     assert [p["train_minutes"] for p in out["points"]] == [1.0, 1.5, 2.0]
     assert [p["success_rate"] for p in out["points"]] == [0.2, 0.4, 0.6] and out["random_success_rate"] == 0.1
     assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    short = tmp_path / "short.jsonl"  # a second, shorter run: one metrics file per plan file
+    short.write_text(json.dumps({"step": 100, "ms_per_step": 300.0}) + "\n")
+    two = evaluate.success_curve([str(plans[0]), str(plans[0])], [str(metrics), str(short)], str(tmp_path / "e.png"))
+    assert [(p["step"], p["train_minutes"]) for p in two["points"]] == [(100, 0.5), (300, 2.0)]
+    with pytest.raises(data.UsageError, match="2 plan files but 1 metrics"):
+        evaluate.success_curve([str(plans[0])] * 2, [str(metrics)], str(tmp_path / "f.png"))
     late = json.loads(plans[1].read_text()) | {"checkpoint": "runs/x/ckpt_400.pt"}
     plans[1].write_text(json.dumps(late))
     with pytest.raises(data.UsageError, match="past the last step"):

@@ -111,10 +111,10 @@ RECIPES = {
     # DEVIATION: 2-core CPU recipe: a few thousand steps instead of ~100k, so a larger peak lr and a full cosine
     # over the run (chosen on validation loss, README). Batch 64: SIGReg tests the batch, keep it >= 64.
     # DEVIATION (PushT): 3000 demo episodes and 6000 steps. Chosen on validation loss and `evaluate.py diagnose`
-    # against patch 8 at equal wall time (README, "Choosing the PushT recipe"); about 65 min with collection.
+    # against patch 8 at equal wall time (README, "PushT: the recipe"); about 36 min with collection here.
     # Reacher and Cube: 6000 steps. For Reacher chosen on validation loss and diagnose against 3000 steps at 96 px
-    # (equal wall time) and 3000 at 64 px (README, "Reacher and Cube"); about 35 min each here. TwoRoom: 6000
-    # steps, chosen on validation loss and diagnose against 3000 (README, "TwoRoom"); about 30 min here.
+    # (equal wall time) and 3000 at 64 px (README, "Reacher: the recipe"); about 30 to 40 min each here. TwoRoom:
+    # 6000 steps, chosen on validation loss and diagnose against 3000 (README, "TwoRoom"); about 30 min here.
     "cpu": {
         "batch_size": 64,
         "lr": 3e-4,
