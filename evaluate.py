@@ -583,13 +583,16 @@ def success_curve(
     logs = [metrics] * len(plan_jsons) if isinstance(metrics, str) else list(metrics)
     if len(logs) != len(plan_jsons):
         raise UsageError(f"{len(plan_jsons)} plan files but {len(logs)} metrics files")
-    points, env = [], ""
-    for path, log in zip(plan_jsons, logs):
+    clocks = {}  # metrics.jsonl -> (logged steps, cumulative training minutes at each), read once per file
+    for log in dict.fromkeys(logs):
         rows = [r for r in read_metrics(log) if "ms_per_step" in r]
         if not rows:
             raise UsageError(f"{log}: no training rows (step, ms_per_step)")
         steps = np.array([r["step"] for r in rows], np.float64)
-        minutes = np.cumsum(np.diff(steps, prepend=0.0) * [r["ms_per_step"] for r in rows]) / 60000.0
+        clocks[log] = steps, np.cumsum(np.diff(steps, prepend=0.0) * [r["ms_per_step"] for r in rows]) / 60000.0
+    points, env = [], ""
+    for path, log in zip(plan_jsons, logs):
+        steps, minutes = clocks[log]
         with open(path) as f:
             res = json.load(f)
         env, name = res.get("env", ""), os.path.basename(res["checkpoint"])
