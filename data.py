@@ -93,14 +93,15 @@ def add_config_flags(
     parser: argparse.ArgumentParser, cls, *, names=None, choices=None, nargs=None, metavars=None
 ) -> None:
     """One flag per field of the config dataclass `cls` (only those in `names`, if given): `--field value`, typed as
-    the default (or as the annotation when the default is None); booleans as --field/--no-field; tuples take
-    `nargs[field]` values (default: one or more). The field's trailing comment is the help text, followed by the
-    default; `choices[field]` (None, meaning not given, left out) are enforced and listed."""
+    the default (or as the annotation when the default is None); booleans as --field/--no-field (also `bool |
+    None`, None meaning not given); tuples take `nargs[field]` values (default: one or more). The field's trailing
+    comment is the help text, followed by the default; `choices[field]` (None, meaning not given, left out) are
+    enforced and listed."""
     helps, choices, nargs, metavars = field_comments(cls), choices or {}, nargs or {}, metavars or {}
     for f in dataclasses.fields(cls):
         if names is not None and f.name not in names:
             continue
-        if isinstance(f.default, bool):
+        if isinstance(f.default, bool) or f.type == (bool | None):
             kind = {"action": argparse.BooleanOptionalAction}
         elif isinstance(f.default, tuple):
             kind = {"nargs": nargs.get(f.name, "+"), "metavar": metavars.get(f.name)}

@@ -37,7 +37,15 @@ from tqdm import tqdm
 import data
 import envs
 from data import UsageError
-from model import LeWM, load_checkpoint, load_official, load_pretrained, model_from_checkpoint, pick_device
+from model import (
+    LeWM,
+    load_checkpoint,
+    load_official,
+    load_pretrained,
+    model_from_checkpoint,
+    native_bf16,
+    pick_device,
+)
 from planner import cem, gradient_plan, make_cost, warm_start
 
 # Flags every subcommand takes; COMMANDS: subcommand -> (help, its flags). A new subcommand is one entry.
@@ -900,6 +908,8 @@ def run_plan(cfg: EvalConfig) -> dict:
     if not 1 <= cfg.receding_horizon <= cfg.horizon:
         raise ValueError(f"need 1 <= receding_horizon <= horizon, got {cfg.receding_horizon} and {cfg.horizon}")
     world = load_world(cfg)
+    if cfg.bf16 and cfg.policy == "planner" and not native_bf16(world.device):
+        print(f"--bf16: {world.device.type} has no native bf16 here, so the rollout is emulated and far slower")
     pairs = draw_pairs(world, cfg)
     env_list, solved0, dist0 = reset_envs(world, cfg, pairs)
     b, name, a_dim, fs = len(pairs.rows), world.env, world.action_dim, world.frameskip

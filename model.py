@@ -103,6 +103,23 @@ def pick_device(name: str) -> torch.device:
     return torch.device("cpu")
 
 
+def native_bf16(device: torch.device, cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether bf16 matmuls run in hardware on `device`: a CUDA GPU that supports bf16, or a CPU whose flags list
+    AVX-512 BF16 or AMX (Linux's `cpuinfo`; unknown elsewhere, so False). Without them bf16 is emulated: on an
+    AVX2-only CPU a `cpu`-preset training step took 19 s in bf16 against 1.0 to 1.3 s in fp32
+    (README, "Precision, and CPUs without bf16")."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    try:
+        with open(cpuinfo) as f:
+            flags = set(f.read().split())
+    except OSError:
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
 # --- image preprocessing (the one place frames are normalised)
 
 

@@ -37,6 +37,7 @@ from model import (
     load_official,
     load_pretrained,
     model_from_checkpoint,
+    native_bf16,
     save_checkpoint,
 )
 from planner import cem, gradient_plan, warm_start
@@ -1616,6 +1617,25 @@ def test_train_nan_loss_keeps_last_checkpoint(tmp_path, tiny_pusht, monkeypatch)
     with pytest.raises(FloatingPointError, match="non-finite loss"):
         train.main(tiny_cfg(tmp_path, tiny_pusht, max_steps=8, resume=True))
     assert ckpt.read_bytes() == before
+
+
+def test_train_bf16_default_follows_native_support(tmp_path):
+    """--bf16 not given: on where the CPU lists AVX-512 BF16 or AMX, off otherwise (emulated bf16 is far slower);
+    an explicit --bf16 or --no-bf16 wins either way."""
+    cpu = torch.device("cpu")
+    info = tmp_path / "cpuinfo"
+    for flags, want in (("avx2 avx512f avx512_bf16", True), ("avx2 amx_tile amx_bf16", True), ("avx2 avx512f", False)):
+        info.write_text(f"processor\t: 0\nflags\t\t: fpu sse2 {flags}\n")
+        assert native_bf16(cpu, str(info)) is want, flags
+    assert native_bf16(cpu, str(tmp_path / "absent")) is False
+
+    def resolved(flags: list[str], native: bool) -> bool:
+        cfg = train.parse_args(["--env", "pusht", "--preset", "tiny", *flags])
+        return train.resolve_config(cfg, cuda=False, steps_per_epoch=lambda c: 1, bf16=native).bf16
+
+    assert train.parse_args([]).bf16 is None
+    assert resolved([], True) is True and resolved([], False) is False
+    assert resolved(["--bf16"], False) is True and resolved(["--no-bf16"], True) is False
 
 
 def test_train_cli_end_to_end_collects_data(tmp_path):

@@ -49,6 +49,7 @@ from model import (
     check_state_dict,
     lewm_loss,
     load_checkpoint,
+    native_bf16,
     pick_device,
     save_checkpoint,
 )
@@ -84,7 +85,7 @@ class TrainConfig:
     ckpt_every: int = 500  # steps between checkpoints
     keep_every: int = 0  # also keep a copy ckpt_<step>.pt every this many steps, for curves (0 = latest only)
     device: str = "auto"  # auto (cuda > mps > cpu), cuda, mps or cpu
-    bf16: bool = True  # bf16 autocast (AMX on recent CPUs); SIGReg always runs in fp32
+    bf16: bool | None = None  # bf16 autocast, SIGReg kept fp32 (None = on where native: CUDA, AVX-512 BF16 or AMX)
     compile: bool = False  # torch.compile the model (the uncompiled model is what gets saved)
     resume: bool = False  # continue from <out_dir>/ckpt.pt
     overwrite: bool = False  # start afresh in an existing run folder, deleting its checkpoint and metrics
@@ -178,10 +179,13 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     return TrainConfig(**vars(parser.parse_args(argv)))
 
 
-def resolve_config(cfg: TrainConfig, *, cuda: bool, steps_per_epoch: Callable[[TrainConfig], int]) -> TrainConfig:
+def resolve_config(
+    cfg: TrainConfig, *, cuda: bool, steps_per_epoch: Callable[[TrainConfig], int], bf16: bool = False
+) -> TrainConfig:
     """The config with every field holding its real value. Precedence: dataclass defaults < preset (model sizes,
     model.PRESETS) < its recipe (with the env's overrides) < explicit flags, which are the fields not left None.
-    `steps_per_epoch(cfg)` (everything but the lengths resolved) is called only for a recipe counted in epochs."""
+    `steps_per_epoch(cfg)` (everything but the lengths resolved) is called only for a recipe counted in epochs;
+    `bf16` is the value of --bf16 when it is not given (native_bf16 of the device)."""
     preset = cfg.preset or ("paper" if cuda else "cpu")
     recipe = {**RECIPES[preset], **RECIPES[preset]["env"].get(cfg.env, {})}
     model = PRESETS[preset]
@@ -192,7 +196,10 @@ def resolve_config(cfg: TrainConfig, *, cuda: bool, steps_per_epoch: Callable[[T
     # The absolute path: evaluation finds the dataset from any working directory.
     path = cfg.data or data.default_data_path(cfg.env, cfg.img_size, cfg.episodes)
     cfg = dataclasses.replace(
-        cfg, data=os.path.abspath(path), out_dir=cfg.out_dir or os.path.join("runs", f"{cfg.env}_{preset}")
+        cfg,
+        data=os.path.abspath(path),
+        out_dir=cfg.out_dir or os.path.join("runs", f"{cfg.env}_{preset}"),
+        bf16=bf16 if cfg.bf16 is None else cfg.bf16,
     )
     unit = steps_per_epoch(cfg) if recipe["per_epoch"] else 1
     max_steps = cfg.max_steps if cfg.max_steps is not None else recipe["max_steps"] * unit
@@ -571,7 +578,12 @@ def setup_run(cfg: TrainConfig, cleanup: ExitStack, device, rank: int, world: in
     if cfg.preset is None:
         found = "CUDA found" if device.type == "cuda" else "no CUDA"
         say(f"--preset not given: using '{'paper' if device.type == 'cuda' else 'cpu'}' ({found})")
-    cfg = resolve_config(cfg, cuda=device.type == "cuda", steps_per_epoch=lambda c: epoch_steps(c, rank, world))
+    native = native_bf16(device)
+    if cfg.bf16 is None and not native:
+        say(f"--bf16 not given: fp32, as {device.type} has no native bf16 here (bf16 would be emulated, far slower)")
+    cfg = resolve_config(
+        cfg, cuda=device.type == "cuda", steps_per_epoch=lambda c: epoch_steps(c, rank, world), bf16=native
+    )
     if cfg.img_size % cfg.patch_size:
         raise UsageError(f"--img_size {cfg.img_size}: not a multiple of --patch_size {cfg.patch_size}")
     if cfg.batch_size % world:
