@@ -2196,6 +2196,16 @@ def test_eval_random_policy_matches_independent_replay(tmp_path, tiny_tworoom):
         evaluate.main(_eval_cfg(ckpt, tmp_path, policy="random", episodes=8, split="train", budget=0))
 
 
+def test_eval_bf16_warns_only_where_emulated(tmp_path, tiny_tworoom, monkeypatch, capsys):
+    """--bf16 planning says in one line that the rollout is emulated where the device lacks native bf16, and
+    says nothing where it has it."""
+    ckpt = _eval_ckpt(tmp_path / "ckpt.pt", tiny_tworoom, "tworoom")
+    for native in (False, True):
+        monkeypatch.setattr(evaluate, "native_bf16", lambda device, native=native: native)
+        evaluate.main(_eval_cfg(ckpt, tmp_path, bf16=True, episodes=2, split="train", budget=5))
+        assert ("rollout is emulated" in capsys.readouterr().out) is not native
+
+
 def test_eval_load_world_errors(tmp_path, tiny_pusht):
     """load_world names the problem: missing checkpoint, env mismatch, action dim mismatch, no model source."""
     with pytest.raises(data.UsageError, match="not found"):
