@@ -68,6 +68,7 @@ COMMANDS = {
             "lr",
             "warm_start",
             "bf16",
+            "plan_chunk",
             "planner_seed",
             "video",
         ),
@@ -105,6 +106,7 @@ class EvalConfig:
     lr: float = 0.1  # Adam planner learning rate
     warm_start: bool = False  # start each plan from the unexecuted tail of the previous one (off = official)
     bf16: bool = False  # bf16 autocast for the planning rollout
+    plan_chunk: int | None = None  # episodes per planning call, same plans at any size (None = 10 on CPU, else all)
     seed: int = 42  # start-row draw; planner and random policy generators use seed + episode
     planner_seed: int = 0  # > 0: the same pairs, other planner draws (generators seeded seed + 1000 * this + episode)
     device: str = "auto"  # auto (cuda > mps > cpu), cuda, mps or cpu
@@ -160,6 +162,7 @@ RANGES = {
     "pairs": (">= 1", lambda v: v >= 1),
     "collect_episodes": (">= 2", lambda v: v >= 2),
     "eval_pairs": (">= 0", lambda v: v >= 0),
+    "plan_chunk": (">= 0", lambda v: v >= 0),
 }
 
 COLLECT_WORKERS = 2  # processes collecting our own data for a released model (--official without --data)
@@ -733,6 +736,37 @@ def encode_frames(model: LeWM, frames: np.ndarray, device: torch.device) -> torc
     return model.encode(pixels)  # (B, 1, D)
 
 
+# Episodes per planning call on a CPU. Each episode draws from its own generator and the rollout treats episodes
+# independently, so the plans are the same at any chunk size (bit for bit in fp32, measured); on 2 CPU cores a CEM
+# plan of the `cpu` preset costs 1.4x more per episode in one call of 50 than in calls of 10 (BENCHMARKS.md).
+CPU_PLAN_CHUNK = 10
+
+
+def chunk_size(cfg: EvalConfig, device: torch.device) -> int:
+    """Episodes per planning call: --plan_chunk, or CPU_PLAN_CHUNK on a CPU and all (0) elsewhere."""
+    if cfg.plan_chunk is not None:
+        return cfg.plan_chunk
+    return CPU_PLAN_CHUNK if device.type == "cpu" else 0
+
+
+def plan_chunks(world: World, cfg: EvalConfig, frames: np.ndarray, z_goal: torch.Tensor, generators, init_mean):
+    """plan_batch over consecutive chunks of chunk_size episodes (0 = all at once); plans (B, N, A)."""
+    size = chunk_size(cfg, world.device) or len(frames)
+    return torch.cat(
+        [
+            plan_batch(
+                world,
+                cfg,
+                frames[i : i + size],
+                z_goal[i : i + size],
+                generators[i : i + size],
+                None if init_mean is None else init_mean[i : i + size],
+            )
+            for i in range(0, len(frames), size)
+        ]
+    )
+
+
 def plan_batch(world: World, cfg: EvalConfig, frames: np.ndarray, z_goal: torch.Tensor, generators, init_mean):
     """One planning call for B episodes: current frames (B, H, W, 3), z_goal (B, D) -> plans (B, N, A) normalised."""
     model, b = world.model, len(frames)
@@ -786,7 +820,7 @@ def print_plan_table(results: dict) -> None:
     if results["plan_calls"]:
         timing = (
             f" | {results['mean_plan_seconds']:.3f} s per episode-plan, {results['seconds_per_call']:.2f} s per"
-            f" batched call"
+            f" planning round"
         )
     rate = results.get("success_rate_unsolved_at_start")
     unsolved = f" (success on the others {100 * rate:.1f} %)" if rate is not None and results["solved_at_start"] else ""
@@ -859,6 +893,7 @@ def plan_results(cfg: EvalConfig, world: World, pairs: Pairs, outcome: dict, pla
         "frameskip": world.frameskip,
         "warm_start": cfg.warm_start,
         "bf16": cfg.bf16,
+        "plan_chunk": chunk_size(cfg, world.device),
     }
     solver |= {"topk": cfg.topk} if cfg.solver == "cem" else {"lr": cfg.lr}
     per_call = [c["seconds"] / c["episodes"] for c in plan_calls]
@@ -936,13 +971,14 @@ def run_plan(cfg: EvalConfig) -> dict:
             break
         need = [i for i in active if len(queues[i]) == 0]
         if need and cfg.policy == "planner":
-            # DEVIATION: all unfinished episodes are planned in one batched call, each with its own generator
-            # seeded seed + episode (the reference plans them one after another from one generator seeded 42).
+            # DEVIATION: the unfinished episodes are planned together, in batched calls of plan_chunk episodes, each
+            # with its own generator seeded seed + episode (the reference plans them one after another from one
+            # generator seeded 42).
             init = None
             if cfg.warm_start and prev_plans[need[0]] is not None:
                 init = warm_start(torch.stack([prev_plans[i] for i in need]), cfg.receding_horizon)  # (B', N, A)
             t0 = time.perf_counter()
-            plans = plan_batch(world, cfg, obs[need], z_goal[need], [gens[i] for i in need], init)  # (B', N, A)
+            plans = plan_chunks(world, cfg, obs[need], z_goal[need], [gens[i] for i in need], init)  # (B', N, A)
             plan_calls.append({"step": t, "episodes": len(need), "seconds": time.perf_counter() - t0})
             raw = plans.float().cpu().numpy().reshape(len(need), cfg.horizon * fs, a_dim)  # row-major blocks
             # DEVIATION: de-normalised with the training statistics (ddof=1); the reference refits them with

@@ -2196,6 +2196,20 @@ def test_eval_random_policy_matches_independent_replay(tmp_path, tiny_tworoom):
         evaluate.main(_eval_cfg(ckpt, tmp_path, policy="random", episodes=8, split="train", budget=0))
 
 
+def test_eval_plan_chunk_does_not_change_the_plans(tmp_path, tiny_tworoom):
+    """Planning the episodes in calls of 1, 3 or all of them gives the same outcome for every episode, to the
+    last bit of its final distance: each episode draws from its own generator."""
+    ckpt = _eval_ckpt(tmp_path / "ckpt.pt", tiny_tworoom, "tworoom")
+    runs = {}
+    for chunk in (0, 1, 3):
+        res = evaluate.main(_eval_cfg(ckpt, tmp_path, episodes=5, split="train", budget=12, plan_chunk=chunk))
+        assert res["planner"]["plan_chunk"] == chunk
+        runs[chunk] = [(r["success"], r["first_success_step"], r["final_distance"]) for r in res["per_episode"]]
+    assert runs[1] == runs[0] == runs[3]
+    assert evaluate.chunk_size(_eval_cfg(ckpt, tmp_path), torch.device("cpu")) == evaluate.CPU_PLAN_CHUNK
+    assert evaluate.chunk_size(_eval_cfg(ckpt, tmp_path), torch.device("cuda")) == 0
+
+
 def test_eval_bf16_warns_only_where_emulated(tmp_path, tiny_tworoom, monkeypatch, capsys):
     """--bf16 planning says in one line that the rollout is emulated where the device lacks native bf16, and
     says nothing where it has it."""
