@@ -109,7 +109,7 @@ def native_bf16(device: torch.device, cpuinfo: str = "/proc/cpuinfo") -> bool:
     AVX2-only CPU a `cpu`-preset training step took 19 s in bf16 against 1.0 to 1.3 s in fp32
     (README, "Precision, and CPUs without bf16")."""
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        return torch.cuda.is_bf16_supported(including_emulation=False)
     if device.type != "cpu":
         return False
     try:
