@@ -689,22 +689,32 @@ def stack_sheets(sheets: list[np.ndarray], gap: int = 24) -> np.ndarray:
     return out
 
 
+def summary_picks(per_episode: list[dict]) -> list[int]:
+    """Positions in `per_episode` of the episodes summary.png shows: the first success, preferring one that was not
+    already solved at the start (a success at step 1 shows no planning), then the first failure."""
+    ok = [k for k, r in enumerate(per_episode) if r["success"]]
+    fail = [k for k, r in enumerate(per_episode) if not r["success"]]
+    planned = [k for k in ok if not per_episode[k].get("solved_at_start", False)]
+    return (planned or ok)[:1] + fail[:1]
+
+
 def save_episode_pictures(folder: str, env: str, videos, goal_frames, per_episode: list[dict]) -> None:
-    """episode_NNN_{ok,fail}.png (and .gif with Pillow or imageio) per episode, and summary.png: the first
-    success above the first failure."""
+    """episode_NNN_{ok,fail}.png (and .gif with Pillow or imageio) per episode, and summary.png: a success (one
+    that needed planning where there is one) above the first failure."""
     os.makedirs(folder, exist_ok=True)
-    gifs, firsts = True, {}
-    for r, frames, goal in zip(per_episode, videos, goal_frames, strict=True):
+    gifs, picks, shown = True, summary_picks(per_episode), {}
+    for k, (r, frames, goal) in enumerate(zip(per_episode, videos, goal_frames, strict=True)):
         i, tag = r["index"], "ok" if r["success"] else "fail"
         outcome = (
             f"success at step {r['first_success_step']}" if r["success"] else f"failure after {len(frames) - 1} steps"
         )
         sheet = episode_strip(frames, goal, f"{env} pair {i}: {outcome}")
         envs.save_png(os.path.join(folder, f"episode_{i:03d}_{tag}.png"), sheet)
-        firsts.setdefault(tag, sheet)
+        if k in picks:
+            shown[k] = sheet
         pairs = [np.concatenate([f, np.full((f.shape[0], 2, 3), 255, np.uint8), goal], axis=1) for f in frames]
         gifs = gifs and save_gif(os.path.join(folder, f"episode_{i:03d}_{tag}.gif"), pairs)
-    envs.save_png(os.path.join(folder, "summary.png"), stack_sheets([firsts[k] for k in ("ok", "fail") if k in firsts]))
+    envs.save_png(os.path.join(folder, "summary.png"), stack_sheets([shown[k] for k in picks]))
     print(
         f"episodes: {folder}/episode_*.png (every 5th step, observation beside goal), summary.png"
         + ("" if gifs else "; GIFs need Pillow or imageio (pip install pillow)")

@@ -2151,6 +2151,20 @@ def test_eval_plan_end_to_end_writes_json(tmp_path, tiny_pusht, capsys):
     assert len(gifs) == 3 or "need Pillow or imageio" in capsys.readouterr().out
 
 
+def test_eval_summary_shows_a_planned_success_and_the_first_failure():
+    """summary.png's success is the first one that was not already solved at the start; with none such, the first
+    success; the failure is the first failure, whatever the order of the two."""
+
+    def eps(*outcomes):  # "s": solved at start, "p": success by planning, "f": failure
+        return [{"success": o != "f", "solved_at_start": o == "s"} for o in outcomes]
+
+    assert evaluate.summary_picks(eps("f", "s", "s", "p", "f")) == [3, 0]
+    assert evaluate.summary_picks(eps("s", "f", "s")) == [0, 1]
+    assert evaluate.summary_picks(eps("p", "f")) == [0, 1]
+    assert evaluate.summary_picks(eps("f", "f")) == [0]
+    assert evaluate.summary_picks(eps("s", "p")) == [1]
+
+
 def test_eval_start_rows_held_out_and_seeded(tiny_pusht):
     """Start rows come only from the given episodes, leave room for the goal 25 steps later, and follow rng(42)."""
     traj = data.Trajectories(tiny_pusht)
