@@ -269,6 +269,56 @@ class Trajectories:
         self.close()
 
 
+class TrajectoryUnion(Trajectories):
+    """Several opened trajectory files of one env read as one: episodes and rows numbered file after file, so the
+    first file's episode and row indices are unchanged (training adds exploration episodes this way)."""
+
+    def __init__(self, parts: Sequence[Trajectories]):
+        self.parts = list(parts)
+        first = self.parts[0]
+        for p in self.parts[1:]:
+            if p.img_shape != first.img_shape or p.action_dim != first.action_dim:
+                raise ValueError(
+                    f"{p.path}: frames {p.img_shape} and {p.action_dim}-d actions, but {first.path} has "
+                    f"{first.img_shape} and {first.action_dim}-d: not the same env and frame size"
+                )
+        self.path = " + ".join(p.path for p in self.parts)
+        self.file = first.file  # attributes (env, policy) are the first file's
+        self.index_column, self.columns = first.index_column, first.columns
+        self.img_shape, self.action_dim = first.img_shape, first.action_dim
+        self.ep_len = np.concatenate([p.ep_len for p in self.parts])
+        self.ep_offset = np.concatenate([[0], np.cumsum(self.ep_len)[:-1]]).astype(np.int64)
+        self.num_episodes, self.num_rows = len(self.ep_len), int(self.ep_len.sum())
+        self._row0 = np.cumsum([0] + [p.num_rows for p in self.parts])  # first global row of each file
+        self._cache = {}
+
+    def shape(self, column: str) -> tuple:
+        return (self.num_rows, *self.parts[0].shape(column)[1:])
+
+    def cache(self, column: str) -> np.ndarray:
+        if column not in self._cache:  # read without caching in the parts: one copy in RAM, not two
+            self._cache[column] = np.concatenate([p.rows(column, 0, p.num_rows) for p in self.parts])
+        return self._cache[column]
+
+    def rows(self, column: str, start: int, stop: int) -> np.ndarray:
+        return self.read(column, np.arange(start, stop))
+
+    def read(self, column: str, rows: np.ndarray) -> np.ndarray:
+        rows = np.asarray(rows, dtype=np.int64)
+        if column in self._cache:
+            return self._cache[column][rows]
+        part = np.searchsorted(self._row0, rows, side="right") - 1  # (R,) file of each row
+        out = np.empty((len(rows), *self.shape(column)[1:]), self.parts[0].file[column].dtype)
+        for k in np.unique(part):
+            mask = part == k
+            out[mask] = self.parts[k].read(column, rows[mask] - self._row0[k])
+        return out
+
+    def close(self) -> None:
+        for p in self.parts:
+            p.close()
+
+
 def check_env(traj: Trajectories, env: str) -> None:
     """The environment a file records (ours record it; official files do not) must be `env`."""
     recorded = traj.file.attrs.get("env")
@@ -671,8 +721,9 @@ def _raise_interrupted(signum, frame) -> None:
     raise Interrupted(signum)
 
 
-def default_data_path(env: str, img_size: int, episodes: int) -> str:
-    return os.path.join("data", f"{env}_{img_size}px_{episodes}ep.h5")
+def default_data_path(env: str, img_size: int, episodes: int, policy: str | None = None) -> str:
+    """data/<env>_<size>px_<episodes>ep.h5, with _<policy> before .h5 for another than the env's default policy."""
+    return os.path.join("data", f"{env}_{img_size}px_{episodes}ep{'_' + policy if policy else ''}.h5")
 
 
 def check_collect_args(

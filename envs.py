@@ -148,6 +148,19 @@ def pusht_success(state, goal_state) -> bool:
     return bool(pos_diff < 20 and angle_diff < np.pi / 9)
 
 
+def pusht_errors(state, goal_state) -> dict[str, float]:
+    """The parts of the success test: agent and block position errors (px), the two jointly (the tested
+    distance, < 20) and the block angle error (degrees, < 20)."""
+    s, g = np.asarray(state, np.float64), np.asarray(goal_state, np.float64)
+    d = np.abs(g[4] - s[4]) % (2 * np.pi)
+    return {
+        "agent_px": float(np.linalg.norm(g[:2] - s[:2])),
+        "block_px": float(np.linalg.norm(g[2:4] - s[2:4])),
+        "joint_px": float(np.linalg.norm(g[:4] - s[:4])),
+        "angle_deg": float(np.degrees(min(d, 2 * np.pi - d))),
+    }
+
+
 def rotate(points, angle: float) -> np.ndarray:
     """Rotate (N, 2) points by `angle` radians: R = [[c, -s], [s, c]] (counter-clockwise for y up)."""
     c, s = math.cos(angle), math.sin(angle)
@@ -735,6 +748,39 @@ class PushTDemoPolicy(PushTExpertPolicy):
         return _clip_action(a)
 
 
+class PushTPlayPolicy(PushTDemoPolicy):
+    """Exploration data for PushT, used for training only: the demo pusher with *white* action noise whose std is
+    drawn per episode from U(0, noise), and segments of `segment` steps that are, with probability
+    `random_share`, random pushes near the block instead (`PushTRandomPolicy`). A sampling planner proposes
+    jittery sequences of independent per-step actions that the smooth demonstrations never contain; a model that
+    has seen only demonstrations predicts them wrongly and the planner exploits that (README, "PushT"). These
+    episodes show the model what such actions do, while the demonstrations stay the evaluation's task.
+    """
+
+    segment = 10  # steps per segment of one kind (demo or random pushes)
+    random_share = 0.3  # probability that a segment is random pushes near the block
+
+    def __init__(self, env=None, noise: float = 0.4, rng: np.random.Generator | None = None):
+        self.max_noise = noise
+        super().__init__(env, noise=0.0, rng=rng)
+        self.random = PushTRandomPolicy(rng=self.rng)
+
+    def reset(self, info: dict) -> None:
+        super().reset(info)
+        self.demo_noise = float(self.rng.uniform(0.0, self.max_noise))
+        self.noise_corr = 0.0  # white: independent per step, as a sampling planner's candidates
+        self.t = 0
+        self.in_random = False
+
+    def __call__(self, info: dict) -> np.ndarray:
+        if self.t % self.segment == 0:
+            self.in_random = bool(self.rng.uniform() < self.random_share)
+        self.t += 1
+        a = super().__call__(info)  # keeps the demo's state (contact, noise stream) going through random segments
+        self.done = False  # play until the step limit: the episode is not a demonstration
+        return self.random(info) if self.in_random else a
+
+
 # --- PushT evaluation hooks (evaluate.py: surprise events)
 
 
@@ -791,6 +837,12 @@ def tworoom_success(state, goal_state) -> bool:
     """docs/envs.md §3: agent within 16 px of the target."""
     diff = np.asarray(state, np.float32)[:2] - np.asarray(goal_state, np.float32)[:2]
     return bool(np.sqrt(np.sum(diff * diff)) < TWOROOM_SUCCESS_DIST)
+
+
+def tworoom_errors(state, goal_state) -> dict[str, float]:
+    """The success test's one part: the agent's distance to the goal (px of 224, < 16)."""
+    diff = np.asarray(state, np.float64)[:2] - np.asarray(goal_state, np.float64)[:2]
+    return {"distance_px": float(np.linalg.norm(diff))}
 
 
 @functools.lru_cache(maxsize=16)
@@ -1028,6 +1080,12 @@ def reacher_success(state, goal_state) -> bool:
     """docs/envs.md §4 (task qpos_match): both joint angles within 0.05 rad of the goal, no angle wrapping."""
     diff = np.asarray(state, np.float64)[:2] - np.asarray(goal_state, np.float64)[:2]
     return bool(np.all(np.abs(diff) < REACHER_SUCCESS_TOL))
+
+
+def reacher_errors(state, goal_state) -> dict[str, float]:
+    """The parts of the success test: each joint's angle error (rad, raw angles, each < 0.05)."""
+    diff = np.abs(np.asarray(state, np.float64)[:2] - np.asarray(goal_state, np.float64)[:2])
+    return {"shoulder_rad": float(diff[0]), "wrist_rad": float(diff[1])}
 
 
 def reacher_finger_pos(qpos) -> np.ndarray:
@@ -1519,6 +1577,12 @@ def cube_success(state, goal_state) -> bool:
     return bool(np.linalg.norm(np.asarray(state)[:3] - np.asarray(goal_state)[:3]) <= CUBE_SUCCESS_DIST)
 
 
+def cube_errors(state, goal_state) -> dict[str, float]:
+    """The success test's one part: the cube centre's distance to the target centre (m, <= 0.04)."""
+    diff = np.asarray(state, np.float64)[:3] - np.asarray(goal_state, np.float64)[:3]
+    return {"distance_m": float(np.linalg.norm(diff))}
+
+
 class CubeEnv(gym.Env):
     """
     ## Description
@@ -1801,6 +1865,7 @@ class EnvSpec:
     env_class: type  # the gym.Env
     policies: dict  # scripted policy kind (the name data files record) -> class(env, noise=, rng=)
     success: Callable  # (state, goal_state) -> bool: the env's termination test on raw state vectors
+    errors: Callable  # (state, goal_state) -> {part: error}: the success test's parts, in its units
     policy: str  # data collection default: policy kind
     noise: float  # data collection default: noise of that policy
     episode_steps: int  # data collection default: steps per episode at most
@@ -1808,7 +1873,7 @@ class EnvSpec:
     goal_dims: int  # leading dims of a recorded `state` that are the `goal_state` reaching that state asks for
     distance_dims: int  # leading state dims of `goal_distance` (the ones the success test compares)
     state_columns: tuple  # dataset columns that give the `state` reset option, alternatives in order (concatenated)
-    probe: dict  # physical quantity -> (candidate (column, first, last) sources, is_angle)
+    probe: dict  # physical quantity -> (candidate (column, first, last) sources, is_angle, unit of its errors)
     teleport: Callable  # (state, rng) -> the object moved where it cannot get in one frame, or None (one try)
     recolour: Callable  # float frame (H, W, 3) -> (weight (H, W) of the object's pixels, the recoloured frame)
     replay_state: Callable | None = None  # state -> the state a recorded frame is re-rendered from (None: as is)
@@ -1839,8 +1904,14 @@ REGISTRY = {
     "pusht": EnvSpec(
         id="LeWM/PushT-v0",
         env_class=PushTEnv,
-        policies={"demo": PushTDemoPolicy, "expert": PushTExpertPolicy, "random": PushTRandomPolicy},
+        policies={
+            "demo": PushTDemoPolicy,
+            "expert": PushTExpertPolicy,
+            "random": PushTRandomPolicy,
+            "play": PushTPlayPolicy,
+        },
         success=pusht_success,
+        errors=pusht_errors,
         policy="demo",
         noise=0.1,
         episode_steps=300,
@@ -1849,9 +1920,9 @@ REGISTRY = {
         distance_dims=4,
         state_columns=(("state",),),
         probe={
-            "agent_pos": ([("state", 0, 2)], False),
-            "block_pos": ([("state", 2, 4)], False),
-            "block_angle": ([("state", 4, 5)], True),
+            "agent_pos": ([("state", 0, 2)], False, "px"),
+            "block_pos": ([("state", 2, 4)], False, "px"),
+            "block_angle": ([("state", 4, 5)], True, "deg"),
         },
         teleport=pusht_teleport,
         recolour=pusht_recolour,
@@ -1862,6 +1933,7 @@ REGISTRY = {
         env_class=TwoRoomEnv,
         policies={"expert": TwoRoomExpertPolicy},
         success=tworoom_success,
+        errors=tworoom_errors,
         policy="expert",
         noise=2.0,
         episode_steps=100,
@@ -1869,7 +1941,7 @@ REGISTRY = {
         goal_dims=2,
         distance_dims=2,
         state_columns=(("state",), ("proprio",)),  # official files: the agent xy is `proprio` (docs/envs.md §6)
-        probe={"agent_pos": ([("state", 0, 2), ("proprio", 0, 2)], False)},
+        probe={"agent_pos": ([("state", 0, 2), ("proprio", 0, 2)], False, "px")},
         teleport=tworoom_teleport,
         recolour=tworoom_recolour,
     ),
@@ -1878,6 +1950,7 @@ REGISTRY = {
         env_class=ReacherEnv,
         policies={"random": ReacherRandomPolicy},
         success=reacher_success,
+        errors=reacher_errors,
         policy="random",
         noise=0.0,
         episode_steps=200,
@@ -1886,8 +1959,8 @@ REGISTRY = {
         distance_dims=2,
         state_columns=(("state",), ("qpos", "qvel")),
         probe={
-            "shoulder_angle": ([("state", 0, 1), ("qpos", 0, 1), ("observation", 0, 1)], True),
-            "wrist_angle": ([("state", 1, 2), ("qpos", 1, 2), ("observation", 1, 2)], True),
+            "shoulder_angle": ([("state", 0, 1), ("qpos", 0, 1), ("observation", 0, 1)], True, "rad"),
+            "wrist_angle": ([("state", 1, 2), ("qpos", 1, 2), ("observation", 1, 2)], True, "rad"),
         },
         teleport=reacher_teleport,
         recolour=reacher_recolour,
@@ -1897,6 +1970,7 @@ REGISTRY = {
         env_class=CubeEnv,
         policies={"oracle": CubeOraclePolicy},
         success=cube_success,
+        errors=cube_errors,
         policy="oracle",
         noise=0.1,
         episode_steps=200,
@@ -1905,8 +1979,8 @@ REGISTRY = {
         distance_dims=3,
         state_columns=(("state",),),
         probe={
-            "cube_pos": ([("state", 0, 3), ("privileged_block_0_pos", 0, 3)], False),
-            "effector_pos": ([("state", 4, 7), ("proprio_effector_pos", 0, 3)], False),
+            "cube_pos": ([("state", 0, 3), ("privileged_block_0_pos", 0, 3)], False, "m"),
+            "effector_pos": ([("state", 4, 7), ("proprio_effector_pos", 0, 3)], False, "m"),
         },
         teleport=cube_teleport,
         recolour=cube_recolour,

@@ -39,12 +39,14 @@ import envs
 from data import UsageError
 from model import (
     LeWM,
+    ViT,
     load_checkpoint,
     load_official,
     load_pretrained,
     model_from_checkpoint,
     native_bf16,
     pick_device,
+    preprocess,
 )
 from planner import cem, gradient_plan, make_cost, warm_start
 
@@ -76,8 +78,10 @@ COMMANDS = {
     "probe": ("probes on frozen embeddings", COMMON_FIELDS + ("frames", "probe_epochs")),
     "surprise": ("latent surprise along trajectories", COMMON_FIELDS + ("perturb_steps",)),
     "diagnose": (
-        "can the model plan? action ranking, sensitivity, probes",
-        COMMON_FIELDS + ("pairs", "eval_pairs", "goal_offset", "horizon", "samples", "frames"),
+        "can the model plan? action ranking, sensitivity, probes, open-loop plan anatomy, encoder capacity",
+        COMMON_FIELDS
+        + ("pairs", "eval_pairs", "goal_offset", "horizon", "samples", "iterations", "topk", "frames")
+        + ("plan_chunk", "anatomy_pairs", "capacity_steps"),
     ),
 }
 
@@ -117,6 +121,8 @@ class EvalConfig:
     perturb_steps: int = 5  # surprise: frames per held-out episode replaced by each perturbation
     pairs: int = 200  # diagnose: start/goal pairs from held-out episodes that hold no evaluation pair
     eval_pairs: int = 50  # diagnose: episodes holding any of this many evaluation pairs (seed 42 draw) are excluded
+    anatomy_pairs: int = 50  # diagnose: pairs planned once with CEM and executed open-loop (0 = skip)
+    capacity_steps: int = 1000  # diagnose: steps of the supervised fresh-encoder capacity check (0 = skip)
 
 
 @dataclass
@@ -162,6 +168,8 @@ RANGES = {
     "pairs": (">= 1", lambda v: v >= 1),
     "collect_episodes": (">= 2", lambda v: v >= 2),
     "eval_pairs": (">= 0", lambda v: v >= 0),
+    "anatomy_pairs": (">= 0", lambda v: v >= 0),
+    "capacity_steps": (">= 0", lambda v: v >= 0),
     "plan_chunk": (">= 0", lambda v: v >= 0),
 }
 
@@ -818,13 +826,21 @@ def plan_batch(world: World, cfg: EvalConfig, frames: np.ndarray, z_goal: torch.
 
 
 def print_plan_table(results: dict) -> None:
-    """One line per episode, then the summary line."""
-    print(f"{'#':>3} {'episode':>7} {'start':>5} {'at_start':>8} {'success':>7} {'step':>4} {'dist0':>9} {'dist':>9}")
+    """One line per episode (the final error split into the success test's parts, and the closest approach), then
+    the summary line."""
+    parts = list(results["per_episode"][0]["final_errors"]) if results["per_episode"] else []
+    print(
+        f"{'#':>3} {'episode':>7} {'start':>5} {'at_start':>8} {'success':>7} {'step':>4} {'dist0':>9} {'dist':>9} "
+        + " ".join(f"{p:>12}" for p in parts)
+        + f" {'closest':>9} {'at':>3}"
+    )
     for r in results["per_episode"]:
         print(
             f"{r['index']:>3} {r['episode']:>7} {r['start_step']:>5} {r['solved_at_start']!s:>8} "
             f"{r['success']!s:>7} {r['first_success_step']:>4} {r['start_distance']:>9.3f} "
-            f"{r['final_distance']:>9.3f}"
+            f"{r['final_distance']:>9.3f} "
+            + " ".join(f"{r['final_errors'][p]:>12.3f}" for p in parts)
+            + f" {r['closest_distance']:>9.3f} {r['closest_step']:>3}"
         )
     timing = ""
     if results["plan_calls"]:
@@ -863,35 +879,43 @@ def draw_pairs(world: World, cfg: EvalConfig) -> Pairs:
     pool = world.val_eps if cfg.split == "val" else world.train_eps
     if len(pool) == 0:
         raise ValueError(f"the {cfg.split} split is empty: use --split train")
+    return pairs_at(world, start_rows(world.traj, pool, cfg.episodes, cfg.goal_offset, cfg.seed), cfg.goal_offset)
+
+
+def pairs_at(world: World, rows: np.ndarray, goal_offset: int) -> Pairs:
+    """The start/goal pairs of the given start rows, each with its goal goal_offset raw steps later."""
     traj = world.traj
-    rows = start_rows(traj, pool, cfg.episodes, cfg.goal_offset, cfg.seed)  # (B,)
     episode = np.searchsorted(traj.ep_offset, rows, side="right") - 1  # (B,)
     return Pairs(
         rows,
         episode,
         rows - traj.ep_offset[episode],
         traj.read("pixels", rows),
-        traj.read("pixels", rows + cfg.goal_offset),
+        traj.read("pixels", rows + goal_offset),
         dataset_states(world, rows),
-        dataset_states(world, rows + cfg.goal_offset),
+        dataset_states(world, rows + goal_offset),
     )
 
 
-def reset_envs(world: World, cfg: EvalConfig, pairs: Pairs) -> tuple[list, np.ndarray, np.ndarray]:
-    """One env per pair, reset to its start state with its goal: (envs, solved at start (B,), start distance (B,))."""
-    env_list, solved0, dist0 = [], np.zeros(len(pairs.rows), bool), np.zeros(len(pairs.rows))
+def reset_envs(world: World, cfg: EvalConfig, pairs: Pairs) -> tuple[list, np.ndarray, np.ndarray, list]:
+    """One env per pair, reset to its start state with its goal: (envs, solved at start (B,), start distance (B,),
+    start errors: the success test's parts per pair)."""
+    env_list, solved0, dist0, errors0 = [], np.zeros(len(pairs.rows), bool), np.zeros(len(pairs.rows)), []
     for i, (state, goal_state) in enumerate(zip(pairs.start_states, pairs.goal_states)):
         env = envs.make_env(world.env, img_size=world.img_size)
         goal = envs.goal_from_state(world.env, goal_state)
         _, info = env.reset(seed=cfg.seed + i, options={"state": state, "goal_state": goal})
         solved0[i] = bool(info["is_success"])
         dist0[i] = envs.REGISTRY[world.env].goal_distance(info["state"], info["goal_state"])
+        errors0.append(envs.REGISTRY[world.env].errors(info["state"], info["goal_state"]))
         env_list.append(env)
-    return env_list, solved0, dist0
+    return env_list, solved0, dist0, errors0
 
 
 def plan_results(cfg: EvalConfig, world: World, pairs: Pairs, outcome: dict, plan_calls: list[dict]) -> dict:
-    """The results JSON of a plan run; outcome holds the per-pair arrays success, first_step, solved0, dist0, dist."""
+    """The results JSON of a plan run; outcome holds the per-pair arrays success, first_step, solved0, dist0, dist,
+    closest (the smallest distance reached), closest_step, and the lists of error dicts errors0, errors (final) and
+    closest_errors (at closest_step)."""
     success, solved0 = outcome["success"], outcome["solved0"]
     b, n_ok = len(success), int(outcome["success"].sum())
     solver = {
@@ -939,6 +963,13 @@ def plan_results(cfg: EvalConfig, world: World, pairs: Pairs, outcome: dict, pla
                 "first_success_step": int(outcome["first_step"][i]),
                 "start_distance": float(outcome["dist0"][i]),
                 "final_distance": float(outcome["dist"][i]),
+                # The success test's parts (envs.py `*_errors`): at the start, at the end, and where the distance
+                # was smallest, so a failure says which part of the test it missed.
+                "start_errors": outcome["errors0"][i],
+                "final_errors": outcome["errors"][i],
+                "closest_distance": float(outcome["closest"][i]),
+                "closest_step": int(outcome["closest_step"][i]),
+                "closest_errors": outcome["closest_errors"][i],
             }
             for i in range(b)
         ],
@@ -956,11 +987,13 @@ def run_plan(cfg: EvalConfig) -> dict:
     if cfg.bf16 and cfg.policy == "planner" and not native_bf16(world.device):
         print(f"--bf16: {world.device.type} has no native bf16 here, so the rollout is emulated and far slower")
     pairs = draw_pairs(world, cfg)
-    env_list, solved0, dist0 = reset_envs(world, cfg, pairs)
+    env_list, solved0, dist0, errors0 = reset_envs(world, cfg, pairs)
     b, name, a_dim, fs = len(pairs.rows), world.env, world.action_dim, world.frameskip
     # The first frame the planner sees is the dataset frame, not a render (docs/method.md §10); later ones are renders.
     obs, dist = pairs.start_frames.copy(), dist0.copy()  # (B, H, W, 3), (B,)
     success, first_step = np.zeros(b, bool), np.full(b, -1)
+    errors, closest, closest_step = list(errors0), dist0.copy(), np.zeros(b, int)  # final and closest approach
+    closest_errors = list(errors0)
     queues = [np.zeros((0, a_dim), np.float32) for _ in range(b)]  # raw actions still to execute, per episode
     prev_plans: list[torch.Tensor | None] = [None] * b
     videos = [[obs[i].copy()] for i in range(b)] if cfg.video else None  # observed frames per episode
@@ -1005,6 +1038,9 @@ def run_plan(cfg: EvalConfig) -> dict:
             # Reacher and Cube clip to [-1, 1] inside step(), as their originals do.
             obs[i], _, terminated, _, info = env_list[i].step(action)
             dist[i] = envs.REGISTRY[name].goal_distance(info["state"], info["goal_state"])
+            errors[i] = envs.REGISTRY[name].errors(info["state"], info["goal_state"])
+            if dist[i] < closest[i]:
+                closest[i], closest_step[i], closest_errors[i] = dist[i], t + 1, errors[i]
             if terminated:
                 success[i], first_step[i] = True, t + 1
             if videos is not None:
@@ -1013,7 +1049,18 @@ def run_plan(cfg: EvalConfig) -> dict:
     for env in env_list:
         env.close()
 
-    outcome = {"success": success, "first_step": first_step, "solved0": solved0, "dist0": dist0, "dist": dist}
+    outcome = {
+        "success": success,
+        "first_step": first_step,
+        "solved0": solved0,
+        "dist0": dist0,
+        "dist": dist,
+        "errors0": errors0,
+        "errors": errors,
+        "closest": closest,
+        "closest_step": closest_step,
+        "closest_errors": closest_errors,
+    }
     results = plan_results(cfg, world, pairs, outcome, plan_calls)
     print_plan_table(results)
     out = default_out(cfg, world, f"plan_{cfg.policy}")
@@ -1053,7 +1100,7 @@ def embed_rows(models: list[LeWM], traj: data.Trajectories, rows: np.ndarray, de
 def probe_targets(traj: data.Trajectories, env: str, rows: np.ndarray) -> dict[str, np.ndarray]:
     """Raw physical quantities at dataset rows: name -> (N, k) float64 (angles as sin, cos)."""
     targets = {}
-    for name, (sources, is_angle) in envs.REGISTRY[env].probe.items():
+    for name, (sources, is_angle, _) in envs.REGISTRY[env].probe.items():
         found = [(c, lo, hi) for c, lo, hi in sources if c in traj.columns]
         if not found:
             raise ValueError(f"{traj.path} has none of the columns {[s[0] for s in sources]} needed for {name}")
@@ -1167,7 +1214,7 @@ def run_probe(cfg: EvalConfig) -> dict:
         "data_source": world.data_source,
         "frames": {"train": n_train, "val": n_val},
         "episodes": {"train": len(world.train_eps), "val": len(world.val_eps)},
-        "quantities": {n: "sin, cos" if a else "raw" for n, (_, a) in envs.REGISTRY[world.env].probe.items()},
+        "quantities": {n: "sin, cos" if a else "raw" for n, (_, a, _) in envs.REGISTRY[world.env].probe.items()},
         "results": results,
         "seconds": time.time() - t0,
         "config": dataclasses.asdict(cfg),
@@ -1415,8 +1462,9 @@ def action_ranking(world: World, rows: np.ndarray, horizon: int, samples: int, s
     }
 
 
-def diagnose_probes(world: World, episodes: np.ndarray, frames: int, seed: int) -> dict:
-    """Linear probe r of each physical quantity: ridge fitted on frames of half of `episodes`, scored on the rest."""
+def diagnose_probes(world: World, episodes: np.ndarray, frames: int, seed: int) -> tuple[dict, dict]:
+    """Linear probe of each physical quantity, ridge fitted on frames of half of `episodes` and scored on the rest:
+    (r, median error in the success test's units)."""
     rng = np.random.default_rng(seed)
     shuffled = rng.permutation(episodes)
     fit_eps, test_eps = np.sort(shuffled[: len(shuffled) // 2]), np.sort(shuffled[len(shuffled) // 2 :])
@@ -1426,9 +1474,175 @@ def diagnose_probes(world: World, episodes: np.ndarray, frames: int, seed: int) 
     z_test = embed_rows([world.model], world.traj, rows_test, world.device)[0]
     mu, sd = z_fit.mean(0), z_fit.std(0) + 1e-8  # (D,)
     y_fit, y_test = probe_targets(world.traj, world.env, rows_fit), probe_targets(world.traj, world.env, rows_test)
+    pred = {name: fit_ridge((z_fit - mu) / sd, y_fit[name])((z_test - mu) / sd) for name in y_fit}
+    r = {name: probe_scores(pred[name], y_test[name])["r"] for name in y_fit}
+    return r, probe_errors(np.concatenate(list(pred.values()), axis=1), y_test, world.env)
+
+
+def probe_errors(pred: np.ndarray, y: np.ndarray, env: str) -> dict[str, float]:
+    """Median error of predicted probe targets, per quantity, in the unit of the env's success test: the distance
+    between predicted and true positions, or the wrapped angle between predicted and true (sin, cos)."""
+    out, col = {}, 0
+    for name, (_, is_angle, unit) in envs.REGISTRY[env].probe.items():
+        k = y[name].shape[1]
+        p = pred[:, col : col + k]
+        col += k
+        if is_angle:  # (sin..., cos...) -> the angle of each, error wrapped to [0, pi]
+            half = k // 2
+            diff = np.arctan2(p[:, :half], p[:, half:]) - np.arctan2(y[name][:, :half], y[name][:, half:])
+            err = np.abs((diff + np.pi) % (2 * np.pi) - np.pi).max(axis=1)  # (N,) worst angle of the quantity
+            err = np.degrees(err) if unit == "deg" else err
+        else:
+            err = np.linalg.norm(p - y[name], axis=1)  # (N,)
+        out[name] = float(np.median(err))
+    return out
+
+
+# --- open-loop plan anatomy: where a plan fails, and whether the planner exploits the model
+
+
+def execute_open_loop(world: World, cfg: EvalConfig, pairs: Pairs, raw: np.ndarray) -> dict:
+    """Reset one env per pair to its start and run the raw actions (B, T, A) open-loop: success at any step, the
+    final state's error parts, and the final frames (B, H, W, 3)."""
+    env_list = reset_envs(world, cfg, pairs)[0]
+    spec = envs.REGISTRY[world.env]
+    success, frames, errors = np.zeros(len(raw), bool), [], []
+    for i, env in enumerate(env_list):
+        obs, info = pairs.start_frames[i], None
+        for a in raw[i]:
+            obs, _, terminated, _, info = env.step(a)
+            success[i] |= bool(terminated)
+        frames.append(obs)
+        errors.append(spec.errors(info["state"], info["goal_state"]))
+        env.close()
+    return {"success": success, "frames": np.stack(frames), "errors": errors}
+
+
+def plan_anatomy(world: World, cfg: EvalConfig, rows: np.ndarray) -> dict:
+    """One CEM plan from each start frame, executed for its horizon x frameskip steps in the simulator, beside the
+    dataset's true actions and zero actions. For each: the model's predicted cost (the planning cost of the plan)
+    against the realised cost (the final frame encoded, compared with the goal embedding), success, and the final
+    error split into the success test's parts. A predicted cost far below the realised one means the planner found
+    actions the model gets wrong: it exploits the model."""
+    model, fs, a_dim, b = world.model, world.frameskip, world.action_dim, len(rows)
+    steps = cfg.horizon * fs
+    pairs = pairs_at(world, rows, steps)
+    with torch.inference_mode():
+        z0 = encode_frames(model, pairs.start_frames, world.device)  # (B, 1, D)
+        z_goal = encode_frames(model, pairs.goal_frames, world.device)[:, 0]  # (B, D)
+    gens = [torch.Generator(world.device).manual_seed(cfg.seed + i) for i in range(b)]
+    t0 = time.perf_counter()
+    plans = plan_chunks(world, cfg, pairs.start_frames, z_goal, gens, None).float().cpu().numpy()  # (B, N, fs*A)
+    plan_seconds = (time.perf_counter() - t0) / b
+    true = world.traj.read("action", (rows[:, None] + np.arange(steps)).reshape(-1)).reshape(b, steps, a_dim)
+    raw_sets = {
+        "cem": data.denormalize_actions(plans.reshape(b, steps, a_dim), world.stats),  # (B, T, A)
+        "true": true.astype(np.float32),
+        "zero": np.zeros((b, steps, a_dim), np.float32),
+    }
+    data_abs = np.abs(world.traj.read("action", world.traj.episode_rows(world.train_eps)))  # (R, A) NaN rows kept
+    p99 = np.nanpercentile(data_abs, 99, axis=0)  # (A,)
+    cost_fn = make_cost(model, z0, z_goal, False)
+    report, costs = {}, {}
+    for name, raw in raw_sets.items():
+        norm = data.normalize_actions(raw, world.stats).reshape(b, 1, cfg.horizon, fs * a_dim)  # (B, 1, N, A)
+        with torch.inference_mode():
+            predicted = cost_fn(torch.from_numpy(norm).to(world.device))[:, 0].cpu().numpy()  # (B,)
+            run = execute_open_loop(world, cfg, pairs, raw)
+            z_end = encode_frames(model, run["frames"], world.device)[:, 0]  # (B, D)
+            realised = (z_end - z_goal).pow(2).sum(-1).cpu().numpy()  # (B,)
+        costs[name] = (predicted, realised)
+        report[name] = {
+            "success": float(run["success"].mean()),
+            "predicted_cost_median": float(np.median(predicted)),
+            "realised_cost_median": float(np.median(realised)),
+            "final_errors_median": {k: float(np.median([e[k] for e in run["errors"]])) for k in run["errors"][0]},
+            "abs_action_p99": np.percentile(np.abs(raw), 99, axis=(0, 1)).tolist(),
+            "beyond_data_p99": float((np.abs(raw) > p99).mean()),
+            "per_pair": [
+                {"predicted_cost": float(p), "realised_cost": float(r), "success": bool(s), "final_errors": e}
+                for p, r, s, e in zip(predicted, realised, run["success"], run["errors"], strict=True)
+            ],
+        }
+    predicted, realised = costs["cem"]
     return {
-        name: probe_scores(fit_ridge((z_fit - mu) / sd, y_fit[name])((z_test - mu) / sd), y_test[name])["r"]
-        for name in y_fit
+        "pairs": b,
+        "steps": steps,
+        "plan_seconds": plan_seconds,
+        "data_abs_action_p99": p99.tolist(),
+        "cem_predicted_realised_r": float(np.corrcoef(predicted, realised)[0, 1]) if b > 1 else None,
+        **report,
+    }
+
+
+# --- encoder capacity: can a fresh encoder of this architecture, trained with the state as supervision, resolve
+# what the success test asks? A ceiling on what the self-supervised encoder can give, measured in minutes.
+
+CAPACITY_BATCH = 64
+CAPACITY_LR = 5e-4  # AdamW peak, cosine to 0 after a 5 % warmup
+CAPACITY_FIT_FRAMES = 8000  # frames from training episodes (read once, kept in RAM)
+CAPACITY_TEST_FRAMES = 2000  # frames from held-out episodes that hold no evaluation pair
+
+
+def encoder_capacity(world: World, fit_eps: np.ndarray, test_eps: np.ndarray, steps: int, seed: int) -> dict:
+    """Train a fresh ViT of the model's encoder shape plus a linear head to regress the env's probe quantities
+    (standardised) from single frames for `steps` AdamW steps, then score it on held-out frames: r per quantity,
+    as the probes, and the median error in the success test's units. Seeded: the same call gives the same result."""
+    mcfg, device = world.model.cfg, world.device
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    rows_fit = sample_rows(world.traj, fit_eps, CAPACITY_FIT_FRAMES, rng)
+    rows_test = sample_rows(world.traj, test_eps, CAPACITY_TEST_FRAMES, rng)
+    y_fit, y_test = probe_targets(world.traj, world.env, rows_fit), probe_targets(world.traj, world.env, rows_test)
+    y_all = np.concatenate(list(y_fit.values()), axis=1)  # (N, K)
+    mu, sd = y_all.mean(0), y_all.std(0) + 1e-8  # (K,)
+    target = torch.from_numpy(((y_all - mu) / sd).astype(np.float32))  # (N, K)
+    frames_fit = torch.from_numpy(world.traj.read("pixels", rows_fit))  # (N, H, W, 3) uint8
+    vit = ViT(mcfg.img_size, mcfg.patch_size, mcfg.embed_dim, mcfg.enc_depth, mcfg.enc_heads, mcfg.enc_mlp)
+    net = torch.nn.Sequential(vit, torch.nn.Linear(mcfg.embed_dim, target.shape[1])).to(device)
+    opt = torch.optim.AdamW(net.parameters(), lr=CAPACITY_LR, weight_decay=0.05)
+    warmup = max(1, steps // 20)
+    gen = torch.Generator().manual_seed(seed)
+    t0 = time.time()
+    net.train()
+    for step in tqdm(range(steps), desc="capacity", unit="step", dynamic_ncols=True):
+        lr = CAPACITY_LR * min((step + 1) / warmup, 0.5 * (1 + math.cos(math.pi * step / steps)))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        idx = torch.randint(len(frames_fit), (CAPACITY_BATCH,), generator=gen)
+        x = preprocess(frames_fit[idx].to(device), mcfg.img_size)  # (B, 3, S, S)
+        loss = (net(x) - target[idx].to(device)).pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    net.eval()
+    frames_test = world.traj.read("pixels", rows_test)
+    with torch.inference_mode():
+        pred = np.concatenate(
+            [
+                net(preprocess(torch.from_numpy(frames_test[i : i + ENCODE_BATCH]).to(device), mcfg.img_size))
+                .cpu()
+                .numpy()
+                for i in range(0, len(frames_test), ENCODE_BATCH)
+            ]
+        )
+    pred = pred * sd + mu  # (N, K) back in raw units (angles as sin, cos)
+    r, col = {}, 0
+    for name, y in y_test.items():
+        r[name] = probe_scores(pred[:, col : col + y.shape[1]], y)["r"]
+        col += y.shape[1]
+    return {
+        "steps": steps,
+        "batch": CAPACITY_BATCH,
+        "fit_frames": len(rows_fit),
+        "test_frames": len(rows_test),
+        "img_size": mcfg.img_size,
+        "patch_size": mcfg.patch_size,
+        "tokens": (mcfg.img_size // mcfg.patch_size) ** 2,
+        "r": r,
+        "median_error": probe_errors(pred, y_test, world.env),
+        "units": {n: u for n, (_, _, u) in envs.REGISTRY[world.env].probe.items()},
+        "seconds": time.time() - t0,
     }
 
 
@@ -1446,7 +1660,13 @@ def run_diagnose(cfg: EvalConfig) -> dict:
     rows = start_rows(world.traj, episodes, cfg.pairs, cfg.goal_offset, cfg.seed)
     samples = cfg.samples or 300
     ranking = action_ranking(world, rows, cfg.horizon, samples, cfg.seed)
-    probes = diagnose_probes(world, episodes, cfg.frames // 4, cfg.seed)
+    probes, probe_err = diagnose_probes(world, episodes, cfg.frames // 4, cfg.seed)
+    anatomy = capacity = None
+    if cfg.anatomy_pairs:
+        anatomy_rows = start_rows(world.traj, episodes, cfg.anatomy_pairs, cfg.goal_offset, cfg.seed + 1)
+        anatomy = plan_anatomy(world, cfg, anatomy_rows)
+    if cfg.capacity_steps:
+        capacity = encoder_capacity(world, world.train_eps, episodes, cfg.capacity_steps, cfg.seed)
     summary = {
         "command": "diagnose",
         "env": world.env,
@@ -1458,6 +1678,9 @@ def run_diagnose(cfg: EvalConfig) -> dict:
         "goal_offset": cfg.goal_offset,
         "ranking": {k: v for k, v in ranking.items() if k != "ranks"},
         "probe_linear_r": probes,
+        "probe_linear_median_error": probe_err,
+        "anatomy": anatomy,
+        "capacity": capacity,
         "seconds": time.time() - t0,
         "ranks": ranking["ranks"],
         "config": dataclasses.asdict(cfg),
@@ -1476,7 +1699,33 @@ def run_diagnose(cfg: EvalConfig) -> dict:
         f"{cfg.horizon} (random-vs-true prediction gap / true embedding movement); rollout error "
         f"{rk['rollout_error_1']:.2f} / {rk['rollout_error_n']:.2f} of the movement"
     )
-    print("(c) linear probe r: " + ", ".join(f"{k} {v:.3f}" for k, v in probes.items()))
+    units = {n: u for n, (_, _, u) in envs.REGISTRY[world.env].probe.items()}
+    print(
+        "(c) linear probe r: "
+        + ", ".join(f"{k} {v:.3f} (median error {probe_err[k]:.3g} {units[k]})" for k, v in probes.items())
+    )
+    if anatomy is not None:
+        print(
+            f"(d) open-loop plan anatomy, {anatomy['pairs']} pairs, one {anatomy['steps']}-step plan each: "
+            f"predicted vs realised cost of CEM's plans r {anatomy['cem_predicted_realised_r']:.2f}"
+        )
+        for name in ("cem", "true", "zero"):
+            a = anatomy[name]
+            errs = ", ".join(f"{k} {v:.3g}" for k, v in a["final_errors_median"].items())
+            print(
+                f"    {name:>4} actions: success {100 * a['success']:.0f} % | cost predicted "
+                f"{a['predicted_cost_median']:.2f}, realised {a['realised_cost_median']:.2f} (medians) | final "
+                f"error (median) {errs} | {100 * a['beyond_data_p99']:.1f} % of actions beyond the data's 99th pct"
+            )
+    if capacity is not None:
+        print(
+            f"(e) encoder capacity: a fresh {capacity['img_size']} px / patch {capacity['patch_size']} encoder "
+            f"trained {capacity['steps']} steps on the state: "
+            + ", ".join(
+                f"{k} r {v:.3f} (median error {capacity['median_error'][k]:.3g} {capacity['units'][k]})"
+                for k, v in capacity["r"].items()
+            )
+        )
     out = default_out(cfg, world, "diagnose")
     save_json(summary, out)
     return {**summary, "out": out}

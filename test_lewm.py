@@ -2020,6 +2020,14 @@ def test_eval_diagnose_cli_writes_json(tmp_path, tiny_pusht):
         "400",
         "--eval_pairs",
         "0",
+        "--anatomy_pairs",
+        "2",
+        "--capacity_steps",
+        "3",
+        "--iterations",
+        "2",
+        "--topk",
+        "4",
         "--device",
         "cpu",
         "--out",
@@ -2032,7 +2040,104 @@ def test_eval_diagnose_cli_writes_json(tmp_path, tiny_pusht):
     assert 0 <= saved["ranking"]["median_rank"] <= 1 and 0 <= saved["ranking"]["top10"] <= 1
     assert all(np.isfinite(v) for v in saved["ranking"].values())
     assert set(saved["probe_linear_r"]) == {"agent_pos", "block_pos", "block_angle"}
+    assert set(saved["probe_linear_median_error"]) == set(saved["probe_linear_r"]) == set(saved["capacity"]["r"])
+    assert saved["anatomy"]["pairs"] == 2 and set(saved["anatomy"]["cem"]["final_errors_median"]) == {
+        "agent_px",
+        "block_px",
+        "joint_px",
+        "angle_deg",
+    }
+    assert saved["capacity"]["steps"] == 3 and saved["capacity"]["units"]["block_angle"] == "deg"
     assert res["ranking"] == saved["ranking"]
+
+
+@pytest.mark.parametrize("name", list(envs.REGISTRY))
+def test_env_error_parts_decide_the_success_test(name):
+    """Each env's error parts, against their thresholds, reproduce its success test on random state pairs."""
+    spec = envs.REGISTRY[name]
+    env = envs.make_env(name, img_size=32)
+    rng = np.random.default_rng(0)
+    agree = []
+    for i in range(40):
+        _, a = env.reset(seed=2 * i)
+        _, b = env.reset(seed=2 * i + 1)
+        s, g = a["state"], spec.goal_from_state(b["state"])
+        if i % 2:  # half the pairs near the goal, so both outcomes occur
+            g = spec.goal_from_state(np.asarray(s) + rng.normal(0, 1e-2, np.shape(s)) * (i % 4 == 1))
+        e = spec.errors(s, g)
+        by_parts = {
+            "pusht": lambda e: e["joint_px"] < 20 and e["angle_deg"] < 20,
+            "tworoom": lambda e: e["distance_px"] < 16,
+            "reacher": lambda e: e["shoulder_rad"] < 0.05 and e["wrist_rad"] < 0.05,
+            "cube": lambda e: e["distance_m"] <= 0.04,
+        }[name](e)
+        agree.append(by_parts == spec.success(s, g))
+        tested = {"pusht": e.get("joint_px"), "reacher": math.hypot(*e.values())}.get(name, next(iter(e.values())))
+        assert np.isclose(spec.goal_distance(s, g), tested)
+    assert all(agree)
+    env.close()
+
+
+def test_eval_plan_json_splits_errors_and_records_closest_approach(tmp_path, tiny_tworoom):
+    """The plan JSON holds each episode's final error parts and its closest approach, consistent with the distances."""
+    ckpt = _eval_ckpt(tmp_path / "ckpt.pt", tiny_tworoom, "tworoom")
+    res = evaluate.main(_eval_cfg(ckpt, tmp_path, episodes=2, policy="random"))
+    for r in res["per_episode"]:
+        assert set(r["final_errors"]) == {"distance_px"} == set(r["closest_errors"]) == set(r["start_errors"])
+        assert np.isclose(r["final_errors"]["distance_px"], r["final_distance"])
+        assert np.isclose(r["start_errors"]["distance_px"], r["start_distance"])
+        assert np.isclose(r["closest_errors"]["distance_px"], r["closest_distance"])
+        assert r["closest_distance"] <= min(r["start_distance"], r["final_distance"])
+        assert 0 <= r["closest_step"] <= 50
+
+
+def test_eval_anatomy_exact_model_is_not_exploited(tiny_tworoom):
+    """Plan anatomy: replayed true actions reach the goal; for an exact model the predicted cost of CEM's plans and
+    of zero actions equals the realised cost, while a blind model's CEM plan is predicted far better than it does."""
+    world = _centroid_world(tiny_tworoom)
+    cfg = evaluate.EvalConfig(samples=64, iterations=6, topk=8, device="cpu")
+    rows = evaluate.start_rows(world.traj, world.val_eps, 6, 25, seed=1)
+    exact = evaluate.plan_anatomy(world, cfg, rows)
+    assert exact["true"]["success"] == 1.0 and exact["true"]["final_errors_median"]["distance_px"] < 2
+    zero = exact["zero"]
+    assert np.isclose(zero["predicted_cost_median"], zero["realised_cost_median"], rtol=0.05)
+    gap = [abs(p["predicted_cost"] - p["realised_cost"]) for p in exact["cem"]["per_pair"]]
+    assert np.median(gap) < 0.1 * zero["realised_cost_median"], exact["cem"]
+    blind = evaluate.plan_anatomy(_centroid_world(tiny_tworoom, _BlindModel), cfg, rows)
+    assert blind["cem"]["predicted_cost_median"] == blind["zero"]["predicted_cost_median"]  # actions do nothing
+    assert exact["data_abs_action_p99"] == blind["data_abs_action_p99"] and len(exact["cem"]["abs_action_p99"]) == 2
+
+
+def test_eval_encoder_capacity_learns_and_is_seeded(tiny_tworoom):
+    """The capacity check's fresh encoder learns TwoRoom's agent position from the frames it is trained on (an
+    untrained one scores r ~ 0), and a seed fixes its result."""
+    world = _centroid_world(tiny_tworoom)
+    eps = world.val_eps[:4]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # deterministic and fast for a model this small
+    try:
+        fit = evaluate.encoder_capacity(world, eps, eps, steps=300, seed=0)
+        a = evaluate.encoder_capacity(world, eps, world.val_eps[4:], steps=10, seed=3)
+        b = evaluate.encoder_capacity(world, eps, world.val_eps[4:], steps=10, seed=3)
+    finally:
+        torch.set_num_threads(threads)
+    assert fit["r"]["agent_pos"] > 0.3 and fit["units"] == {"agent_pos": "px"} and fit["tokens"] == 16, fit
+    assert a["r"] == b["r"] and a["median_error"] == b["median_error"]
+
+
+def test_eval_probe_errors_in_success_units():
+    """probe_errors: distances for positions, wrapped angles for (sin, cos) targets in the env's unit."""
+    ang = np.array([[0.1], [3.1]])
+    y = {
+        "agent_pos": np.array([[0.0, 0.0], [10.0, 10.0]]),
+        "block_pos": np.zeros((2, 2)),
+        "block_angle": np.concatenate([np.sin(ang), np.cos(ang)], 1),
+    }
+    pred_ang = ang + np.array([[0.2], [-0.2]])  # 0.2 rad off each, one wrapping past pi
+    pred = np.concatenate([y["agent_pos"] + [3.0, 4.0], np.zeros((2, 2)), np.sin(pred_ang), np.cos(pred_ang)], 1)
+    err = evaluate.probe_errors(pred, y, "pusht")
+    assert np.isclose(err["agent_pos"], 5.0) and err["block_pos"] == 0.0
+    assert np.isclose(err["block_angle"], np.degrees(0.2))
 
 
 def test_eval_surprise_cli_reports_finite_numbers(tmp_path, tiny_pusht):

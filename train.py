@@ -33,6 +33,7 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -64,6 +65,7 @@ class TrainConfig:
     preset: str | None = None  # model and recipe preset: paper, cpu or tiny (None = paper with CUDA, else cpu)
     data: str = ""  # HDF5 dataset ('' = the preset's default file, collected first if missing)
     episodes: int | None = None  # episodes to collect when the dataset is missing (None = the recipe's)
+    extra_data: str | None = None  # extra episodes for training only, never held out ('' = none; None = the recipe's)
     img_size: int | None = None  # frame side the model sees, and of collected data (None = the preset's)
     patch_size: int | None = None  # ViT patch side; img_size must be a multiple (None = the preset's)
     out_dir: str = ""  # run folder for checkpoints and metrics ('' = runs/<env>_<preset>)
@@ -93,11 +95,17 @@ class TrainConfig:
     workers: int = 2  # processes for data collection
 
 
+# DEVIATION (PushT): exploration episodes beside the demonstrations, for training only (the held-out episodes and
+# so the evaluation pairs are the demonstrations' alone). The demonstrations hold only smooth, goal-directed action
+# sequences, and CEM exploits a model that has seen nothing else (README, "PushT").
+PUSHT_PLAY = {"policy": "play", "noise": 0.4, "episodes": 1500, "episode_steps": 100}
+
 # Per-preset training recipe; the model sizes (img_size and patch_size included) are model.PRESETS. Every recipe
 # states the same keys. `max_steps` and `schedule_steps` count optimiser steps, or epochs of the training clips when
 # `per_epoch` is set: the paper states its recipe in epochs, so those are converted to steps once the dataset is
 # known (steps per epoch = training clips // global batch). `schedule_steps` None: the schedule is the run (a full
-# cosine over max_steps, after flags). `env`: per-environment overrides of any of these keys.
+# cosine over max_steps, after flags). `extra`: exploration episodes collected beside the dataset (policy, noise,
+# episodes, episode_steps) and used for training only, or None. `env`: per-environment overrides of any of these.
 RECIPES = {
     # The official recipe (docs/method.md §8): 10 epochs of a 100-epoch schedule.
     "paper": {
@@ -107,6 +115,7 @@ RECIPES = {
         "max_steps": 10,
         "schedule_steps": 100,
         "per_epoch": True,
+        "extra": None,
         "env": {},
     },
     # DEVIATION: 2-core CPU recipe: a few thousand steps instead of ~100k, so a larger peak lr and a full cosine
@@ -123,8 +132,9 @@ RECIPES = {
         "max_steps": 3000,
         "schedule_steps": None,
         "per_epoch": False,
+        "extra": None,
         "env": {
-            "pusht": {"max_steps": 6000, "episodes": 3000},
+            "pusht": {"max_steps": 6000, "episodes": 3000, "extra": PUSHT_PLAY},
             "reacher": {"max_steps": 6000},
             "cube": {"max_steps": 6000},
             "tworoom": {"max_steps": 6000},
@@ -138,6 +148,7 @@ RECIPES = {
         "max_steps": 20,
         "schedule_steps": None,
         "per_epoch": False,
+        "extra": None,
         "env": {},
     },
 }
@@ -201,6 +212,12 @@ def resolve_config(
         out_dir=cfg.out_dir or os.path.join("runs", f"{cfg.env}_{preset}"),
         bf16=bf16 if cfg.bf16 is None else cfg.bf16,
     )
+    if cfg.extra_data is None:
+        extra = recipe["extra"]
+        path = data.default_data_path(cfg.env, cfg.img_size, extra["episodes"], extra["policy"]) if extra else ""
+        cfg = dataclasses.replace(cfg, extra_data=path and os.path.abspath(path))
+    elif cfg.extra_data:
+        cfg = dataclasses.replace(cfg, extra_data=os.path.abspath(cfg.extra_data))
     unit = steps_per_epoch(cfg) if recipe["per_epoch"] else 1
     max_steps = cfg.max_steps if cfg.max_steps is not None else recipe["max_steps"] * unit
     schedule = recipe["schedule_steps"] * unit if recipe["schedule_steps"] is not None else max_steps
@@ -219,6 +236,8 @@ def check_config(cfg: TrainConfig) -> None:
         raise UsageError("--resume and --overwrite: give one of them")
     if cfg.data and not os.path.isfile(cfg.data):
         raise UsageError(f"--data {cfg.data}: no such file")
+    if cfg.extra_data and not os.path.isfile(cfg.extra_data):
+        raise UsageError(f"--extra_data {cfg.extra_data}: no such file")
     if cfg.keep_every % cfg.eval_every:
         raise UsageError(
             f"--keep_every {cfg.keep_every}: must be a multiple of --eval_every {cfg.eval_every}, so "
@@ -294,19 +313,43 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
 
 
 def ensure_dataset(cfg: TrainConfig, rank: int, say=None) -> data.Trajectories:
-    """The opened dataset of a resolved config; collected first (rank 0, with its progress bar) if not on disk.
-    `say`: where notes on a file that does not record its env, or holds frames of another size, go."""
-    if not os.path.exists(cfg.data):
-        if rank == 0:
-            print(f"dataset {cfg.data} not found: collecting {cfg.episodes} episodes of {cfg.env} at {cfg.img_size} px")
-            data.collect(cfg.env, cfg.episodes, cfg.data, img_size=cfg.img_size, workers=cfg.workers)
+    """The opened dataset of a resolved config, with its extra episodes after it (a data.TrajectoryUnion) if it has
+    any; collected first (rank 0, with its progress bar) if not on disk. `say`: where notes on a file that does
+    not record its env, or holds frames of another size, go."""
+    extra = {**RECIPES[cfg.preset], **RECIPES[cfg.preset]["env"].get(cfg.env, {})}["extra"]
+    if rank == 0 and not os.path.exists(cfg.data):
+        print(f"dataset {cfg.data} not found: collecting {cfg.episodes} episodes of {cfg.env} at {cfg.img_size} px")
+        data.collect(cfg.env, cfg.episodes, cfg.data, img_size=cfg.img_size, workers=cfg.workers)
+    if rank == 0 and cfg.extra_data and not os.path.exists(cfg.extra_data) and extra:
+        print(
+            f"extra episodes {cfg.extra_data} not found: collecting {extra['episodes']} '{extra['policy']}' "
+            f"episodes of {cfg.env} at {cfg.img_size} px (training only)"
+        )
+        data.collect(
+            cfg.env,
+            extra["episodes"],
+            cfg.extra_data,
+            img_size=cfg.img_size,
+            policy=extra["policy"],
+            noise=extra["noise"],
+            episode_steps=extra["episode_steps"],
+            workers=cfg.workers,
+        )
     if dist.is_initialized():
         dist.barrier()
+    parts = []
+    for flag, path in (("--data", cfg.data), ("--extra_data", cfg.extra_data)):
+        if not path:
+            continue
+        try:
+            parts.append(data.Trajectories(path))
+        except (ValueError, FileNotFoundError) as e:
+            raise UsageError(f"{flag} {path}: {e}") from e
+        data.check_env(parts[-1], cfg.env)
     try:
-        traj = data.Trajectories(cfg.data)
-    except (ValueError, FileNotFoundError) as e:
-        raise UsageError(f"--data {cfg.data}: {e}") from e
-    data.check_env(traj, cfg.env)
+        traj = data.TrajectoryUnion(parts) if len(parts) > 1 else parts[0]
+    except ValueError as e:
+        raise UsageError(f"--extra_data {cfg.extra_data}: {e}") from e
     if say is not None and "env" not in traj.file.attrs:
         say(f"note: {cfg.data} does not record its environment; trusting --env {cfg.env}")
     if say is not None and traj.img_shape[0] != cfg.img_size:
@@ -319,10 +362,17 @@ def clip_shape(mcfg: ModelConfig) -> dict:
     return {"history": mcfg.history, "num_preds": mcfg.num_preds, "frameskip": mcfg.frameskip}
 
 
+def split(cfg: TrainConfig, traj: data.Trajectories) -> tuple[np.ndarray, np.ndarray]:
+    """(train, val) episodes: the dataset's split, and every extra episode (after the dataset's) for training."""
+    base = traj.parts[0].num_episodes if isinstance(traj, data.TrajectoryUnion) else traj.num_episodes
+    train_eps, val_eps = data.split_episodes(base, cfg.val_fraction)
+    return np.concatenate([train_eps, np.arange(base, traj.num_episodes)]), val_eps
+
+
 def make_loaders(cfg: TrainConfig, traj: data.Trajectories, mcfg: ModelConfig, rank: int, world: int) -> tuple:
     """(train episodes, val episodes, action statistics, train / val / BN-refresh loaders): the episodes are split,
     and the action statistics taken from the training episodes only."""
-    train_eps, val_eps = data.split_episodes(traj.num_episodes, cfg.val_fraction)
+    train_eps, val_eps = split(cfg, traj)
     stats = data.action_stats(traj, train_eps)
     kw = {**clip_shape(mcfg), "rank": rank, "world_size": world}
     with warnings.catch_warnings(record=True) as caught:  # a note on skipped short episodes, once per message
@@ -344,7 +394,7 @@ def make_loaders(cfg: TrainConfig, traj: data.Trajectories, mcfg: ModelConfig, r
 def epoch_steps(cfg: TrainConfig, rank: int, world: int) -> int:
     """Optimiser steps in one epoch of the training clips of cfg's dataset (collected first if missing)."""
     with ensure_dataset(cfg, rank) as traj:
-        train_eps, _ = data.split_episodes(traj.num_episodes, cfg.val_fraction)
+        train_eps, _ = split(cfg, traj)
         stats = data.action_stats(traj, train_eps)
         shape = clip_shape(PRESETS[cfg.preset])
         return len(
