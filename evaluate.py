@@ -49,6 +49,7 @@ from model import (
     preprocess,
 )
 from planner import cem, gradient_plan, make_cost, warm_start
+from policy import act, load_policy, propose
 
 # Flags every subcommand takes; COMMANDS: subcommand -> (help, its flags). A new subcommand is one entry.
 COMMON_FIELDS = ("ckpt", "official", "data", "collect_episodes", "env", "episodes", "out", "seed", "device")
@@ -63,6 +64,7 @@ COMMANDS = {
             "horizon",
             "receding_horizon",
             "policy",
+            "policy_file",
             "solver",
             "samples",
             "iterations",
@@ -102,7 +104,8 @@ class EvalConfig:
     budget: int = 50  # env steps per episode
     horizon: int = 5  # N: planned action blocks
     receding_horizon: int = 5  # blocks executed before replanning (= horizon in the reference: no leftover plan)
-    policy: str = "planner"  # planner or random (uniform actions in [-1, 1], the floor of the protocol)
+    policy: str = "planner"  # planner, random (uniform in [-1, 1]: the floor), idm or idm+cem (policy.py's policy)
+    policy_file: str = ""  # --policy idm / idm+cem: the file policy.py wrote ('' = policy.pt next to --ckpt)
     solver: str = "cem"  # cem or adam (gradient planner), docs/method.md §9
     samples: int = 0  # candidates per plan (0 = 300 for cem, 100 for adam)
     iterations: int = 30  # CEM iterations / Adam steps
@@ -147,7 +150,7 @@ class World:
 CHOICES = {
     "env": ["", *envs.REGISTRY],
     "split": ["val", "train"],
-    "policy": ["planner", "random"],
+    "policy": ["planner", "random", "idm", "idm+cem"],
     "solver": ["cem", "adam"],
     "device": ["auto", "cuda", "mps", "cpu"],
 }
@@ -952,7 +955,8 @@ def plan_results(cfg: EvalConfig, world: World, pairs: Pairs, outcome: dict, pla
         "mean_plan_seconds": float(np.mean(per_call)) if per_call else None,
         "seconds_per_call": float(np.mean([c["seconds"] for c in plan_calls])) if plan_calls else None,
         "plan_calls": plan_calls,
-        **({"planner": solver} if cfg.policy == "planner" else {}),
+        **({"planner": solver} if cfg.policy in ("planner", "idm+cem") else {}),
+        **({"policy_file": goal_policy_path(cfg)} if cfg.policy in ("idm", "idm+cem") else {}),
         "per_episode": [
             {
                 "index": i,
@@ -977,13 +981,27 @@ def plan_results(cfg: EvalConfig, world: World, pairs: Pairs, outcome: dict, pla
     }
 
 
+def goal_policy_path(cfg: EvalConfig) -> str:
+    """The goal-conditioned policy's file: --policy_file, or policy.pt next to the checkpoint."""
+    return cfg.policy_file or os.path.join(os.path.dirname(cfg.ckpt), "policy.pt")
+
+
+def load_goal_policy(cfg: EvalConfig, world: World):
+    """The policy.py policy of --ckpt's world model, on the world's device (refused for another world model)."""
+    if not cfg.ckpt:
+        raise UsageError(f"--policy {cfg.policy}: needs --ckpt (the policy is trained on our checkpoint's latents)")
+    return load_policy(goal_policy_path(cfg), load_checkpoint(cfg.ckpt), cfg.ckpt).to(world.device)
+
+
 def run_plan(cfg: EvalConfig) -> dict:
-    """Goal-reaching success rate of MPC (or random actions) from dataset start/goal pairs, all episodes batched."""
-    if cfg.policy not in ("planner", "random"):
-        raise ValueError(f"unknown policy {cfg.policy!r}; valid: planner, random")
+    """Goal-reaching success rate of MPC (or random actions, or the goal-conditioned policy acting every block, or
+    CEM started from that policy's plan) from dataset start/goal pairs, all episodes batched."""
+    if cfg.policy not in CHOICES["policy"]:
+        raise ValueError(f"unknown policy {cfg.policy!r}; valid: {', '.join(CHOICES['policy'])}")
     if not 1 <= cfg.receding_horizon <= cfg.horizon:
         raise ValueError(f"need 1 <= receding_horizon <= horizon, got {cfg.receding_horizon} and {cfg.horizon}")
     world = load_world(cfg)
+    goal_policy = load_goal_policy(cfg, world) if cfg.policy in ("idm", "idm+cem") else None
     if cfg.bf16 and cfg.policy == "planner" and not native_bf16(world.device):
         print(f"--bf16: {world.device.type} has no native bf16 here, so the rollout is emulated and far slower")
     pairs = draw_pairs(world, cfg)
@@ -1002,7 +1020,7 @@ def run_plan(cfg: EvalConfig) -> dict:
     gens = [torch.Generator(world.device).manual_seed(s) for s in draw_seeds]
     rngs = [np.random.default_rng(s) for s in draw_seeds]
     z_goal, plan_calls = None, []
-    if cfg.policy == "planner":
+    if cfg.policy != "random":
         with torch.inference_mode() if cfg.solver == "cem" else torch.no_grad():
             z_goal = encode_frames(world.model, pairs.goal_frames, world.device)[:, 0]  # (B, D) once per episode
 
@@ -1013,14 +1031,18 @@ def run_plan(cfg: EvalConfig) -> dict:
         if len(active) == 0:
             break
         need = [i for i in active if len(queues[i]) == 0]
-        if need and cfg.policy == "planner":
+        if need and cfg.policy in ("planner", "idm+cem"):
             # DEVIATION: the unfinished episodes are planned together, in batched calls of plan_chunk episodes, each
             # with its own generator seeded seed + episode (the reference plans them one after another from one
             # generator seeded 42).
             init = None
-            if cfg.warm_start and prev_plans[need[0]] is not None:
-                init = warm_start(torch.stack([prev_plans[i] for i in need]), cfg.receding_horizon)  # (B', N, A)
             t0 = time.perf_counter()
+            if cfg.policy == "idm+cem":  # CEM refines the policy's plan, rolled out through the predictor
+                with torch.inference_mode():
+                    z_now = encode_frames(world.model, obs[need], world.device)  # (B', 1, D)
+                    init = propose(goal_policy, world.model, z_now, z_goal[need], cfg.horizon)  # (B', N, A)
+            elif cfg.warm_start and prev_plans[need[0]] is not None:
+                init = warm_start(torch.stack([prev_plans[i] for i in need]), cfg.receding_horizon)  # (B', N, A)
             plans = plan_chunks(world, cfg, obs[need], z_goal[need], [gens[i] for i in need], init)  # (B', N, A)
             plan_calls.append({"step": t, "episodes": len(need), "seconds": time.perf_counter() - t0})
             raw = plans.float().cpu().numpy().reshape(len(need), cfg.horizon * fs, a_dim)  # row-major blocks
@@ -1029,6 +1051,15 @@ def run_plan(cfg: EvalConfig) -> dict:
             raw = data.denormalize_actions(raw[:, : cfg.receding_horizon * fs], world.stats)  # (B', R*fs, A_raw)
             for j, i in enumerate(need):
                 queues[i], prev_plans[i] = raw[j], plans[j]
+        elif need and cfg.policy == "idm":  # the policy's next block from the newest frame, every block
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                z_now = encode_frames(world.model, obs[need], world.device)[:, 0]  # (B', D)
+                block = act(goal_policy, z_now, z_goal[need]).float().cpu().numpy()  # (B', fs*A_raw) normalised
+            plan_calls.append({"step": t, "episodes": len(need), "seconds": time.perf_counter() - t0})
+            raw = data.denormalize_actions(block.reshape(len(need), fs, a_dim), world.stats)  # (B', fs, A_raw)
+            for j, i in enumerate(need):
+                queues[i] = raw[j]
         elif need:
             for i in need:
                 queues[i] = rngs[i].uniform(-1, 1, (fs, a_dim)).astype(np.float32)

@@ -12,6 +12,7 @@ import shutil
 import socket
 import subprocess
 import sys
+from contextlib import contextmanager
 
 import gymnasium as gym
 import h5py
@@ -26,6 +27,7 @@ from pymunk.vec2d import Vec2d
 import data
 import envs
 import evaluate
+import policy
 import train
 from model import (
     PRESETS,
@@ -2696,3 +2698,178 @@ def test_docs_every_cited_document_and_section_exists():
         outside = "|".join(["MET" + "HOD", "EN" + "VS", "PA" + "PER"])
         assert not re.search(rf"\b({outside})\.md", text), f"{name} cites a document not in the repository"
     assert cited >= 10  # the code does cite its docs: the check above ran on real citations
+
+
+# --- policy (policy.py): goal-conditioned inverse dynamics on the frozen latents
+
+
+@contextmanager
+def one_thread():
+    """Tiny MLP steps run fastest on one thread (and do not fight a busy machine for cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A tiny-preset world model trained for 2 steps by train.main on 6 TwoRoom episodes at 32 px."""
+    root = tmp_path_factory.mktemp("policy")
+    path = data.collect("tworoom", 6, str(root / "tworoom_tiny.h5"), img_size=32, workers=1)
+    cfg = train.TrainConfig(
+        env="tworoom",
+        preset="tiny",
+        data=path,
+        out_dir=str(root / "run"),
+        max_steps=2,
+        log_every=1,
+        eval_every=2,
+        ckpt_every=2,
+        val_batches=1,
+        bn_batches=1,
+        num_proj=128,
+        device="cpu",
+    )
+    return train.main(cfg)["checkpoint"], path
+
+
+def test_policy_inverts_linear_dynamics():
+    """On z_goal = z_now + W a (W of full column rank) the trained policy recovers a: fresh-sample MSE < 1e-3,
+    1000x below predicting the mean action."""
+    dim, action_dim = 16, 10  # a 10-d action block embedded linearly in 16 dims, as a point mass's displacement
+    w = torch.randn(dim, action_dim, generator=torch.Generator().manual_seed(0)) / action_dim**0.5  # (D, A)
+
+    def pairs(n: int, g: torch.Generator) -> tuple:
+        z_now, a = torch.randn(n, dim, generator=g), torch.randn(n, action_dim, generator=g)  # (n, D), (n, A)
+        return z_now, z_now + a @ w.T, a
+
+    steps, peak = 1500, 3e-3
+    torch.manual_seed(0)
+    pol = policy.GoalPolicy(dim=dim, action_dim=action_dim, hidden=64, depth=2)
+    opt = torch.optim.AdamW(pol.parameters(), lr=peak, weight_decay=0.0)
+    g = torch.Generator().manual_seed(1)
+    with one_thread():
+        for step in range(steps):
+            policy.train_step(pol, opt, *pairs(256, g), policy.lr_at(step, peak, steps))
+        z_now, z_goal, a = pairs(4096, torch.Generator().manual_seed(2))
+        mse = policy.val_mse(pol, z_now, z_goal, a)
+    assert mse < 1e-3 and mse < a.pow(2).mean().item() / 1000
+
+
+def test_policy_sample_pairs_stay_in_episode():
+    """Sampled goals lie exactly frameskip * k rows ahead (1 <= k <= max_goal_blocks) in the frame's own episode,
+    with the whole action block before the episode's last row; every k occurs; too-short episodes never do."""
+    ep_len = np.array([3, 5, 6, 12, 30, 51, 80])
+    ep_offset = np.concatenate([[0], np.cumsum(ep_len)[:-1]])
+    f, k_max = 5, 4
+    rows, room = policy.pair_candidates(ep_offset, ep_len, range(len(ep_len)), f)
+    t, goal = policy.sample_pairs(np.random.default_rng(0), rows, room, f, k_max, 20000)
+    ep_t = np.searchsorted(ep_offset, t, side="right") - 1
+    ep_goal = np.searchsorted(ep_offset, goal, side="right") - 1
+    last = ep_offset[ep_t] + ep_len[ep_t] - 1  # (n,) last row of each frame's episode
+    k = (goal - t) // f
+    assert (ep_t == ep_goal).all() and (goal <= last).all() and (t + f - 1 < last).all()
+    assert ((goal - t) % f == 0).all() and set(np.unique(k)) == set(range(1, k_max + 1))
+    assert not np.isin(ep_t, [0, 1]).any()  # episodes of 3 and 5 rows hold no frame with a goal
+    assert set(np.unique(ep_t)) == set(range(2, len(ep_len)))
+
+
+def test_policy_action_blocks_match_clip_layout():
+    """The block at row t is the raw rows t..t+frameskip-1 concatenated, as the clip loader builds it."""
+    action = np.arange(40, dtype=np.float32).reshape(20, 2)  # (R, a)
+    blocks = policy.action_blocks(action, 5)  # (R, 10)
+    assert blocks.shape == (20, 10)
+    np.testing.assert_array_equal(blocks[3], action[3:8].reshape(-1))
+    np.testing.assert_array_equal(blocks[17], np.concatenate([action[17:].reshape(-1), np.zeros(4)]))
+
+
+def test_policy_propose_rolls_policy_through_model():
+    """propose gives (B, horizon, A); block 0 is act at z0 and block 1 is act at the model's prediction after it."""
+    torch.manual_seed(0)
+    model = LeWM(PRESETS["tiny"]).eval()
+    pol = policy.GoalPolicy(dim=model.cfg.embed_dim, action_dim=model.cfg.action_dim, hidden=32, depth=2)
+    torch.nn.init.normal_(pol.head.weight)  # the zero-initialised head would make every block 0
+    z0, z_goal = torch.randn(3, 1, model.cfg.embed_dim), torch.randn(3, model.cfg.embed_dim)  # (B, 1, D), (B, D)
+    plan = policy.propose(pol, model, z0, z_goal, horizon=4)  # (B, N, A)
+    assert plan.shape == (3, 4, model.cfg.action_dim)
+    torch.testing.assert_close(plan[:, 0], policy.act(pol, z0[:, 0], z_goal))
+    with torch.no_grad():
+        z1 = model.rollout(z0, plan[:, None, :1])[:, 0, -1]  # (B, D)
+    torch.testing.assert_close(plan[:, 1], policy.act(pol, z1, z_goal))
+
+
+def test_policy_main_trains_saves_and_checks_world_model(tmp_path, tiny_run):
+    """main() on a tiny trained run writes a policy that loads against its own checkpoint and is refused, in one
+    line, against a checkpoint with other weights and as a non-policy file."""
+    ckpt_path = tiny_run[0]
+    cfg = policy.PolicyConfig(
+        ckpt=ckpt_path, out=str(tmp_path / "policy.pt"), steps=20, val_every=10, batch_size=64, hidden=32, device="cpu"
+    )
+    summary = policy.main(cfg)
+    assert summary["out"] == cfg.out and np.isfinite(summary["val_mse"]) and summary["val_mse_mean_action"] > 0
+    ckpt = load_checkpoint(ckpt_path)
+    pol = policy.load_policy(cfg.out, ckpt)
+    z = torch.randn(2, ckpt["model_config"]["embed_dim"])  # (B, D)
+    assert policy.act(pol, z, z).shape == (2, ckpt["model_config"]["action_dim"])
+
+    other = {**ckpt, "model": {k: v.clone() for k, v in ckpt["model"].items()}}
+    key = next(k for k, v in other["model"].items() if v.is_floating_point())
+    other["model"][key] += 1e-3
+    save_checkpoint(str(tmp_path / "other.pt"), other)
+    with pytest.raises(data.UsageError, match="trained on another world model") as e:
+        policy.load_policy(cfg.out, load_checkpoint(str(tmp_path / "other.pt")), ckpt_path="other.pt")
+    assert "\n" not in str(e.value) and "python policy.py --ckpt other.pt" in str(e.value)
+    with pytest.raises(data.UsageError, match="not a policy file") as e:
+        policy.load_policy(ckpt_path, ckpt)
+    assert "\n" not in str(e.value)
+
+
+def test_policy_main_refuses_bad_arguments(tmp_path, tiny_run):
+    """main() refuses, before any work, a missing checkpoint, an out-of-range field and --out onto the world-model
+    checkpoint or the dataset."""
+    ckpt_path, data_path = tiny_run
+    cases = [
+        ({"ckpt": str(tmp_path / "missing.pt")}, "--ckpt"),
+        ({"ckpt": ckpt_path, "steps": 0}, "--steps"),
+        ({"ckpt": ckpt_path, "goal_input": "sum"}, "--goal_input"),
+        ({"ckpt": ckpt_path, "out": ckpt_path}, "world-model checkpoint"),
+        ({"ckpt": ckpt_path, "out": data_path}, "the dataset"),
+    ]
+    for kw, message in cases:
+        with pytest.raises(data.UsageError, match=message):
+            policy.main(policy.PolicyConfig(device="cpu", **kw))
+    assert dataclasses.asdict(policy.parse_args(["--ckpt", ckpt_path, "--steps", "7"])) == dataclasses.asdict(
+        policy.PolicyConfig(ckpt=ckpt_path, steps=7)
+    )
+
+
+@pytest.mark.parametrize("kind", ["idm", "idm+cem"])
+def test_policy_evaluate_plans_with_it_end_to_end(tmp_path, tiny_run, kind):
+    """`evaluate.py --policy idm` / `idm+cem` plan with the trained policy under the protocol and write the JSON;
+    idm acts every block (a call per 5 steps), idm+cem replans every 25 steps as CEM does."""
+    ckpt, _ = tiny_run
+    policy.main(policy.PolicyConfig(ckpt=ckpt, out=str(tmp_path / "p.pt"), steps=5, val_every=5, device="cpu"))
+    argv = ["--ckpt", ckpt, "--policy", kind, "--policy_file", str(tmp_path / "p.pt"), "--episodes", "2"]
+    argv += [
+        "--samples",
+        "16",
+        "--iterations",
+        "2",
+        "--topk",
+        "4",
+        "--device",
+        "cpu",
+        "--out",
+        str(tmp_path / "r.json"),
+    ]
+    res = evaluate.main(evaluate.parse_args(argv))
+    with open(tmp_path / "r.json") as f:
+        saved = json.load(f)
+    assert saved["policy"] == kind and saved["policy_file"] == str(tmp_path / "p.pt") and saved["episodes"] == 2
+    assert res["successes"] == sum(r["success"] for r in saved["per_episode"])
+    steps = {c["step"] for c in saved["plan_calls"]}
+    assert steps <= (set(range(0, 50, 5)) if kind == "idm" else {0, 25}) and 0 in steps
+    assert ("planner" in saved) == (kind == "idm+cem")
