@@ -42,7 +42,7 @@ from model import (
     native_bf16,
     save_checkpoint,
 )
-from planner import cem, gradient_plan, warm_start
+from planner import cem, gradient_plan, make_cost, warm_start
 from sigreg import SIGReg
 
 # --- shared helpers and fixtures
@@ -1526,6 +1526,68 @@ def test_fail_action_outlier_is_refused(tmp_path):
         data.action_stats(traj, range(traj.num_episodes))
     with data.Trajectories(_data_file(tmp_path / "ok.h5")) as traj:
         data.action_stats(traj, range(traj.num_episodes))  # normal data passes
+
+
+# --- pinned numbers: the exact floats of tiny training runs and a tiny CEM plan
+
+# fmt: off
+# (loss, val_loss or None) per step; then the plan's B * N * A actions, row-major
+PINNED_TRAIN_FP32 = [
+    [0.673148512840271, None], [0.6793810129165649, None],
+    [0.6451278924942017, 0.6509763896465302], [0.6156538724899292, None],
+    [0.6031929850578308, None], [0.5934149026870728, 0.6283067762851715],
+]
+PINNED_TRAIN_BF16 = [
+    [0.6730997562408447, None], [0.6806374788284302, None],
+    [0.6462568044662476, 0.6529784798622131],
+]
+PINNED_PLAN = [
+    0.4153521656990051, 0.7013136148452759, -0.761385440826416, 0.14434783160686493, 0.24291127920150757,
+    -0.3548234701156616, -0.11566430330276489, 0.644732654094696, -0.657204270362854, 1.2052533626556396,
+    0.5742393136024475, -1.1604094505310059, -0.06472209095954895, -0.31185293197631836, 0.5786150693893433,
+    -0.2513214349746704, 0.3979030251502991, 1.5113946199417114, -0.7977088093757629, 0.13031664490699768,
+    1.4663933515548706, 0.7079306244850159, -0.8787223696708679, -0.8683499097824097, 1.7096630334854126,
+    0.20670638978481293, -1.1662049293518066, -0.8479779958724976, 1.1580764055252075, 0.060540974140167236,
+    -0.4327377378940582, 0.2197452187538147, 0.2549203634262085, -0.300096333026886, 0.6643190383911133,
+    -0.5838571786880493, 0.021024152636528015, -1.0974676609039307, -0.3987659215927124, -0.6660587787628174,
+    -0.09164343774318695, -0.19059303402900696, -1.6107051372528076, -0.18334591388702393, -0.23786205053329468,
+    -0.05478385090827942, 0.3105655908584595, -0.4062778949737549, -0.17049585282802582, 0.15170329809188843,
+    -0.6081942319869995, -0.2723514437675476, -1.658145785331726, -0.8310341238975525, -0.1198727935552597,
+    -0.4809665083885193, -0.1335868090391159, -0.8245492577552795, 1.0726383924484253, 1.8334529399871826,
+]
+# fmt: on
+
+
+def _pinned_numbers(tmp_path, data_path) -> dict:
+    """Per-step losses (and validation losses) of fixed-seed tiny training runs in fp32 and in bf16 (the bf16 one
+    runs the attention kernels chosen for bf16 on a CPU), and the actions of a tiny CEM plan, on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out = {}
+        for name, bf16, steps in (("fp32", False, 6), ("bf16", True, 3)):
+            cfg = tiny_cfg(tmp_path / name, data_path, max_steps=steps, eval_every=3, ckpt_every=3, bf16=bf16)
+            train.main(cfg)
+            rows = read_metrics(cfg.out_dir)
+            out[name] = [[rows[s]["loss"], rows[s].get("val_loss")] for s in sorted(rows)]
+        model = randomise(tiny_model(), seed=7).eval()
+        g = torch.Generator().manual_seed(11)
+        z0, z_goal = torch.randn(2, 1, 32, generator=g), torch.randn(2, 32, generator=g)  # (B, 1, D), (B, D)
+        gens = [torch.Generator().manual_seed(20 + b) for b in range(2)]
+        plan = cem(make_cost(model, z0, z_goal, False), 2, 3, 10, num_samples=24, iterations=3, topk=4, generator=gens)
+        out["plan"] = plan.flatten().tolist()  # (B * N * A,) float32 values, exact as Python floats
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def test_pinned_numbers_unchanged(tmp_path, tiny_pusht):
+    """A fixed-seed tiny training run (fp32 and bf16) and a tiny CEM plan give exactly the recorded floats, bit for
+    bit (recorded with torch 2.13.0 on an AVX2 CPU, one thread): moving code between files changed no number."""
+    got = _pinned_numbers(tmp_path, tiny_pusht)
+    assert got["fp32"] == PINNED_TRAIN_FP32
+    assert got["bf16"] == PINNED_TRAIN_BF16
+    assert torch.equal(torch.tensor(got["plan"]), torch.tensor(PINNED_PLAN))
 
 
 # --- train
