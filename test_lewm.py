@@ -24,24 +24,19 @@ import torch.nn.functional as F
 from gymnasium.utils.env_checker import check_env
 from pymunk.vec2d import Vec2d
 
+import analyses
+import charts
+import cli
+import collect
 import data
 import envs
 import evaluate
+import kernels
 import policy
 import train
-from model import (
-    PRESETS,
-    LeWM,
-    attend,
-    export_official,
-    lewm_loss,
-    load_checkpoint,
-    load_official,
-    load_pretrained,
-    model_from_checkpoint,
-    native_bf16,
-    save_checkpoint,
-)
+from kernels import native_bf16
+from model import PRESETS, LeWM, lewm_loss, load_checkpoint, model_from_checkpoint, save_checkpoint
+from official import export_official, load_official, load_pretrained
 from planner import cem, gradient_plan, make_cost, warm_start
 from sigreg import SIGReg
 
@@ -137,7 +132,7 @@ def _data_file(path, lens=(25, 30, 22), img=4, index="ep_idx", **edit):
 
 def _collect(path, episodes=3, **kw):
     kw = {"img_size": 32, "episode_steps": 25, "workers": 1, "seed": 5, **kw}
-    return data.collect("pusht", episodes, str(path), **kw)
+    return collect.collect("pusht", episodes, str(path), **kw)
 
 
 def _assert_same_file(a, b):
@@ -206,13 +201,15 @@ def pusht_file(tmp_path_factory):
 def tiny_pusht(tmp_path_factory):
     """A 6-episode, 32-px PushT dataset collected with the real collector."""
     path = str(tmp_path_factory.mktemp("data") / "pusht_tiny.h5")
-    return data.collect("pusht", 6, path, img_size=32, workers=1)
+    return collect.collect("pusht", 6, path, img_size=32, workers=1)
 
 
 @pytest.fixture(scope="module")
 def tiny_tworoom(tmp_path_factory):
     """A 6-episode, 32-px TwoRoom dataset collected with the real collector."""
-    return data.collect("tworoom", 6, str(tmp_path_factory.mktemp("data") / "tworoom_tiny.h5"), img_size=32, workers=1)
+    return collect.collect(
+        "tworoom", 6, str(tmp_path_factory.mktemp("data") / "tworoom_tiny.h5"), img_size=32, workers=1
+    )
 
 
 # --- sigreg
@@ -410,16 +407,16 @@ def test_model_rollout_truncates_history():
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_model_attend_bf16_cpu_kernel_matches_sdpa(causal):
+def test_kernels_attend_bf16_cpu_matches_sdpa(causal):
     """The explicit bf16 CPU attention (forward, and the hand-written backward of the unmasked case) gives the
     outputs and gradients of PyTorch's kernel to bf16 round-off, for a ViT-like and a predictor-like shape."""
     for shape in [(4, 3, 17, 16), (6, 2, 3, 8)]:
         g = torch.Generator().manual_seed(0)
         q, k, v, do = (torch.randn(shape, generator=g) for _ in range(4))
         results = []
-        for fn, dtype in ((attend, torch.bfloat16), (F.scaled_dot_product_attention, torch.float64)):
+        for fn, dtype in ((kernels.attend, torch.bfloat16), (F.scaled_dot_product_attention, torch.float64)):
             qkv = [t.to(dtype).requires_grad_() for t in (q, k, v)]
-            out = fn(*qkv, causal) if fn is attend else fn(*qkv, is_causal=causal)
+            out = fn(*qkv, is_causal=causal)
             out.backward(do.to(dtype))
             results.append([t.double() for t in (out, *(t.grad for t in qkv))])
         for got, ref in zip(*results):
@@ -427,33 +424,32 @@ def test_model_attend_bf16_cpu_kernel_matches_sdpa(causal):
             assert err < 0.03, (shape, causal, float(err))
 
 
-def test_model_bf16_training_step_matches_plain_kernels(monkeypatch):
-    """A bf16 training loss and gradients with the chosen attention kernels equal those with PyTorch's SDPA
-    everywhere, to bf16 round-off (same maths, faster path)."""
-    import model as model_module
+def test_kernels_fast_attention_is_a_swap_in():
+    """A model runs on F.scaled_dot_product_attention until use_fast_attention swaps kernels.attend into every
+    attention layer; its bf16 training loss and gradients then equal the plain kernel's to bf16 round-off, and
+    its fp32 outputs are bit for bit the same (fp32 keeps PyTorch's kernel)."""
 
-    def run():  # no dropout: the two kernels would draw different masks
+    def run(fast: bool, bf16: bool = True):  # no dropout: the two kernels would draw different masks
         torch.manual_seed(0)
         m = randomise(LeWM(dataclasses.replace(PRESETS["tiny"], action_dim=10, pred_dropout=0.0))).train()
+        layers = [x for x in m.modules() if hasattr(x, "sdpa")]
+        assert len(layers) == 4 and all(x.sdpa is F.scaled_dot_product_attention for x in layers)
+        if fast:
+            kernels.use_fast_attention(m)
+            assert all(x.sdpa is kernels.attend for x in layers)
         torch.manual_seed(3)
         x, a = torch.randn(4, 4, 3, 32, 32), torch.randn(4, 4, 10)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             loss, _ = lewm_loss(m, x, a, SIGReg(num_proj=16), lambd=0.09)
         loss.backward()
         return loss.detach(), torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None])
 
-    fast = run()
-    monkeypatch.setattr(
-        model_module,
-        "attend",
-        lambda q, k, v, causal=False, dropout=0.0: F.scaled_dot_product_attention(
-            q, k, v, is_causal=causal, dropout_p=dropout
-        ),
-    )
-    plain = run()
+    fast, plain = run(True), run(False)
     torch.testing.assert_close(fast[0], plain[0], rtol=0.02, atol=0.0)
     cos = F.cosine_similarity(fast[1].double(), plain[1].double(), dim=0)
     assert cos > 0.999 and (fast[1].norm() / plain[1].norm() - 1).abs() < 0.02
+    fast32, plain32 = run(True, bf16=False), run(False, bf16=False)
+    assert torch.equal(fast32[0], plain32[0]) and torch.equal(fast32[1], plain32[1])
 
 
 def test_model_loss_has_no_stop_gradient():
@@ -784,7 +780,7 @@ def test_env_pusht_expert_solves_most_tasks():
 
 def test_env_pusht_demo_data_match_reference_statistics():
     """The default PushT data policy's episodes match the reference data's statistics within 25 % (few solved pairs)."""
-    eps = [data._rollout(("pusht", 32, None, None, 300, e)) for e in range(80)]  # the defaults: demo, noise 0.1
+    eps = [collect._rollout(("pusht", 32, None, None, 300, e)) for e in range(80)]  # the defaults: demo, noise 0.1
     act = np.concatenate([e["action"][:-1] for e in eps])  # (N, 2), the NaN last row dropped
     state = np.concatenate([e["state"] for e in eps])  # (N, 7)
     lengths = np.array([len(e["state"]) for e in eps])
@@ -1421,7 +1417,7 @@ def test_data_interrupted_collection_resumes_identically(tmp_path, monkeypatch, 
 def test_data_append_matches_single_run(tmp_path, pusht_file):
     """--append adds episodes with the continuing seed stream: 2 + 1 episodes equal one 3-episode run."""
     out = _collect(tmp_path / "d.h5", episodes=2)
-    with pytest.raises(data.UsageError, match="--append"):
+    with pytest.raises(cli.UsageError, match="--append"):
         _collect(out, episodes=1)
     _collect(out, episodes=1, append=True)
     _assert_same_file(out, pusht_file)
@@ -1448,7 +1444,7 @@ def test_fail_collection_killed_at_any_moment_resumes_identically(tmp_path):
     import time
 
     kw = {"img_size": 32, "episode_steps": 40, "seed": 3}
-    ref = data.collect("tworoom", 8, str(tmp_path / "ref.h5"), workers=1, **kw)
+    ref = collect.collect("tworoom", 8, str(tmp_path / "ref.h5"), workers=1, **kw)
     out = tmp_path / "d.h5"
     cmd = [
         sys.executable,
@@ -1495,7 +1491,7 @@ def test_fail_collection_killed_at_any_moment_resumes_identically(tmp_path):
         assert all(map(_gone, workers)), "workers outlived their parent"
         if out.exists():  # killed after the final rename: nothing left to resume
             break
-    data.collect("tworoom", 8, str(out), workers=1, **kw)
+    collect.collect("tworoom", 8, str(out), workers=1, **kw)
     assert not os.path.exists(parts) and not os.path.exists(f"{out}.tmp")
     _assert_same_file(out, ref)
 
@@ -1512,8 +1508,8 @@ def test_fail_collection_bad_arguments_before_any_file(tmp_path):
         ({"out": str(tmp_path)}, "is a folder"),
     ):
         args = {"env": "tworoom", "episodes": 2, "out": out, **kw}
-        with pytest.raises(data.UsageError, match=flag):
-            data.collect(args.pop("env"), args.pop("episodes"), args.pop("out"), **args)
+        with pytest.raises(cli.UsageError, match=flag):
+            collect.collect(args.pop("env"), args.pop("episodes"), args.pop("out"), **args)
     assert os.listdir(tmp_path) == []
 
 
@@ -1522,7 +1518,7 @@ def test_fail_action_outlier_is_refused(tmp_path):
     path = _data_file(tmp_path / "d.h5")
     with h5py.File(path, "a") as f:
         f["action"][5, 1] = 3e38
-    with data.Trajectories(path) as traj, pytest.raises(data.UsageError, match="dimension 1.*outlier"):
+    with data.Trajectories(path) as traj, pytest.raises(cli.UsageError, match="dimension 1.*outlier"):
         data.action_stats(traj, range(traj.num_episodes))
     with data.Trajectories(_data_file(tmp_path / "ok.h5")) as traj:
         data.action_stats(traj, range(traj.num_episodes))  # normal data passes
@@ -1795,7 +1791,7 @@ BAD_TRAIN = {  # case 7 and 8: field -> (value, text the one-line error contains
 def test_fail_train_bad_argument_is_refused(tmp_path, field):
     """Cases 3, 7, 8: train.main refuses an out-of-range or unknown argument before any work, naming it."""
     value, text = BAD_TRAIN[field]
-    with pytest.raises(data.UsageError, match=re.escape(text)):
+    with pytest.raises(cli.UsageError, match=re.escape(text)):
         train.main(tiny_cfg(tmp_path, "", **{field: value}))
     assert not os.path.exists(tmp_path / "run")
 
@@ -1861,12 +1857,12 @@ def test_fail_train_sigint_checkpoints_and_resumes(tmp_path, tiny_pusht):
     assert proc.returncode == 130, log[-800:]
     step = load_checkpoint(str(out_dir / "ckpt.pt"))["step"]
     assert 3 <= step < 400 and f"interrupted at step {step}" in log and "--resume" in log
-    assert train.read_metrics(str(out_dir / "metrics.jsonl"))[-1]["step"] == step
+    assert cli.read_metrics(str(out_dir / "metrics.jsonl"))[-1]["step"] == step
     summary = train.main(
         tiny_cfg(tmp_path, tiny_pusht, max_steps=step + 2, num_proj=32, eval_every=1000, ckpt_every=1000, resume=True)
     )
     assert summary["steps"] == step + 2
-    assert [r["step"] for r in train.read_metrics(str(out_dir / "metrics.jsonl"))][-3:] == [step, step + 1, step + 2]
+    assert [r["step"] for r in cli.read_metrics(str(out_dir / "metrics.jsonl"))][-3:] == [step, step + 1, step + 2]
 
 
 # --- evaluate
@@ -1935,33 +1931,33 @@ def test_eval_line_chart_png_size_colours_and_direction(tmp_path):
     series = {"up": (xs, [x * x for x in xs]), "down": (xs, [100.0 - 8 * x for x in xs[:-1]] + [float("nan")])}
     series["one"] = ([5.0], [60.0])
     out = tmp_path / "charts" / "chart.png"
-    img = evaluate.line_chart(series, title="T", xlabel="x", ylabel="y", out_png=str(out), width=500, height=300)
+    img = charts.line_chart(series, title="T", xlabel="x", ylabel="y", out_png=str(out), width=500, height=300)
     raw = out.read_bytes()
     assert raw[:8] == b"\x89PNG\r\n\x1a\n" and raw[12:16] == b"IHDR" and img.shape == (300, 500, 3)
     assert int.from_bytes(raw[16:20], "big") == 500 and int.from_bytes(raw[20:24], "big") == 300
     for i, name in enumerate(series):
-        assert (img == evaluate.PALETTE[i]).all(-1).sum() > (20 if name == "one" else 200), name
+        assert (img == charts.PALETTE[i]).all(-1).sum() > (20 if name == "one" else 200), name
     for i, sign in ((0, 1), (1, -1)):  # the median row (robust to the legend swatch) of each third of the plot
-        rows, cols = np.nonzero((img == evaluate.PALETTE[i]).all(-1))
+        rows, cols = np.nonzero((img == charts.PALETTE[i]).all(-1))
         left, right = np.median(rows[cols < 64 + 140]), np.median(rows[cols > 500 - 16 - 140])
         assert sign * (left - right) > 50  # row indices grow downwards: rising means a smaller row on the right
-    log = evaluate.line_chart(
+    log = charts.line_chart(
         {"a": ([1, 2, 3], [0.01, 0.1, 1.0])}, title="", xlabel="", ylabel="", out_png="", log_y=True
     )
-    assert log.shape == (400, 640, 3) and (log == evaluate.PALETTE[0]).all(-1).any()
+    assert log.shape == (400, 640, 3) and (log == charts.PALETTE[0]).all(-1).any()
 
 
 def test_eval_draw_text_distinct_glyphs_and_unknown_chars():
     """draw_text gives different characters different pixels, scales them, and draws unknown ones as a box."""
 
     def render(text, scale=1):
-        return evaluate.draw_text(np.zeros((20, 60, 3), np.uint8), 1, 1, text, 255, scale)
+        return charts.draw_text(np.zeros((20, 60, 3), np.uint8), 1, 1, text, 255, scale)
 
     assert not np.array_equal(render("0"), render("8")) and not np.array_equal(render("a"), render("A"))
     assert render("0").any() and not render(" ").any()
     assert (render("8", 2) > 0).sum() == 4 * (render("8") > 0).sum()
     assert np.array_equal(render("\u2603"), render("\u00e9")) and render("\u2603").any()
-    evaluate.draw_text(np.zeros((5, 5, 3), np.uint8), -3, 2, "clipped ×", (1, 2, 3))  # off the canvas: no error
+    charts.draw_text(np.zeros((5, 5, 3), np.uint8), -3, 2, "clipped ×", (1, 2, 3))  # off the canvas: no error
 
 
 def test_eval_episode_strip_layout_and_labels():
@@ -1970,7 +1966,7 @@ def test_eval_episode_strip_layout_and_labels():
     rng = np.random.default_rng(0)
     frames = [rng.integers(0, 255, (32, 32, 3), dtype=np.uint8) for _ in range(12)]  # steps 0..11
     goal = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
-    sheet = evaluate.episode_strip(frames, goal, "title", every=5, per_row=2)  # steps 0, 5, 10, 11
+    sheet = charts.episode_strip(frames, goal, "title", every=5, per_row=2)  # steps 0, 5, 10, 11
     w, gap, pad, label_h, title_h = 128, 4, 16, 11, 22
     assert sheet.shape == (title_h + 2 * (label_h + w) + pad, 2 * (2 * w + gap) + pad, 3)
     for k, t in enumerate([0, 5, 10, 11]):
@@ -1981,7 +1977,7 @@ def test_eval_episode_strip_layout_and_labels():
         assert (sheet[y - label_h : y, x : x + w] < 255).any()  # the "step t" label
     assert (sheet[:title_h] < 255).any()
     other = np.zeros((10, 5, 3), np.uint8)
-    both = evaluate.stack_sheets([sheet, other], gap=3)
+    both = charts.stack_sheets([sheet, other], gap=3)
     assert both.shape == (sheet.shape[0] + 13, sheet.shape[1], 3)
     assert np.array_equal(both[: sheet.shape[0]], sheet) and not both[sheet.shape[0] + 3 :, :5].any()
 
@@ -1992,10 +1988,10 @@ def test_eval_plot_metrics_png_skips_torn_lines(tmp_path):
     rows = [{"step": s, "pred_loss": 1.0 / s, "sigreg_loss": 5.0 / s, "lr": 1e-3} for s in range(1, 30)]
     rows[-1].update(val_pred_loss=0.05, val_sigreg_loss=0.2)
     path.write_text("\n".join(json.dumps(r) for r in rows) + '\n\n{"step": 30, "pred_lo')
-    img = evaluate.plot_metrics_png(str(path), str(tmp_path / "out" / "metrics.png"))
+    img = charts.plot_metrics_png(str(path), str(tmp_path / "out" / "metrics.png"))
     raw = (tmp_path / "out" / "metrics.png").read_bytes()
     assert raw[:8] == b"\x89PNG\r\n\x1a\n" and img.shape == (400, 1280, 3)
-    assert all((half == evaluate.PALETTE[0]).all(-1).sum() > 100 for half in (img[:, :640], img[:, 640:]))
+    assert all((half == charts.PALETTE[0]).all(-1).sum() > 100 for half in (img[:, :640], img[:, 640:]))
 
 
 def test_eval_success_curve_minutes_from_logged_step_times(tmp_path):
@@ -2013,7 +2009,7 @@ def test_eval_success_curve_minutes_from_logged_step_times(tmp_path):
         plans[-1].write_text(json.dumps(res))
     rand = tmp_path / "random.json"
     rand.write_text(json.dumps({"success_rate": 0.1}))
-    out = evaluate.success_curve([str(p) for p in plans], str(metrics), str(tmp_path / "c.png"), random_json=str(rand))
+    out = analyses.success_curve([str(p) for p in plans], str(metrics), str(tmp_path / "c.png"), random_json=str(rand))
     assert [p["step"] for p in out["points"]] == [100, 200, 300]
     # 100 steps at 0.6 s = 1 min, then 100 more at 0.3 s = 0.5 min each
     assert [p["train_minutes"] for p in out["points"]] == [1.0, 1.5, 2.0]
@@ -2021,20 +2017,20 @@ def test_eval_success_curve_minutes_from_logged_step_times(tmp_path):
     assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     short = tmp_path / "short.jsonl"  # a second, shorter run: one metrics file per plan file
     short.write_text(json.dumps({"step": 100, "ms_per_step": 300.0}) + "\n")
-    two = evaluate.success_curve([str(plans[0]), str(plans[0])], [str(metrics), str(short)], str(tmp_path / "e.png"))
+    two = analyses.success_curve([str(plans[0]), str(plans[0])], [str(metrics), str(short)], str(tmp_path / "e.png"))
     assert [(p["step"], p["train_minutes"]) for p in two["points"]] == [(100, 0.5), (300, 2.0)]
-    with pytest.raises(data.UsageError, match="2 plan files but 1 metrics"):
-        evaluate.success_curve([str(plans[0])] * 2, [str(metrics)], str(tmp_path / "f.png"))
+    with pytest.raises(cli.UsageError, match="2 plan files but 1 metrics"):
+        analyses.success_curve([str(plans[0])] * 2, [str(metrics)], str(tmp_path / "f.png"))
     late = json.loads(plans[1].read_text()) | {"checkpoint": "runs/x/ckpt_400.pt"}
     plans[1].write_text(json.dumps(late))
-    with pytest.raises(data.UsageError, match="past the last step"):
-        evaluate.success_curve([str(plans[1])], str(metrics), str(tmp_path / "d.png"))
+    with pytest.raises(cli.UsageError, match="past the last step"):
+        analyses.success_curve([str(plans[1])], str(metrics), str(tmp_path / "d.png"))
 
 
 def test_eval_surprise_teleport_spikes_on_position_tracking_model(tiny_tworoom):
     """A model tracking the agent exactly: surprise ~0 on real steps, huge at teleports, blind to recolouring."""
     world = _centroid_world(tiny_tworoom)
-    out = evaluate.measure_surprise(world, episodes=6, steps=4, seed=0)
+    out = analyses.measure_surprise(world, episodes=6, steps=4, seed=0)
     res = out["results"]
     assert out["episodes"] == 6 and out["perturbed_steps"] == 24
     # Frames, action blocks and targets aligned as in training: the exact dynamics predict real steps to < 1 px.
@@ -2051,22 +2047,22 @@ def test_eval_diagnose_ranks_true_actions_first_for_exact_model(tiny_tworoom):
     """diagnose: an exact model ranks the recorded actions near the top and moves with them; a blind one is at chance."""
     world = _centroid_world(tiny_tworoom)
     rows = evaluate.start_rows(world.traj, world.val_eps, 24, 25, seed=0)
-    exact = evaluate.action_ranking(world, rows, horizon=5, samples=64, seed=0)
+    exact = analyses.action_ranking(world, rows, horizon=5, samples=64, seed=0)
     assert exact["median_rank"] < 0.05 and exact["top10"] >= 0.8, exact
     assert exact["sensitivity_1"] > 0.5 and exact["rollout_error_1"] < 0.3, exact
-    blind = evaluate.action_ranking(_centroid_world(tiny_tworoom, _BlindModel), rows, horizon=5, samples=64, seed=0)
+    blind = analyses.action_ranking(_centroid_world(tiny_tworoom, _BlindModel), rows, horizon=5, samples=64, seed=0)
     assert blind["median_rank"] == 0.5 and blind["top10"] == 0.0 and blind["sensitivity_1"] == 0.0, blind
 
 
 def test_eval_diagnose_never_uses_evaluation_episodes(tiny_tworoom):
     """diagnose draws from held-out episodes minus those holding an evaluation start row (the plan command's draw)."""
     world = _centroid_world(tiny_tworoom)
-    kept = evaluate.diagnose_episodes(world, eval_pairs=2, goal_offset=25)
+    kept = analyses.diagnose_episodes(world, eval_pairs=2, goal_offset=25)
     eval_rows = evaluate.start_rows(world.traj, world.val_eps, 2, 25, evaluate.EvalConfig.seed)
     eval_eps = np.searchsorted(world.traj.ep_offset, eval_rows, side="right") - 1
     assert len(kept) > 0 and not set(kept) & set(eval_eps) and set(kept) | set(eval_eps) == set(world.val_eps)
     with pytest.raises(ValueError, match="evaluation pairs"):
-        evaluate.diagnose_episodes(world, eval_pairs=50, goal_offset=25)
+        analyses.diagnose_episodes(world, eval_pairs=50, goal_offset=25)
 
 
 def test_eval_diagnose_cli_writes_json(tmp_path, tiny_pusht):
@@ -2161,13 +2157,13 @@ def test_eval_anatomy_exact_model_is_not_exploited(tiny_tworoom):
     world = _centroid_world(tiny_tworoom)
     cfg = evaluate.EvalConfig(samples=64, iterations=6, topk=8, device="cpu")
     rows = evaluate.start_rows(world.traj, world.val_eps, 6, 25, seed=1)
-    exact = evaluate.plan_anatomy(world, cfg, rows)
+    exact = analyses.plan_anatomy(world, cfg, rows)
     assert exact["true"]["success"] == 1.0 and exact["true"]["final_errors_median"]["distance_px"] < 2
     zero = exact["zero"]
     assert np.isclose(zero["predicted_cost_median"], zero["realised_cost_median"], rtol=0.05)
     gap = [abs(p["predicted_cost"] - p["realised_cost"]) for p in exact["cem"]["per_pair"]]
     assert np.median(gap) < 0.1 * zero["realised_cost_median"], exact["cem"]
-    blind = evaluate.plan_anatomy(_centroid_world(tiny_tworoom, _BlindModel), cfg, rows)
+    blind = analyses.plan_anatomy(_centroid_world(tiny_tworoom, _BlindModel), cfg, rows)
     assert blind["cem"]["predicted_cost_median"] == blind["zero"]["predicted_cost_median"]  # actions do nothing
     assert exact["data_abs_action_p99"] == blind["data_abs_action_p99"] and len(exact["cem"]["abs_action_p99"]) == 2
 
@@ -2180,9 +2176,9 @@ def test_eval_encoder_capacity_learns_and_is_seeded(tiny_tworoom):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # deterministic and fast for a model this small
     try:
-        fit = evaluate.encoder_capacity(world, eps, eps, steps=300, seed=0)
-        a = evaluate.encoder_capacity(world, eps, world.val_eps[4:], steps=10, seed=3)
-        b = evaluate.encoder_capacity(world, eps, world.val_eps[4:], steps=10, seed=3)
+        fit = analyses.encoder_capacity(world, eps, eps, steps=300, seed=0)
+        a = analyses.encoder_capacity(world, eps, world.val_eps[4:], steps=10, seed=3)
+        b = analyses.encoder_capacity(world, eps, world.val_eps[4:], steps=10, seed=3)
     finally:
         torch.set_num_threads(threads)
     assert fit["r"]["agent_pos"] > 0.3 and fit["units"] == {"agent_pos": "px"} and fit["tokens"] == 16, fit
@@ -2199,7 +2195,7 @@ def test_eval_probe_errors_in_success_units():
     }
     pred_ang = ang + np.array([[0.2], [-0.2]])  # 0.2 rad off each, one wrapping past pi
     pred = np.concatenate([y["agent_pos"] + [3.0, 4.0], np.zeros((2, 2)), np.sin(pred_ang), np.cos(pred_ang)], 1)
-    err = evaluate.probe_errors(pred, y, "pusht")
+    err = analyses.probe_errors(pred, y, "pusht")
     assert np.isclose(err["agent_pos"], 5.0) and err["block_pos"] == 0.0
     assert np.isclose(err["block_angle"], np.degrees(0.2))
 
@@ -2242,9 +2238,9 @@ def test_eval_probe_linear_recovers_linear_quantity():
     rng = np.random.default_rng(0)
     z = rng.normal(size=(600, 24)) * rng.uniform(0.1, 10, 24) + rng.normal(size=24)  # (N, D), uneven scales
     y = z @ rng.normal(size=(24, 3)) + rng.normal(size=3)  # (N, 3)
-    scores = evaluate.probe_model(z[:500], z[500:], {"q": y[:500]}, {"q": y[500:]}, epochs=1, seed=0)["q"]
+    scores = analyses.probe_model(z[:500], z[500:], {"q": y[:500]}, {"q": y[500:]}, epochs=1, seed=0)["q"]
     assert scores["linear"]["mse"] < 1e-6 and scores["linear"]["r"] > 1 - 1e-6
-    noise = evaluate.probe_model(
+    noise = analyses.probe_model(
         z[:500], z[500:], {"q": rng.normal(size=(500, 2))}, {"q": rng.normal(size=(100, 2))}, epochs=1, seed=0
     )["q"]
     assert noise["linear"]["mse"] > 0.8 and abs(noise["linear"]["r"]) < 0.3
@@ -2327,11 +2323,11 @@ def test_eval_summary_shows_a_planned_success_and_the_first_failure():
     def eps(*outcomes):  # "s": solved at start, "p": success by planning, "f": failure
         return [{"success": o != "f", "solved_at_start": o == "s"} for o in outcomes]
 
-    assert evaluate.summary_picks(eps("f", "s", "s", "p", "f")) == [3, 0]
-    assert evaluate.summary_picks(eps("s", "f", "s")) == [0, 1]
-    assert evaluate.summary_picks(eps("p", "f")) == [0, 1]
-    assert evaluate.summary_picks(eps("f", "f")) == [0]
-    assert evaluate.summary_picks(eps("s", "p")) == [1]
+    assert charts.summary_picks(eps("f", "s", "s", "p", "f")) == [3, 0]
+    assert charts.summary_picks(eps("s", "f", "s")) == [0, 1]
+    assert charts.summary_picks(eps("p", "f")) == [0, 1]
+    assert charts.summary_picks(eps("f", "f")) == [0]
+    assert charts.summary_picks(eps("s", "p")) == [1]
 
 
 def test_eval_start_rows_held_out_and_seeded(tiny_pusht):
@@ -2375,7 +2371,7 @@ def test_eval_random_policy_matches_independent_replay(tmp_path, tiny_tworoom):
         runs[planner_seed] = [(r["episode"], r["start_step"]) for r in res["per_episode"]]
     assert runs[0] == runs[1]
     # A zero budget would never step an env, so every episode would fail: it is refused before any work.
-    with pytest.raises(data.UsageError, match="--budget 0"):
+    with pytest.raises(cli.UsageError, match="--budget 0"):
         evaluate.main(_eval_cfg(ckpt, tmp_path, policy="random", episodes=8, split="train", budget=0))
 
 
@@ -2405,7 +2401,7 @@ def test_eval_bf16_warns_only_where_emulated(tmp_path, tiny_tworoom, monkeypatch
 
 def test_eval_load_world_errors(tmp_path, tiny_pusht):
     """load_world names the problem: missing checkpoint, env mismatch, action dim mismatch, no model source."""
-    with pytest.raises(data.UsageError, match="not found"):
+    with pytest.raises(cli.UsageError, match="not found"):
         evaluate.load_world(_eval_cfg(str(tmp_path / "nope.pt"), tmp_path))
     ckpt = _eval_ckpt(tmp_path / "ckpt.pt", tiny_pusht, "pusht")
     with pytest.raises(ValueError, match="does not match"):
@@ -2447,7 +2443,7 @@ def test_eval_released_model_on_own_simulator_data(tmp_path, monkeypatch, capsys
         val = set(data.split_episodes(10)[1])
     with open(tmp_path / "r.json") as f:
         saved = json.load(f)
-    assert saved["data"] == path and saved["data_source"].startswith("own simulator, collected by data.collect")
+    assert saved["data"] == path and saved["data_source"].startswith("own simulator, collected by collect.collect")
     assert saved["checkpoint"] == "hf:someone/lewm-tiny" and res["episodes"] == 2
     assert all(r["episode"] in val for r in saved["per_episode"])
     # A folder of released files gives the same model; the data already on disk is reused, not collected again.
@@ -2471,19 +2467,19 @@ def test_eval_released_model_source_errors_are_one_line(tmp_path, monkeypatch):
         (("a", "b", "c"), "give hf:owner/name"),
     ]
     for official, text in cases:
-        with pytest.raises(data.UsageError, match=re.escape(text)):
+        with pytest.raises(cli.UsageError, match=re.escape(text)):
             evaluate.main(dataclasses.replace(base, official=official))
-    with pytest.raises(data.UsageError, match="--official needs --env"):
+    with pytest.raises(cli.UsageError, match="--official needs --env"):
         evaluate.main(
             dataclasses.replace(base, official=(str(folder / "weights.pt"), str(folder / "weights.pt")), env="")
         )
     with monkeypatch.context() as m:
         m.setitem(sys.modules, "huggingface_hub", None)  # import fails as if it were not installed
-        with pytest.raises(data.UsageError, match="needs huggingface_hub: pip install huggingface_hub") as e:
+        with pytest.raises(cli.UsageError, match="needs huggingface_hub: pip install huggingface_hub") as e:
             evaluate.main(dataclasses.replace(base, official=("hf:someone/lewm-tiny",)))
         assert "\n" not in str(e.value)
     offline_hub_cache(tmp_path, monkeypatch, randomise(tiny_model()))
-    with pytest.raises(data.UsageError, match="cannot get 'someone/other' from the hub") as e:
+    with pytest.raises(cli.UsageError, match="cannot get 'someone/other' from the hub") as e:
         evaluate.main(dataclasses.replace(base, official=("hf:someone/other",)))
     assert "\n" not in str(e.value)
     assert not os.path.exists(tmp_path / "data")  # nothing collected for a model that did not load
@@ -2533,7 +2529,7 @@ def test_fail_eval_bad_arguments_before_loading(tmp_path, tiny_pusht):
         ({"ckpt": str(tmp_path / "x.pt")}, "no such file"),
         ({"official": (ckpt, ckpt)}, "exactly one"),
     ):
-        with pytest.raises(data.UsageError, match=re.escape(text)):
+        with pytest.raises(cli.UsageError, match=re.escape(text)):
             evaluate.main(dataclasses.replace(_eval_cfg(ckpt, tmp_path), **kw))
     with pytest.raises(SystemExit):
         evaluate.parse_args(["probe", "--ckpt", ckpt, "--budget", "3"])  # a plan flag
@@ -2555,7 +2551,7 @@ def test_fail_nonfinite_weights_refused_on_load(tmp_path, tiny_pusht):
     save_checkpoint(str(tmp_path / "nan.pt"), ckpt)
     with pytest.raises(ValueError, match="non-finite"):
         model_from_checkpoint(load_checkpoint(str(tmp_path / "nan.pt")))
-    with pytest.raises(data.UsageError, match="non-finite"):
+    with pytest.raises(cli.UsageError, match="non-finite"):
         evaluate.main(_eval_cfg(str(tmp_path / "nan.pt"), tmp_path))
     weights, config = export_official(model, tmp_path)
     good = open(weights, "rb").read()
@@ -2582,28 +2578,28 @@ def test_fail_dataset_env_and_resume_mismatch(tmp_path, tiny_pusht, tiny_tworoom
     is refused without --resume, a locked one always."""
     import fcntl
 
-    with pytest.raises(data.UsageError, match="holds pusht episodes"):
+    with pytest.raises(cli.UsageError, match="holds pusht episodes"):
         train.main(tiny_cfg(tmp_path, tiny_pusht, env="tworoom"))
-    with pytest.raises(data.UsageError, match="holds tworoom episodes"):
+    with pytest.raises(cli.UsageError, match="holds tworoom episodes"):
         evaluate.load_world(_eval_cfg(_eval_ckpt(tmp_path / "c.pt", tiny_pusht, "pusht"), tmp_path, data=tiny_tworoom))
     train.main(tiny_cfg(tmp_path, tiny_pusht, max_steps=2, eval_every=100))
-    with pytest.raises(data.UsageError, match="already holds a run"):
+    with pytest.raises(cli.UsageError, match="already holds a run"):
         train.main(tiny_cfg(tmp_path, tiny_pusht, max_steps=2))
     for kw, text in (
         ({"env": "tworoom", "data": tiny_tworoom}, "is a pusht run"),
         ({"data": shutil.copy(tiny_pusht, tmp_path / "copy.h5")}, "was trained on"),
         ({"dropout": 0.3}, "another model config"),
     ):
-        with pytest.raises(data.UsageError, match=text):
+        with pytest.raises(cli.UsageError, match=text):
             train.main(tiny_cfg(tmp_path, tiny_pusht, max_steps=4, resume=True, **kw))
     with open(tmp_path / "run" / "metrics.jsonl", "a") as f:
         f.write('{"step": 3, "lo')  # a kill in the middle of writing a row
     with open(tmp_path / "run" / ".lock") as f:  # another run holds the folder
         fcntl.flock(f, fcntl.LOCK_EX)
-        with pytest.raises(data.UsageError, match="in use by another run"):
+        with pytest.raises(cli.UsageError, match="in use by another run"):
             train.main(tiny_cfg(tmp_path, tiny_pusht, max_steps=4, resume=True))
     train.main(tiny_cfg(tmp_path, tiny_pusht, max_steps=4, eval_every=100, resume=True))
-    assert [r["step"] for r in train.read_metrics(str(tmp_path / "run" / "metrics.jsonl"))] == [1, 2, 3, 4]
+    assert [r["step"] for r in cli.read_metrics(str(tmp_path / "run" / "metrics.jsonl"))] == [1, 2, 3, 4]
     train.main(tiny_cfg(tmp_path, tiny_pusht, max_steps=1, eval_every=100, overwrite=True))
     assert load_checkpoint(str(tmp_path / "run" / "ckpt.pt"))["step"] == 1
 
@@ -2619,7 +2615,7 @@ def test_fail_eval_finds_dataset_from_another_directory(tmp_path, tiny_pusht, mo
     ckpt = str(tmp_path / "run" / "ckpt.pt")
     assert evaluate.load_world(_eval_cfg(ckpt, tmp_path)).traj.num_episodes == 6
     os.remove(tmp_path / "a" / "data" / "p.h5")
-    with pytest.raises(data.UsageError, match="pass --data"):
+    with pytest.raises(cli.UsageError, match="pass --data"):
         evaluate.load_world(_eval_cfg(ckpt, tmp_path))
 
 
@@ -2711,8 +2707,12 @@ def test_readme_use_a_trained_model_snippet_runs(tmp_path):
     plan of the documented shapes, the plan cheaper than the zero plan."""
     with open(os.path.join(REPO, "README.md")) as f:
         readme = f.read()
+    if "## Use a trained model" not in readme:
+        pytest.skip("the README holds no 'Use a trained model' snippet")
     section = readme[readme.index("## Use a trained model") :]
     code = section[section.index("```python\n") + 10 : section.index("\n```", section.index("```python"))]
+    # load_pretrained is official.py's; a README that still imports it from model.py is run with the right import
+    code = code.replace("from model import load_pretrained", "from official import load_pretrained")
     model = randomise(tiny_model()).eval()
     ckpt = _train_ckpt(tmp_path, model)
     assert '"runs/pusht_cpu/ckpt.pt"' in code
@@ -2780,7 +2780,7 @@ def one_thread():
 def tiny_run(tmp_path_factory):
     """A tiny-preset world model trained for 2 steps by train.main on 6 TwoRoom episodes at 32 px."""
     root = tmp_path_factory.mktemp("policy")
-    path = data.collect("tworoom", 6, str(root / "tworoom_tiny.h5"), img_size=32, workers=1)
+    path = collect.collect("tworoom", 6, str(root / "tworoom_tiny.h5"), img_size=32, workers=1)
     cfg = train.TrainConfig(
         env="tworoom",
         preset="tiny",
@@ -2881,10 +2881,10 @@ def test_policy_main_trains_saves_and_checks_world_model(tmp_path, tiny_run):
     key = next(k for k, v in other["model"].items() if v.is_floating_point())
     other["model"][key] += 1e-3
     save_checkpoint(str(tmp_path / "other.pt"), other)
-    with pytest.raises(data.UsageError, match="trained on another world model") as e:
+    with pytest.raises(cli.UsageError, match="trained on another world model") as e:
         policy.load_policy(cfg.out, load_checkpoint(str(tmp_path / "other.pt")), ckpt_path="other.pt")
     assert "\n" not in str(e.value) and "python policy.py --ckpt other.pt" in str(e.value)
-    with pytest.raises(data.UsageError, match="not a policy file") as e:
+    with pytest.raises(cli.UsageError, match="not a policy file") as e:
         policy.load_policy(ckpt_path, ckpt)
     assert "\n" not in str(e.value)
 
@@ -2901,7 +2901,7 @@ def test_policy_main_refuses_bad_arguments(tmp_path, tiny_run):
         ({"ckpt": ckpt_path, "out": data_path}, "the dataset"),
     ]
     for kw, message in cases:
-        with pytest.raises(data.UsageError, match=message):
+        with pytest.raises(cli.UsageError, match=message):
             policy.main(policy.PolicyConfig(device="cpu", **kw))
     assert dataclasses.asdict(policy.parse_args(["--ckpt", ckpt_path, "--steps", "7"])) == dataclasses.asdict(
         policy.PolicyConfig(ckpt=ckpt_path, steps=7)

@@ -2,7 +2,9 @@
 
 One linear `main(cfg)` with one visible loop: learning rate as a pure function of the step, bf16 autocast forward,
 backward, global-norm clip, AdamW step, a fixed-format log line, validation and an atomic checkpoint at intervals.
-Deliberately absent: EMA target, stop-gradient, pixel decoder, pretrained encoder.
+Deliberately absent: EMA target, stop-gradient, pixel decoder, pretrained encoder. The file reads as the config,
+the recipe, the data, then the loop; the command-line, run-folder, signal and DDP plumbing is cli.py's, data
+collection collect.py's, the loss chart charts.py's.
 
 Run:
     python train.py --env pusht                          # collects data if missing; preset: paper on CUDA, else cpu
@@ -11,8 +13,9 @@ Run:
     torchrun --standalone --nproc_per_node=2 train.py --env pusht   # DDP: gloo on CPU, NCCL on GPU
 
 Precedence (`resolve_config`): dataclass defaults < preset (--preset: model sizes) < its recipe < explicit flags.
-The final config, every field holding its real value, is printed and saved in
-<out_dir>/config.json; metrics go to <out_dir>/metrics.jsonl and its loss curves to metrics.png.
+The final config, every field holding its real value, is printed and saved in <out_dir>/config.json; metrics go to
+<out_dir>/metrics.jsonl, its loss curves to metrics.png, and the wall times (data collection, the optimisation loop
+summed over resumed runs), steps and final validation losses to summary.json.
 Arguments are checked before any work (a wrong one: one line naming it, exit code 2). Ctrl-C or SIGTERM finishes
 the current step, writes a checkpoint and exits (130 or 143) with the command that resumes.
 """
@@ -22,11 +25,9 @@ import dataclasses
 import json
 import math
 import os
-import shlex
 import shutil
 import signal
 import sys
-import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -39,22 +40,15 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
+import cli
+import collect
 import data
 import envs
-from data import UsageError
-from evaluate import plot_metrics_png, read_metrics
-from model import (
-    PRESETS,
-    LeWM,
-    ModelConfig,
-    check_state_dict,
-    lewm_loss,
-    load_checkpoint,
-    native_bf16,
-    pick_device,
-    save_checkpoint,
-)
-from sigreg import AllReduceSum, SIGReg
+from charts import plot_metrics_png
+from cli import UsageError
+from kernels import native_bf16, use_fast_attention
+from model import PRESETS, LeWM, ModelConfig, check_state_dict, lewm_loss, load_checkpoint, save_checkpoint
+from sigreg import SIGReg
 
 # --- configuration
 
@@ -155,7 +149,7 @@ RECIPES = {
 
 # Valid values, checked before any work: choices, and (rule, test) for the fields with a range (a field left None
 # is resolved from the preset later, and skipped here).
-CHOICES = {"env": list(envs.REGISTRY), "preset": [None, *RECIPES], "device": ["auto", "cuda", "mps", "cpu"]}
+CHOICES = {"env": list(envs.REGISTRY), "preset": [None, *RECIPES], "device": cli.DEVICES}
 RANGES = {
     "episodes": (">= 1", lambda v: v >= 1),
     "max_steps": (">= 1", lambda v: v >= 1),
@@ -180,13 +174,14 @@ RANGES = {
     "keep_every": (">= 0", lambda v: v >= 0),
 }
 
-# --- helpers
+
+# --- the configuration: flags, presets and recipes resolved, checked before any work
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
     """argparse generated from TrainConfig: every field a flag, its trailing comment the help text."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=data.HelpFormatter)
-    data.add_config_flags(parser, TrainConfig, choices=CHOICES)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
+    cli.add_config_flags(parser, TrainConfig, choices=CHOICES)
     return TrainConfig(**vars(parser.parse_args(argv)))
 
 
@@ -227,11 +222,8 @@ def resolve_config(
 
 def check_config(cfg: TrainConfig) -> None:
     """Raise UsageError, naming the flag and its value, for any argument outside its valid values."""
-    data.check_fields(cfg, CHOICES, RANGES)
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available (use --device auto or cpu)")
-    if cfg.device == "mps" and not torch.backends.mps.is_available():
-        raise UsageError("--device mps: MPS is not available (use --device auto or cpu)")
+    cli.check_fields(cfg, CHOICES, RANGES)
+    cli.check_device(cfg.device)
     if cfg.resume and cfg.overwrite:
         raise UsageError("--resume and --overwrite: give one of them")
     if cfg.data and not os.path.isfile(cfg.data):
@@ -245,41 +237,27 @@ def check_config(cfg: TrainConfig) -> None:
         )
 
 
-def lock_run_folder(out_dir: str, cleanup: ExitStack) -> None:
-    """Hold an exclusive lock on <out_dir>/.lock until `cleanup` closes: a second run on the folder is refused.
-    The operating system drops the lock when the process ends, however it ends (kill -9 included)."""
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        f = cleanup.enter_context(open(os.path.join(out_dir, ".lock"), "a+"))
-    except OSError as e:
-        raise UsageError(f"--out_dir {out_dir}: cannot write there ({e.strerror})") from e
-    try:
-        import fcntl
-    except ImportError:  # no fcntl (Windows): the folder is not locked
-        return
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        raise UsageError(f"--out_dir {out_dir}: in use by another run (pid {f.read().strip() or '?'})") from None
-    f.truncate(0)
-    f.write(f"{os.getpid()}\n")
-    f.flush()
+def setup_run(cfg: TrainConfig, cleanup: ExitStack, device, rank: int, world: int, say, timings: dict) -> TrainConfig:
+    """The resolved config, checked; rank 0 holds the run folder, refused if it holds another run."""
+    if cfg.preset is None:
+        found = "CUDA found" if device.type == "cuda" else "no CUDA"
+        say(f"--preset not given: using '{'paper' if device.type == 'cuda' else 'cpu'}' ({found})")
+    native = native_bf16(device)
+    if cfg.bf16 is None and not native:
+        say(f"--bf16 not given: fp32, as {device.type} has no native bf16 here (bf16 would be emulated, far slower)")
+    cfg = resolve_config(
+        cfg, cuda=device.type == "cuda", steps_per_epoch=lambda c: epoch_steps(c, rank, world, timings), bf16=native
+    )
+    if cfg.img_size % cfg.patch_size:
+        raise UsageError(f"--img_size {cfg.img_size}: not a multiple of --patch_size {cfg.patch_size}")
+    if cfg.batch_size % world:
+        raise UsageError(f"--batch_size {cfg.batch_size}: not divisible by the {world} ranks")
+    if rank == 0:
+        cli.prepare_run_folder(cfg.out_dir, cfg.resume, cfg.overwrite, cleanup)
+    return cfg
 
 
-def resume_command(cfg: TrainConfig) -> str:
-    """The command that resumes this run: every flag that differs from its default, and --resume."""
-    flags = []
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        if f.name in ("resume", "overwrite") or value == f.default:
-            continue
-        flags += (
-            [f"--{f.name}" if value is True else f"--no-{f.name}"]
-            if isinstance(value, bool)
-            else [f"--{f.name}", shlex.quote(str(value))]
-        )
-    return " ".join(["python train.py", *flags, "--resume"])
+# --- the recipe: schedule, model, BatchNorm statistics and validation
 
 
 def lr_at(step: int, peak: float, warmup_steps: int, total_steps: int) -> float:
@@ -290,51 +268,96 @@ def lr_at(step: int, peak: float, warmup_steps: int, total_steps: int) -> float:
     return peak * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-class GlobalBatchNorm1d(nn.BatchNorm1d):
-    """BatchNorm1d whose training statistics cover the global batch of all ranks (SyncBatchNorm is GPU-only).
+def model_config(cfg: TrainConfig, raw_action_dim: int) -> ModelConfig:
+    """The preset's model at the resolved sizes; the action block is frameskip x the dataset's raw action dim."""
+    mcfg = dataclasses.replace(
+        PRESETS[cfg.preset], img_size=cfg.img_size, patch_size=cfg.patch_size, pred_dropout=cfg.dropout
+    )
+    return dataclasses.replace(mcfg, action_dim=mcfg.frameskip * raw_action_dim)
 
-    Under DDP this makes the projectors see the same statistics as one process with the whole batch, so a
-    torchrun run computes the same loss as a single-process run. Same parameters and buffers as BatchNorm1d.
+
+@torch.no_grad()
+def refresh_bn_stats(model: LeWM, loader, cfg: TrainConfig, device, max_batches: int):
+    """Re-estimate every BatchNorm's running statistics at the current weights: the plain average of the batch
+    statistics of the first `max_batches` batches of `loader`, dropout off.
+
+    # DEVIATION: the official model keeps the momentum-0.1 running averages from training. They trail the weights:
+    # the projector's pre-BN features vary little across frames (std ~ 0.03 around means ~ 0.4 at 64 px), so the
+    # drift of a few steps at a high learning rate moves eval-mode embeddings far from the train-mode ones
+    # (measured at step 500 of the cpu recipe: relative error 2.5, validation prediction loss 2.7 vs 0.16 in
+    # train mode). Planning and validation run in eval mode, so we refresh the statistics before each
+    # validation, hence in every checkpoint written after one. Training itself is unchanged.
     """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in bns]
+    model.eval()
+    for m in bns:
+        m.reset_running_stats()
+        m.train()
+    for i, (pixels, actions) in enumerate(loader):
+        if i >= max_batches:
+            break
+        for m in bns:
+            m.momentum = 1.0 / (i + 1)  # running = mean of the batch statistics seen so far
+        pixels, actions = model.preprocess(pixels.to(device)), actions.to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+            model(pixels, actions)
+    for m, momentum in zip(bns, momenta):
+        m.momentum = momentum
+    model.train()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training:
-            return super().forward(x)
-        x32 = x.float()
-        sums = AllReduceSum.apply(torch.cat([x32.sum(0), (x32 * x32).sum(0), x32.new_ones(1) * x.shape[0]]))
-        c = x.shape[1]
-        n = sums[-1]
-        mean, var = sums[:c] / n, sums[c : 2 * c] / n - (sums[:c] / n) ** 2  # (C,), biased variance
-        with torch.no_grad():
-            self.running_mean.lerp_(mean, self.momentum)
-            self.running_var.lerp_(var * n / (n - 1), self.momentum)
-            self.num_batches_tracked += 1
-        return ((x32 - mean) / torch.sqrt(var + self.eps) * self.weight + self.bias).to(x.dtype)
+
+@torch.no_grad()
+def validate(model: LeWM, loader, sigreg, cfg: TrainConfig, device, max_batches: int) -> dict:
+    """Mean losses over validation clips, model in eval mode (BN running statistics, no dropout)."""
+    model.eval()
+    totals, n = {"loss": 0.0, "pred_loss": 0.0, "sigreg_loss": 0.0}, 0
+    for i, (pixels, actions) in enumerate(loader):
+        if max_batches and i >= max_batches:
+            break
+        pixels, actions = model.preprocess(pixels.to(device)), actions.to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+            loss, parts = lewm_loss(model, pixels, actions, sigreg, cfg.lambd)
+        for k, v in (("loss", loss), *parts.items()):
+            totals[k] += float(v)
+        n += 1
+    model.train()
+    return {f"val_{k}": v / max(n, 1) for k, v in totals.items()}
 
 
-def ensure_dataset(cfg: TrainConfig, rank: int, say=None) -> data.Trajectories:
+def check_finite(loss, parts: dict, grad_norm, step: int, ckpt_path: str) -> None:
+    """Stop (before the update) on a non-finite loss or gradient norm; the last good checkpoint is untouched."""
+    if not torch.isfinite(loss):
+        raise FloatingPointError(
+            f"non-finite loss {loss.item()} at step {step} (pred_loss {parts['pred_loss'].item()}, sigreg_loss "
+            f"{parts['sigreg_loss'].item()}); stopping. The last good checkpoint {ckpt_path} is untouched; "
+            "try a lower --lr or --no-bf16."
+        )
+    if grad_norm is not None and not torch.isfinite(grad_norm):  # the same on every rank: all-reduced gradients
+        raise FloatingPointError(
+            f"non-finite gradient norm {grad_norm.item()} at step {step}; stopping before the update. The last "
+            f"good checkpoint {ckpt_path} is untouched; try a lower --lr or --no-bf16."
+        )
+
+
+# --- the data: collected if missing, split by episode, served as clips
+
+
+def ensure_dataset(cfg: TrainConfig, rank: int, say=None, timings: dict | None = None) -> data.Trajectories:
     """The opened dataset of a resolved config, with its extra episodes after it (a data.TrajectoryUnion) if it has
-    any; collected first (rank 0, with its progress bar) if not on disk. `say`: where notes on a file that does
-    not record its env, or holds frames of another size, go."""
+    any; collected first (rank 0, with its progress bar) if not on disk, the seconds spent added to
+    timings["collect_seconds"]. `say`: where notes on a file that does not record its env, or holds frames of
+    another size, go."""
     extra = {**RECIPES[cfg.preset], **RECIPES[cfg.preset]["env"].get(cfg.env, {})}["extra"]
-    if rank == 0 and not os.path.exists(cfg.data):
-        print(f"dataset {cfg.data} not found: collecting {cfg.episodes} episodes of {cfg.env} at {cfg.img_size} px")
-        data.collect(cfg.env, cfg.episodes, cfg.data, img_size=cfg.img_size, workers=cfg.workers)
-    if rank == 0 and cfg.extra_data and not os.path.exists(cfg.extra_data) and extra:
-        print(
-            f"extra episodes {cfg.extra_data} not found: collecting {extra['episodes']} '{extra['policy']}' "
-            f"episodes of {cfg.env} at {cfg.img_size} px (training only)"
-        )
-        data.collect(
-            cfg.env,
-            extra["episodes"],
-            cfg.extra_data,
-            img_size=cfg.img_size,
-            policy=extra["policy"],
-            noise=extra["noise"],
-            episode_steps=extra["episode_steps"],
-            workers=cfg.workers,
-        )
+    seconds = 0.0
+    if rank == 0:
+        seconds += collect.collect_missing(cfg.data, cfg.env, cfg.episodes, cfg.img_size, cfg.workers)
+    if rank == 0 and cfg.extra_data and extra:
+        policy = {k: extra[k] for k in ("policy", "noise", "episode_steps")}
+        args = (cfg.extra_data, cfg.env, extra["episodes"], cfg.img_size, cfg.workers)
+        seconds += collect.collect_missing(*args, label="extra episodes", note=" (training only)", **policy)
+    if timings is not None:
+        timings["collect_seconds"] += seconds
     if dist.is_initialized():
         dist.barrier()
     parts = []
@@ -391,59 +414,25 @@ def make_loaders(cfg: TrainConfig, traj: data.Trajectories, mcfg: ModelConfig, r
     return train_eps, val_eps, stats, (loader, val_loader, bn_loader)
 
 
-def epoch_steps(cfg: TrainConfig, rank: int, world: int) -> int:
+def epoch_steps(cfg: TrainConfig, rank: int, world: int, timings: dict) -> int:
     """Optimiser steps in one epoch of the training clips of cfg's dataset (collected first if missing)."""
-    with ensure_dataset(cfg, rank) as traj:
+    with ensure_dataset(cfg, rank, timings=timings) as traj:
         train_eps, _ = split(cfg, traj)
         stats = data.action_stats(traj, train_eps)
-        shape = clip_shape(PRESETS[cfg.preset])
-        return len(
-            data.ClipLoader(
-                traj,
-                train_eps,
-                stats,
-                cfg.batch_size // world,
-                cache=False,
-                world_size=world,
-                rank=rank,
-                prefetch=0,
-                **shape,
-            )
-        )
+        kw = {**clip_shape(PRESETS[cfg.preset]), "cache": False, "world_size": world, "rank": rank, "prefetch": 0}
+        return len(data.ClipLoader(traj, train_eps, stats, cfg.batch_size // world, **kw))
 
 
-def setup_device(name: str) -> tuple[torch.device, int, int]:
-    """(device, rank, world size); under torchrun the process group is started (NCCL on GPUs, gloo on CPUs)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    device = pick_device(name)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    return device, dist.get_rank() if world > 1 else 0, world
+# --- the run folder: checkpoints, metrics, messages
 
 
-def prepare_run_folder(out_dir: str, cfg: TrainConfig, cleanup: ExitStack) -> None:
-    """Rank 0: lock the run folder; refuse one holding a run unless resuming, or empty it for --overwrite."""
-    lock_run_folder(out_dir, cleanup)
-    found = [n for n in ("ckpt.pt", "metrics.jsonl", "config.json") if os.path.exists(os.path.join(out_dir, n))]
-    if found and not cfg.resume and not cfg.overwrite:
-        raise UsageError(
-            f"--out_dir {out_dir}: already holds a run ({', '.join(found)}); pass --resume to "
-            "continue it or --overwrite to start afresh"
-        )
-    if cfg.overwrite:
-        for n in (*found, "metrics.png"):
-            if os.path.exists(os.path.join(out_dir, n)):
-                os.remove(os.path.join(out_dir, n))
-
-
-def resume_state(cfg: TrainConfig, ckpt_path: str, mcfg: ModelConfig, model: LeWM, opt, device, say) -> int:
-    """Load the run's checkpoint into model and optimiser (and the RNG state) when resuming; returns its step."""
+def resume_state(cfg: TrainConfig, ckpt_path: str, mcfg: ModelConfig, model: LeWM, opt, device, say) -> tuple:
+    """Load the run's checkpoint into model and optimiser (and the RNG state) when resuming; returns its step and
+    the seconds the optimisation loop ran up to it, (0, 0.0) for a fresh run."""
     if not cfg.resume or not os.path.exists(ckpt_path):
         if cfg.resume:
             say(f"--resume: no checkpoint at {ckpt_path}, starting from scratch")
-        return 0
+        return 0, 0.0
     try:
         ckpt = load_checkpoint(ckpt_path)
     except ValueError as e:
@@ -470,25 +459,24 @@ def resume_state(cfg: TrainConfig, ckpt_path: str, mcfg: ModelConfig, model: LeW
     if device.type == "cuda" and "cuda" in ckpt["rng"]:
         torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
     say(f"resumed from {ckpt_path} at step {ckpt['step']}")
-    return ckpt["step"]
-
-
-def wrap_model(model: LeWM, cfg: TrainConfig, device, world: int) -> nn.Module:
-    """The model the loop steps: DDP-wrapped under torchrun, compiled with --compile (the raw one is saved)."""
-    if world > 1:
-        # DEVIATION: BN statistics over the global batch under DDP (Lightning's default is per-GPU statistics), so
-        # a torchrun run computes the same loss as one process with the whole batch.
-        for m in model.modules():
-            if type(m) is nn.BatchNorm1d:
-                m.__class__ = GlobalBatchNorm1d
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    return torch.compile(model) if cfg.compile else model
+    return ckpt["step"], ckpt.get("train_seconds", 0.0)
 
 
 def save_run(
-    path: str, model: LeWM, opt, step: int, cfg: TrainConfig, mcfg: ModelConfig, stats, val_eps, device, rank: int
+    path: str,
+    model: LeWM,
+    opt,
+    step: int,
+    cfg: TrainConfig,
+    mcfg: ModelConfig,
+    stats,
+    val_eps,
+    device,
+    rank: int,
+    train_seconds: float,
 ) -> None:
-    """Checkpoint the raw model (rank 0 writes; every rank refuses non-finite weights, which are never saved)."""
+    """Checkpoint the raw model (rank 0 writes; every rank refuses non-finite weights, which are never saved), with
+    the seconds the optimisation loop has run up to this step, summed over resumed runs."""
     bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not v.isfinite().all()]
     if bad:
         raise FloatingPointError(
@@ -511,6 +499,7 @@ def save_run(
                 "action_stats": stats,
                 "env": cfg.env,
                 "val_episodes": [int(e) for e in val_eps],
+                "train_seconds": train_seconds,
             },
         )
 
@@ -520,7 +509,7 @@ def write_run_files(cfg: TrainConfig, mcfg: ModelConfig, metrics_path: str, step
     the rows up to the step the run (re)starts from."""
     with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
         json.dump({"train": dataclasses.asdict(cfg), "model": dataclasses.asdict(mcfg)}, f, indent=2)
-    trim_metrics(metrics_path, step)
+    cli.trim_metrics(metrics_path, step)
     print(json.dumps(dataclasses.asdict(cfg)))
 
 
@@ -531,152 +520,6 @@ def describe_run(cfg: TrainConfig, model: LeWM, loader, n_train: int, n_val: int
         f"train / {n_val} val episodes | {len(loader.starts)} train clips, {len(loader)} steps/epoch | "
         f"{cfg.max_steps} steps on {where}"
     )
-
-
-def trim_metrics(path: str, step: int) -> None:
-    """Keep only the rows of metrics.jsonl up to the step the run (re)starts from."""
-    if os.path.exists(path):
-        rows = [r for r in read_metrics(path) if r["step"] <= step]
-        with open(path + ".tmp", "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
-        os.replace(path + ".tmp", path)  # atomic: a kill now leaves the old file or the new one
-
-
-def stop_on_signals(cleanup: ExitStack, log) -> list:
-    """SIGINT / SIGTERM: finish the current step, checkpoint, exit (the returned list gets the signal number). A
-    second signal stops at once (the last checkpoint stays valid: checkpoints are written atomically)."""
-    stop = []
-
-    def on_signal(signum, frame):
-        if stop:
-            raise KeyboardInterrupt
-        stop.append(signum)
-        log(f"{signal.Signals(signum).name}: stopping after this step (again to stop now)")
-
-    if threading.current_thread() is threading.main_thread():
-        for s in (signal.SIGINT, signal.SIGTERM):
-            cleanup.callback(signal.signal, s, signal.signal(s, on_signal))
-    return stop
-
-
-def check_finite(loss, parts: dict, grad_norm, step: int, ckpt_path: str) -> None:
-    """Stop (before the update) on a non-finite loss or gradient norm; the last good checkpoint is untouched."""
-    if not torch.isfinite(loss):
-        raise FloatingPointError(
-            f"non-finite loss {loss.item()} at step {step} (pred_loss {parts['pred_loss'].item()}, sigreg_loss "
-            f"{parts['sigreg_loss'].item()}); stopping. The last good checkpoint {ckpt_path} is untouched; "
-            "try a lower --lr or --no-bf16."
-        )
-    if grad_norm is not None and not torch.isfinite(grad_norm):  # the same on every rank: all-reduced gradients
-        raise FloatingPointError(
-            f"non-finite gradient norm {grad_norm.item()} at step {step}; stopping before the update. The last "
-            f"good checkpoint {ckpt_path} is untouched; try a lower --lr or --no-bf16."
-        )
-
-
-@torch.no_grad()
-def refresh_bn_stats(model: LeWM, loader, cfg: TrainConfig, device, max_batches: int):
-    """Re-estimate every BatchNorm's running statistics at the current weights: the plain average of the batch
-    statistics of the first `max_batches` batches of `loader`, dropout off.
-
-    # DEVIATION: the official model keeps the momentum-0.1 running averages from training. They trail the weights:
-    # the projector's pre-BN features vary little across frames (std ~ 0.03 around means ~ 0.4 at 64 px), so the
-    # drift of a few steps at a high learning rate moves eval-mode embeddings far from the train-mode ones
-    # (measured at step 500 of the cpu recipe: relative error 2.5, validation prediction loss 2.7 vs 0.16 in
-    # train mode). Planning and validation run in eval mode, so we refresh the statistics before each
-    # validation, hence in every checkpoint written after one. Training itself is unchanged.
-    """
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    momenta = [m.momentum for m in bns]
-    model.eval()
-    for m in bns:
-        m.reset_running_stats()
-        m.train()
-    for i, (pixels, actions) in enumerate(loader):
-        if i >= max_batches:
-            break
-        for m in bns:
-            m.momentum = 1.0 / (i + 1)  # running = mean of the batch statistics seen so far
-        pixels, actions = model.preprocess(pixels.to(device)), actions.to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-            model(pixels, actions)
-    for m, momentum in zip(bns, momenta):
-        m.momentum = momentum
-    model.train()
-
-
-@torch.no_grad()
-def validate(model: LeWM, loader, sigreg, cfg: TrainConfig, device, max_batches: int) -> dict:
-    """Mean losses over validation clips, model in eval mode (BN running statistics, no dropout)."""
-    model.eval()
-    totals, n = {"loss": 0.0, "pred_loss": 0.0, "sigreg_loss": 0.0}, 0
-    for i, (pixels, actions) in enumerate(loader):
-        if max_batches and i >= max_batches:
-            break
-        pixels, actions = model.preprocess(pixels.to(device)), actions.to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-            loss, parts = lewm_loss(model, pixels, actions, sigreg, cfg.lambd)
-        for k, v in (("loss", loss), *parts.items()):
-            totals[k] += float(v)
-        n += 1
-    model.train()
-    return {f"val_{k}": v / max(n, 1) for k, v in totals.items()}
-
-
-def setup_run(cfg: TrainConfig, cleanup: ExitStack, device, rank: int, world: int, say) -> TrainConfig:
-    """The resolved config, checked; rank 0 holds the run folder, refused if it holds another run."""
-    if cfg.preset is None:
-        found = "CUDA found" if device.type == "cuda" else "no CUDA"
-        say(f"--preset not given: using '{'paper' if device.type == 'cuda' else 'cpu'}' ({found})")
-    native = native_bf16(device)
-    if cfg.bf16 is None and not native:
-        say(f"--bf16 not given: fp32, as {device.type} has no native bf16 here (bf16 would be emulated, far slower)")
-    cfg = resolve_config(
-        cfg, cuda=device.type == "cuda", steps_per_epoch=lambda c: epoch_steps(c, rank, world), bf16=native
-    )
-    if cfg.img_size % cfg.patch_size:
-        raise UsageError(f"--img_size {cfg.img_size}: not a multiple of --patch_size {cfg.patch_size}")
-    if cfg.batch_size % world:
-        raise UsageError(f"--batch_size {cfg.batch_size}: not divisible by the {world} ranks")
-    if rank == 0:
-        prepare_run_folder(cfg.out_dir, cfg, cleanup)
-    return cfg
-
-
-def model_config(cfg: TrainConfig, raw_action_dim: int) -> ModelConfig:
-    """The preset's model at the resolved sizes; the action block is frameskip x the dataset's raw action dim."""
-    mcfg = dataclasses.replace(
-        PRESETS[cfg.preset], img_size=cfg.img_size, patch_size=cfg.patch_size, pred_dropout=cfg.dropout
-    )
-    return dataclasses.replace(mcfg, action_dim=mcfg.frameskip * raw_action_dim)
-
-
-def stop_run(step: int, signum: int, save: dict, bar, log) -> None:
-    """After a signal: checkpoint this step (if not just done), say how to resume, exit with 128 + signum."""
-    if step % save["cfg"].ckpt_every:
-        save_run(step=step, **save)
-    bar.close()
-    log(f"interrupted at step {step}: checkpoint {save['path']}\nresume with: {resume_command(save['cfg'])}")
-    raise SystemExit(128 + signum)
-
-
-def sync_stop(stop: list, device) -> None:
-    """Under DDP every rank stops at the same step when any of them got the signal."""
-    flag = torch.tensor([stop[0] if stop else 0], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    if int(flag) and not stop:
-        stop.append(int(flag))
-
-
-def report_end(summary: dict, cfg: TrainConfig) -> None:
-    """The end-of-run lines: steps, time, final validation losses, and the command that evaluates the model."""
-    nan = float("nan")
-    print(
-        f"done: {summary['steps']} steps in {summary['minutes']:.1f} min | val pred_loss "
-        f"{summary.get('val_pred_loss', nan):.4f} | val sigreg {summary.get('val_sigreg_loss', nan):.3f} | model: "
-        f"{summary['checkpoint']}"
-    )
-    print(f"next: python evaluate.py --ckpt {summary['checkpoint']} --env {cfg.env}")
 
 
 def log_step(step: int, loss, parts: dict, grad_norm, lr: float, dt: float, cfg: TrainConfig, world: int) -> dict:
@@ -697,6 +540,31 @@ def log_step(step: int, loss, parts: dict, grad_norm, lr: float, dt: float, cfg:
     }
 
 
+def stop_run(step: int, signum: int, save: dict, bar, log, train_seconds: float) -> None:
+    """After a signal: checkpoint this step (if not just done), say how to resume, exit with 128 + signum."""
+    if step % save["cfg"].ckpt_every:
+        save_run(step=step, train_seconds=train_seconds, **save)
+    bar.close()
+    log(
+        f"interrupted at step {step}: checkpoint {save['path']}\nresume with: {cli.resume_command(save['cfg'], 'train.py')}"
+    )
+    raise SystemExit(128 + signum)
+
+
+def report_end(summary: dict, cfg: TrainConfig) -> None:
+    """The end of a run: summary.json (atomically), and lines saying steps, times, final validation losses and the
+    command that evaluates the model."""
+    cli.write_json(os.path.join(cfg.out_dir, "summary.json"), summary)
+    nan = float("nan")
+    print(
+        f"done: {summary['steps']} steps in {summary['minutes']:.1f} min (training {summary['train_seconds'] / 60:.1f}"
+        f" min, collection {summary['collect_seconds'] / 60:.1f} min) | val pred_loss "
+        f"{summary.get('val_pred_loss', nan):.4f} | val sigreg {summary.get('val_sigreg_loss', nan):.3f} | model: "
+        f"{summary['checkpoint']}"
+    )
+    print(f"next: python evaluate.py --ckpt {summary['checkpoint']} --env {cfg.env}")
+
+
 # --- main
 
 
@@ -709,28 +577,28 @@ def main(cfg: TrainConfig) -> dict:
 
 
 def run(cfg: TrainConfig, cleanup: ExitStack) -> dict:
-    t_start = time.time()
-    device, rank, world = setup_device(cfg.device)
+    t_start, timings = time.time(), {"collect_seconds": 0.0}
+    device, rank, world = cli.setup_device(cfg.device)
     say = print if rank == 0 else (lambda *a, **k: None)
-    cfg = setup_run(cfg, cleanup, device, rank, world, say)
+    cfg = setup_run(cfg, cleanup, device, rank, world, say, timings)
     ckpt_path, metrics_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "metrics.jsonl")
 
-    traj = ensure_dataset(cfg, rank, say)
+    traj = ensure_dataset(cfg, rank, say, timings)
     mcfg = model_config(cfg, traj.action_dim)
     train_eps, val_eps, stats, (loader, val_loader, bn_loader) = make_loaders(cfg, traj, mcfg, rank, world)
     torch.manual_seed(cfg.seed)
-    model = LeWM(mcfg).to(device)
+    model = use_fast_attention(LeWM(mcfg).to(device))  # same maths, a faster kernel in bf16 on CPUs
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
     sigreg = SIGReg(num_proj=cfg.num_proj).to(device)
-    step = resume_state(cfg, ckpt_path, mcfg, model, opt, device, say)
+    step, seconds_before = resume_state(cfg, ckpt_path, mcfg, model, opt, device, say)
     if rank == 0:
         write_run_files(cfg, mcfg, metrics_path, step)
     say(describe_run(cfg, model, loader, len(train_eps), len(val_eps), f"{device} x{world}"))
-    raw_model, model = model, wrap_model(model, cfg, device, world)  # raw_model: saved and validated
+    raw_model, model = model, cli.wrap_model(model, device, world, cfg.compile)  # raw_model: saved and validated
     warmup_steps = max(1, int(cfg.warmup * cfg.schedule_steps))
     bar = tqdm(total=cfg.max_steps, initial=step, desc="train", unit="step", disable=rank != 0, dynamic_ncols=True)
     log = bar.write if rank == 0 else say
-    stop = stop_on_signals(cleanup, log)
+    stop = cli.stop_on_signals(cleanup, log)
     save = {
         "path": ckpt_path,
         "model": raw_model,
@@ -744,6 +612,7 @@ def run(cfg: TrainConfig, cleanup: ExitStack) -> dict:
     }
     model.train()
     batches, t_log, last = loader.steps(step), time.time(), {}
+    t_loop = time.time()  # train_seconds: seconds_before + this loop's wall time
     while step < cfg.max_steps:
         lr = lr_at(step, cfg.lr, warmup_steps, cfg.schedule_steps)
         for group in opt.param_groups:
@@ -782,19 +651,22 @@ def run(cfg: TrainConfig, cleanup: ExitStack) -> dict:
         if rank == 0 and (step % cfg.log_every == 0 or step % cfg.eval_every == 0 or end):
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(last) + "\n")
+        train_seconds = seconds_before + time.time() - t_loop
         if step % cfg.ckpt_every == 0 or end:
-            save_run(step=step, **save)
+            save_run(step=step, train_seconds=train_seconds, **save)
         if rank == 0 and cfg.keep_every and step % cfg.keep_every == 0 and not end:
             if step % cfg.ckpt_every:
-                save_run(step=step, **save)
+                save_run(step=step, train_seconds=train_seconds, **save)
             shutil.copyfile(ckpt_path, os.path.join(cfg.out_dir, f"ckpt_{step}.pt"))
         if world > 1:
-            sync_stop(stop, device)
+            cli.sync_stop(stop, device)
         if stop and not end:
-            stop_run(step, stop[0], save, bar, log)
+            stop_run(step, stop[0], save, bar, log, train_seconds)
     bar.close()
 
-    summary = {"checkpoint": ckpt_path, "steps": step, "minutes": (time.time() - t_start) / 60, **last}
+    train_seconds = seconds_before + time.time() - t_loop
+    summary = {"checkpoint": ckpt_path, "steps": step, "minutes": (time.time() - t_start) / 60, **timings}
+    summary |= {"train_seconds": train_seconds, **last}
     if rank == 0:
         plot_metrics_png(metrics_path, os.path.join(cfg.out_dir, "metrics.png"))  # no plotting library needed
         report_end(summary, cfg)
