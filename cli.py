@@ -9,8 +9,12 @@ collection command: none of it is the method, all of it is how the scripts behav
 - Run folders: a lock held for the whole run, refusal of a folder holding another run, `metrics.jsonl` reading and
   trimming, atomic JSON writes.
 - Signals and resume: Ctrl-C / SIGTERM finish the current step, and the command that resumes the run.
+- A training run's plumbing: its dataset files opened, checkpoints that resume exactly (model, optimiser, RNG),
+  finite checks, metrics rows, summary.json.
 
-Imports nothing from the project but sigreg.py (its all-reduce with a gradient, for the global-batch BatchNorm).
+Below the scripts, above the library files it serves: it imports data.py (datasets, and `UsageError`, defined there
+and re-exported here), model.py (checkpoint files) and sigreg.py (an all-reduce with a gradient, for the
+global-batch BatchNorm); none of them imports it.
 """
 
 import argparse
@@ -22,23 +26,23 @@ import os
 import re
 import shlex
 import signal
+import sys
 import threading
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from typing import get_args
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+import data
+from data import UsageError
+from model import check_state_dict, load_checkpoint, save_checkpoint
 from sigreg import AllReduceSum
 
 DEVICES = ["auto", "cuda", "mps", "cpu"]  # the valid values of every script's --device
 
 # --- arguments: flags from config dataclasses, checked before any work
-
-
-class UsageError(ValueError):
-    """A mistake in what the user asked for (a flag, a file): the scripts print it as one line and exit with code 2."""
 
 
 def check_fields(cfg, choices: dict, ranges: dict) -> None:
@@ -62,6 +66,13 @@ def check_device(name: str) -> None:
         raise UsageError("--device cuda: no CUDA device is available (use --device auto or cpu)")
     if name == "mps" and not torch.backends.mps.is_available():
         raise UsageError("--device mps: MPS is not available (use --device auto or cpu)")
+
+
+def check_files(paths: dict[str, str]) -> None:
+    """Every path given ({flag: path}, '' = not given) is an existing file."""
+    for flag, path in paths.items():
+        if path and not os.path.isfile(path):
+            raise UsageError(f"{flag} {path}: no such file")
 
 
 def check_writable_file(path: str, flag: str) -> None:
@@ -172,7 +183,9 @@ def wrap_model(model: nn.Module, device: torch.device, world: int, compile_model
 
 
 def sync_stop(stop: list, device) -> None:
-    """Under DDP every rank stops at the same step when any of them got the signal."""
+    """Under DDP every rank stops at the same step when any of them got the signal (one process: nothing to do)."""
+    if not dist.is_initialized():
+        return
     flag = torch.tensor([stop[0] if stop else 0], device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     if int(flag) and not stop:
@@ -257,7 +270,23 @@ def save_json(results: dict, out: str) -> None:
     print(f"results: {out}")
 
 
-# --- signals and resume
+# --- signals, exit codes and resume
+
+
+@contextmanager
+def exit_codes(script: str):
+    """Around a script's main: a UsageError is one line and exit code 2, a FloatingPointError (a non-finite loss)
+    one line and 1, Ctrl-C or SIGTERM (during collection, or a second one) 128 + the signal's number."""
+    try:
+        yield
+    except UsageError as e:
+        print(f"{script}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except FloatingPointError as e:
+        print(f"{script}: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt as e:
+        sys.exit(128 + getattr(e, "signum", signal.SIGINT))
 
 
 def stop_on_signals(cleanup: ExitStack, log) -> list:
@@ -291,3 +320,129 @@ def resume_command(cfg, script: str) -> str:
             else [f"--{f.name}", shlex.quote(str(value))]
         )
     return " ".join([f"python {script}", *flags, "--resume"])
+
+
+# --- a training run: its data files, checkpoints, finite checks, metrics rows, its end
+
+
+def open_data(paths: dict[str, str], env: str, img_size: int, say=None) -> data.Trajectories:
+    """The dataset files {flag: path} ('' = none) opened and checked to hold `env`, read as one file (a
+    data.TrajectoryUnion, episodes numbered file after file) when there are several; errors name the flag. `say`:
+    where notes on the first file go (no env recorded, frames of another size than `img_size`)."""
+    parts = []
+    for flag, path in paths.items():
+        if not path:
+            continue
+        try:
+            parts.append(data.Trajectories(path))
+        except (ValueError, FileNotFoundError) as e:
+            raise UsageError(f"{flag} {path}: {e}") from e
+        data.check_env(parts[-1], env)
+    try:
+        traj = data.TrajectoryUnion(parts) if len(parts) > 1 else parts[0]
+    except ValueError as e:
+        raise UsageError(f"{list(paths)[-1]} {list(paths.values())[-1]}: {e}") from e
+    first = parts[0].path
+    if say is not None and "env" not in traj.file.attrs:
+        say(f"note: {first} does not record its environment; trusting --env {env}")
+    if say is not None and traj.img_shape[0] != img_size:
+        say(f"note: {first} holds {traj.img_shape[0]} px frames; the model resizes them to {img_size} px")
+    return traj
+
+
+def save_run(path: str, model: nn.Module, opt: torch.optim.Optimizer, step: int, device, rank: int, **fields) -> None:
+    """Checkpoint the raw model, the optimiser, the step and the RNG state with `fields` (rank 0 writes, atomically;
+    every rank refuses non-finite weights, which are never saved): plain data, loads with weights_only=True."""
+    bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not v.isfinite().all()]
+    if bad:
+        raise FloatingPointError(
+            f"non-finite weights at step {step} ({', '.join(bad[:3])}, ...); not saved. "
+            f"The last good checkpoint {path} is untouched; try a lower --lr"
+        )
+    if rank == 0:
+        rng = {"torch": torch.get_rng_state()}
+        if device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state()
+        state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "rng": rng}
+        save_checkpoint(path, {**state, **fields})
+
+
+def resume_run(resume: bool, ckpt_path: str, env: str, data_path: str, model_config: dict, model, opt, say) -> tuple:
+    """With --resume and a `save_run` checkpoint, load it into model and optimiser, and its RNG state, refused for
+    another env, dataset or model config. Returns its step and the seconds its optimisation loop had run (0.0 if
+    it does not say); (0, 0.0) when starting afresh."""
+    if not resume or not os.path.exists(ckpt_path):
+        if resume:
+            say(f"--resume: no checkpoint at {ckpt_path}, starting from scratch")
+        return 0, 0.0
+    try:
+        ckpt = load_checkpoint(ckpt_path)
+    except ValueError as e:
+        raise UsageError(f"--resume: {e}") from e
+    saved_data, saved_model = ckpt["train_config"]["data"], ckpt["model_config"]
+    if ckpt["env"] != env:
+        raise UsageError(f"--env {env}: {ckpt_path} is a {ckpt['env']} run; resume it with --env {ckpt['env']}")
+    if os.path.realpath(saved_data) != os.path.realpath(data_path):
+        raise UsageError(f"--data {data_path}: {ckpt_path} was trained on {saved_data}; resume it with that --data")
+    if saved_model != model_config:
+        diff = {k: (v, saved_model.get(k)) for k, v in model_config.items() if saved_model.get(k) != v}
+        raise UsageError(f"--resume: {ckpt_path} has another model config; (now, checkpoint): {diff}")
+    try:
+        check_state_dict(model, ckpt["model"], ckpt_path)
+    except ValueError as e:
+        raise UsageError(f"--resume: {e}") from e
+    model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["optimizer"])
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    if next(model.parameters()).is_cuda and "cuda" in ckpt["rng"]:
+        torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
+    say(f"resumed from {ckpt_path} at step {ckpt['step']}")
+    return ckpt["step"], ckpt.get("train_seconds", 0.0)
+
+
+def check_finite(loss, parts: dict, grad_norm, step: int, ckpt_path: str) -> None:
+    """Stop (before the update) on a non-finite loss or gradient norm; the last good checkpoint is untouched."""
+    if not torch.isfinite(loss):
+        raise FloatingPointError(
+            f"non-finite loss {loss.item()} at step {step} (pred_loss {parts['pred_loss'].item()}, sigreg_loss "
+            f"{parts['sigreg_loss'].item()}); stopping. The last good checkpoint {ckpt_path} is untouched; "
+            "try a lower --lr or --no-bf16."
+        )
+    if grad_norm is not None and not torch.isfinite(grad_norm):  # the same on every rank: all-reduced gradients
+        raise FloatingPointError(
+            f"non-finite gradient norm {grad_norm.item()} at step {step}; stopping before the update. The last "
+            f"good checkpoint {ckpt_path} is untouched; try a lower --lr or --no-bf16."
+        )
+
+
+def metrics_row(step: int, loss, parts: dict, grad_norm, lr: float, seconds: float, batch: int, lambd: float) -> dict:
+    """The metrics.jsonl row of a logged step: the losses of the global batch (under DDP the prediction loss is
+    averaged over ranks here; SIGReg is already global), the gradient norm, lr and speed (`seconds` per step)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(parts["pred_loss"])
+        parts["pred_loss"] /= dist.get_world_size()
+        loss = parts["pred_loss"] + lambd * parts["sigreg_loss"]
+    row = {"step": step, "loss": loss.item(), "pred_loss": parts["pred_loss"].item()}
+    row |= {"sigreg_loss": parts["sigreg_loss"].item(), "grad_norm": grad_norm.item(), "lr": lr}
+    return row | {"ms_per_step": 1000 * seconds, "samples_per_s": batch / seconds}
+
+
+def exit_after_signal(signum: int, step: int, ckpt_path: str, resume: str, bar, log) -> None:
+    """After a signal and its checkpoint: say how to resume, exit with 128 + signum (130 Ctrl-C, 143 SIGTERM)."""
+    bar.close()
+    log(f"interrupted at step {step}: checkpoint {ckpt_path}\nresume with: {resume}")
+    raise SystemExit(128 + signum)
+
+
+def finish_run(summary: dict, out_dir: str, env: str) -> None:
+    """The end of a training run: <out_dir>/summary.json (atomically), and lines saying steps, wall times, final
+    validation losses and the command that evaluates the model."""
+    write_json(os.path.join(out_dir, "summary.json"), summary)
+    nan = float("nan")
+    print(
+        f"done: {summary['steps']} steps in {summary['minutes']:.1f} min (training {summary['train_seconds'] / 60:.1f}"
+        f" min, collection {summary['collect_seconds'] / 60:.1f} min) | val pred_loss "
+        f"{summary.get('val_pred_loss', nan):.4f} | val sigreg {summary.get('val_sigreg_loss', nan):.3f} | model: "
+        f"{summary['checkpoint']}"
+    )
+    print(f"next: python evaluate.py --ckpt {summary['checkpoint']} --env {env}")

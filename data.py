@@ -35,7 +35,6 @@ import h5py
 import numpy as np
 import torch
 
-from cli import UsageError
 
 SPLIT_SEED = 3072  # seed of the train / validation split of episodes (training and evaluation must agree)
 INDEX_COLUMNS = ("ep_idx", "episode_idx")  # our name, the official files' name
@@ -48,6 +47,12 @@ PIXEL_COMPRESSION = {"compression": "gzip", "compression_opts": 1}
 TABLE_CHUNK_ROWS = 1024  # chunk rows of the small per-row columns (uncompressed, as in the official files)
 CACHE_FRACTION = 0.4  # ClipLoader keeps pixels in RAM when they take at most this fraction of the available memory
 READ_CACHE_BYTES = 64 << 20  # HDF5 chunk cache per open file
+
+
+class UsageError(ValueError):
+    """A mistake in what the user asked for (a flag, a file): the scripts print it as one line and exit with code 2.
+    Defined here, the lowest file that raises it (for a dataset of another env, or with an outlier), so that data.py
+    needs no other project file; cli.py, which every script imports it from, re-exports it."""
 
 
 def _import_hdf5plugin() -> bool:

@@ -50,43 +50,21 @@ from official import check_official, load_released
 from planner import cem, gradient_plan, make_cost, warm_start
 from policy import act, load_policy, propose
 
-# Flags every subcommand takes; COMMANDS: subcommand -> (help, its flags). A new subcommand is one entry.
-COMMON_FIELDS = ("ckpt", "official", "data", "collect_episodes", "env", "episodes", "out", "seed", "device")
+# --- configuration and the command line: flags checked before any work
+
+# COMMANDS: subcommand -> (help, its flags, space-separated). A new subcommand is one entry.
+COMMON = "ckpt official data collect_episodes env episodes out seed device"  # every subcommand's flags
+PLANNER = "goal_offset horizon samples iterations topk plan_chunk"  # how plans are made, for plan and diagnose
+PLAN = "split budget receding_horizon policy policy_file solver lr warm_start bf16 planner_seed video"  # plan's own
 COMMANDS = {
-    "plan": (
-        "MPC success rate (default)",
-        COMMON_FIELDS
-        + (
-            "split",
-            "goal_offset",
-            "budget",
-            "horizon",
-            "receding_horizon",
-            "policy",
-            "policy_file",
-            "solver",
-            "samples",
-            "iterations",
-            "topk",
-            "lr",
-            "warm_start",
-            "bf16",
-            "plan_chunk",
-            "planner_seed",
-            "video",
-        ),
-    ),
-    "probe": ("probes on frozen embeddings", COMMON_FIELDS + ("frames", "probe_epochs")),
-    "surprise": ("latent surprise along trajectories", COMMON_FIELDS + ("perturb_steps",)),
+    "plan": ("MPC success rate (default)", f"{COMMON} {PLANNER} {PLAN}"),
+    "probe": ("probes on frozen embeddings", f"{COMMON} frames probe_epochs"),
+    "surprise": ("latent surprise along trajectories", f"{COMMON} perturb_steps"),
     "diagnose": (
         "can the model plan? action ranking, sensitivity, probes, open-loop plan anatomy, encoder capacity",
-        COMMON_FIELDS
-        + ("pairs", "eval_pairs", "goal_offset", "horizon", "samples", "iterations", "topk", "frames")
-        + ("plan_chunk", "anatomy_pairs", "capacity_steps"),
+        f"{COMMON} {PLANNER} pairs eval_pairs frames anatomy_pairs capacity_steps",
     ),
 }
-
-# --- configuration
 
 
 @dataclass
@@ -127,24 +105,6 @@ class EvalConfig:
     capacity_steps: int = 1000  # diagnose: steps of the supervised fresh-encoder capacity check (0 = skip)
 
 
-@dataclass
-class World:
-    """Everything a subcommand needs: the frozen model, the dataset and how the model was trained on it."""
-
-    model: LeWM  # eval mode, frozen, on `device`
-    stats: dict  # {"mean": (A_raw,), "std": (A_raw,)} action statistics the model was trained with
-    traj: data.Trajectories
-    train_eps: np.ndarray  # sorted episode indices
-    val_eps: np.ndarray  # sorted held-out episode indices (empty for an official model without a split)
-    env: str
-    frameskip: int  # raw actions per action block
-    action_dim: int  # raw env action dim (the model's block is frameskip x this)
-    img_size: int  # the dataset's frame side in pixels
-    device: torch.device
-    source: str  # the checkpoint path, or the --official argument(s)
-    data_source: str = ""  # where the dataset comes from, in words (printed and saved with the results)
-
-
 # Valid values, checked before any work: choices, and (rule, test) for the fields with a range.
 CHOICES = {
     "env": ["", *envs.REGISTRY],
@@ -153,29 +113,14 @@ CHOICES = {
     "solver": ["cem", "adam"],
     "device": cli.DEVICES,
 }
+AT_LEAST_1 = "episodes goal_offset budget horizon iterations topk probe_epochs perturb_steps pairs"
+AT_LEAST_0 = "samples seed planner_seed eval_pairs anatomy_pairs capacity_steps plan_chunk"
 RANGES = {
-    "episodes": (">= 1", lambda v: v >= 1),
-    "goal_offset": (">= 1", lambda v: v >= 1),
-    "budget": (">= 1", lambda v: v >= 1),
-    "horizon": (">= 1", lambda v: v >= 1),
-    "samples": (">= 0", lambda v: v >= 0),
-    "iterations": (">= 1", lambda v: v >= 1),
-    "topk": (">= 1", lambda v: v >= 1),
+    **dict.fromkeys(AT_LEAST_1.split(), (">= 1", lambda v: v >= 1)),
+    **dict.fromkeys(AT_LEAST_0.split(), (">= 0", lambda v: v >= 0)),
+    **dict.fromkeys(("frames", "collect_episodes"), (">= 2", lambda v: v >= 2)),
     "lr": ("> 0", lambda v: v > 0),
-    "seed": (">= 0", lambda v: v >= 0),
-    "planner_seed": (">= 0", lambda v: v >= 0),
-    "frames": (">= 2", lambda v: v >= 2),
-    "probe_epochs": (">= 1", lambda v: v >= 1),
-    "perturb_steps": (">= 1", lambda v: v >= 1),
-    "pairs": (">= 1", lambda v: v >= 1),
-    "collect_episodes": (">= 2", lambda v: v >= 2),
-    "eval_pairs": (">= 0", lambda v: v >= 0),
-    "anatomy_pairs": (">= 0", lambda v: v >= 0),
-    "capacity_steps": (">= 0", lambda v: v >= 0),
-    "plan_chunk": (">= 0", lambda v: v >= 0),
 }
-
-# --- helpers
 
 
 def parse_args(argv: list[str] | None = None) -> EvalConfig:
@@ -189,7 +134,7 @@ def parse_args(argv: list[str] | None = None) -> EvalConfig:
         cli.add_config_flags(
             sub.add_parser(command, help=text, description=text, formatter_class=cli.HelpFormatter),
             EvalConfig,
-            names=fields,
+            names=fields.split(),
             choices=CHOICES,
             metavars={"official": "SOURCE"},
         )
@@ -214,9 +159,7 @@ def check_config(cfg: EvalConfig) -> None:
         check_official(cfg.official)
         if not cfg.env:
             raise UsageError("--official needs --env (the environment to evaluate on)")
-    for flag, path in [("--ckpt", cfg.ckpt), ("--data", cfg.data)]:
-        if path and not os.path.isfile(path):
-            raise UsageError(f"{flag} {path}: no such file")
+    cli.check_files({"--ckpt": cfg.ckpt, "--data": cfg.data})
     cli.check_device(cfg.device)
     if cfg.out:
         cli.check_writable_file(cfg.out, "--out")
@@ -227,6 +170,27 @@ def check_config(cfg: EvalConfig) -> None:
         if os.path.exists(cfg.video) and not os.path.isdir(cfg.video):
             raise UsageError(f"--video {cfg.video}: is a file, expected a folder")
         cli.check_writable_file(os.path.join(cfg.video, "episode.png"), "--video")
+
+
+# --- the frozen model and its dataset
+
+
+@dataclass
+class World:
+    """Everything a subcommand needs: the frozen model, the dataset and how the model was trained on it."""
+
+    model: LeWM  # eval mode, frozen, on `device`
+    stats: dict  # {"mean": (A_raw,), "std": (A_raw,)} action statistics the model was trained with
+    traj: data.Trajectories
+    train_eps: np.ndarray  # sorted episode indices
+    val_eps: np.ndarray  # sorted held-out episode indices (empty for an official model without a split)
+    env: str
+    frameskip: int  # raw actions per action block
+    action_dim: int  # raw env action dim (the model's block is frameskip x this)
+    img_size: int  # the dataset's frame side in pixels
+    device: torch.device
+    source: str  # the checkpoint path, or the --official argument(s)
+    data_source: str = ""  # where the dataset comes from, in words (printed and saved with the results)
 
 
 def open_dataset(path: str) -> data.Trajectories:
@@ -273,9 +237,7 @@ def load_world(cfg: EvalConfig) -> World:
     else:
         if not cfg.env:
             raise UsageError("--official needs --env (the environment to evaluate on)")
-        if cfg.env not in envs.REGISTRY:
-            raise UsageError(f"--env {cfg.env}: unknown environment; valid: {', '.join(envs.REGISTRY)}")
-        model = load_released(cfg.official)
+        model = load_released(cfg.official)  # an unknown --env is refused below, whatever the source
         env = cfg.env
         if cfg.data:
             path, data_source = cfg.data, f"--data {cfg.data}"
@@ -298,20 +260,8 @@ def load_world(cfg: EvalConfig) -> World:
     if len(stats["mean"]) != traj.action_dim:
         raise ValueError(f"action statistics have {len(stats['mean'])} dims, the dataset {traj.action_dim}")
     model = use_fast_attention(model.to(device).eval().requires_grad_(False))  # same maths, faster in bf16
-    return World(
-        model,
-        stats,
-        traj,
-        train_eps,
-        val_eps,
-        env,
-        frameskip,
-        traj.action_dim,
-        traj.img_shape[0],
-        device,
-        source,
-        data_source,
-    )
+    shape = {"frameskip": frameskip, "action_dim": traj.action_dim, "img_size": traj.img_shape[0], "device": device}
+    return World(model, stats, traj, train_eps, val_eps, env, **shape, source=source, data_source=data_source)
 
 
 def default_out(cfg: EvalConfig, world: World, name: str) -> str:
@@ -330,17 +280,7 @@ def dataset_states(world: World, rows: np.ndarray) -> np.ndarray:
     raise ValueError(f"{world.traj.path} has no 'state' column from which to set the {world.env} env")
 
 
-def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95 % Wilson score interval of a binomial proportion (sensible at 0 and n successes, unlike p +- 2 se)."""
-    if n == 0:
-        return 0.0, 1.0
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
-
-
-# --- MPC evaluation (plan): docs/method.md §9, §10
+# --- start/goal pairs from held-out episodes, and envs reset to them (docs/method.md §10)
 
 
 def start_rows(traj: data.Trajectories, episodes, n: int, goal_offset: int, seed: int) -> np.ndarray:
@@ -357,117 +297,6 @@ def start_rows(traj: data.Trajectories, episodes, n: int, goal_offset: int, seed
         )
     # DEVIATION: choice(len(valid)) rather than the original LeWM choice(len(valid) - 1), an off-by-one (docs/method.md §10).
     return np.sort(valid[np.random.default_rng(seed=seed).choice(len(valid), n, replace=False)])
-
-
-def encode_frames(model: LeWM, frames: np.ndarray, device: torch.device) -> torch.Tensor:
-    """uint8 frames (B, H, W, 3) -> z (B, 1, D), encoded once (eval-mode BN: each row independent)."""
-    pixels = model.preprocess(torch.as_tensor(frames).to(device)[:, None])  # (B, 1, 3, S, S)
-    return model.encode(pixels)  # (B, 1, D)
-
-
-# Episodes per planning call on a CPU. Each episode draws from its own generator and the rollout treats episodes
-# independently, so the plans are the same at any chunk size (bit for bit in fp32, measured); on 2 CPU cores a CEM
-# plan of the `cpu` preset costs 1.4x more per episode in one call of 50 than in calls of 10 (BENCHMARKS.md).
-CPU_PLAN_CHUNK = 10
-
-
-def chunk_size(cfg: EvalConfig, device: torch.device) -> int:
-    """Episodes per planning call: --plan_chunk, or CPU_PLAN_CHUNK on a CPU and all (0) elsewhere."""
-    if cfg.plan_chunk is not None:
-        return cfg.plan_chunk
-    return CPU_PLAN_CHUNK if device.type == "cpu" else 0
-
-
-def plan_chunks(world: World, cfg: EvalConfig, frames: np.ndarray, z_goal: torch.Tensor, generators, init_mean):
-    """plan_batch over consecutive chunks of chunk_size episodes (0 = all at once); plans (B, N, A)."""
-    size = chunk_size(cfg, world.device) or len(frames)
-    return torch.cat(
-        [
-            plan_batch(
-                world,
-                cfg,
-                frames[i : i + size],
-                z_goal[i : i + size],
-                generators[i : i + size],
-                None if init_mean is None else init_mean[i : i + size],
-            )
-            for i in range(0, len(frames), size)
-        ]
-    )
-
-
-def plan_batch(world: World, cfg: EvalConfig, frames: np.ndarray, z_goal: torch.Tensor, generators, init_mean):
-    """One planning call for B episodes: current frames (B, H, W, 3), z_goal (B, D) -> plans (B, N, A) normalised."""
-    model, b = world.model, len(frames)
-    block = world.frameskip * world.action_dim
-    samples = cfg.samples or (300 if cfg.solver == "cem" else 100)
-    if cfg.solver == "cem":
-        with torch.inference_mode():
-            z0 = encode_frames(model, frames, world.device)  # (B, 1, D)
-            cost_fn = make_cost(model, z0, z_goal, cfg.bf16)
-            return cem(
-                cost_fn,
-                b,
-                cfg.horizon,
-                block,
-                num_samples=samples,
-                iterations=cfg.iterations,
-                topk=cfg.topk,
-                init_mean=init_mean,
-                generator=generators,
-                device=world.device,
-            )
-    if cfg.solver == "adam":
-        with torch.no_grad():  # not inference_mode: the embeddings enter the autograd graph of the plans
-            z0 = encode_frames(model, frames, world.device)  # (B, 1, D)
-        cost_fn = make_cost(model, z0, z_goal, cfg.bf16)
-        return gradient_plan(
-            cost_fn,
-            b,
-            cfg.horizon,
-            block,
-            num_samples=samples,
-            steps=cfg.iterations,
-            lr=cfg.lr,
-            init_mean=init_mean,
-            generator=generators,
-            device=world.device,
-        )
-    raise ValueError(f"unknown solver {cfg.solver!r}; valid: cem, adam")
-
-
-def print_plan_table(results: dict) -> None:
-    """One line per episode (the final error split into the success test's parts, and the closest approach), then
-    the summary line."""
-    parts = list(results["per_episode"][0]["final_errors"]) if results["per_episode"] else []
-    print(
-        f"{'#':>3} {'episode':>7} {'start':>5} {'at_start':>8} {'success':>7} {'step':>4} {'dist0':>9} {'dist':>9} "
-        + " ".join(f"{p:>12}" for p in parts)
-        + f" {'closest':>9} {'at':>3}"
-    )
-    for r in results["per_episode"]:
-        print(
-            f"{r['index']:>3} {r['episode']:>7} {r['start_step']:>5} {r['solved_at_start']!s:>8} "
-            f"{r['success']!s:>7} {r['first_success_step']:>4} {r['start_distance']:>9.3f} "
-            f"{r['final_distance']:>9.3f} "
-            + " ".join(f"{r['final_errors'][p]:>12.3f}" for p in parts)
-            + f" {r['closest_distance']:>9.3f} {r['closest_step']:>3}"
-        )
-    timing = ""
-    if results["plan_calls"]:
-        timing = (
-            f" | {results['mean_plan_seconds']:.3f} s per episode-plan, {results['seconds_per_call']:.2f} s per"
-            f" planning round"
-        )
-    rate = results.get("success_rate_unsolved_at_start")
-    unsolved = f" (success on the others {100 * rate:.1f} %)" if rate is not None and results["solved_at_start"] else ""
-    lo, hi = results["ci95"]
-    print(f"data: {results['data']} ({results['data_source']})")
-    print(
-        f"{results['env']} {results['policy']} ({results['split']} split): success {results['successes']}/"
-        f"{results['episodes']} = {100 * results['success_rate']:.1f} % [95 % CI {100 * lo:.1f}-{100 * hi:.1f}] | "
-        f"solved at start {100 * results['solved_at_start']:.1f} %{unsolved}{timing}"
-    )
 
 
 @dataclass
@@ -523,6 +352,111 @@ def reset_envs(world: World, cfg: EvalConfig, pairs: Pairs) -> tuple[list, np.nd
     return env_list, solved0, dist0, errors0
 
 
+# --- planning: CEM (or Adam) on the model's rollout cost, episodes batched (docs/method.md §9)
+
+
+def encode_frames(model: LeWM, frames: np.ndarray, device: torch.device) -> torch.Tensor:
+    """uint8 frames (B, H, W, 3) -> z (B, 1, D), encoded once (eval-mode BN: each row independent)."""
+    pixels = model.preprocess(torch.as_tensor(frames).to(device)[:, None])  # (B, 1, 3, S, S)
+    return model.encode(pixels)  # (B, 1, D)
+
+
+# Episodes per planning call on a CPU. Each episode draws from its own generator and the rollout treats episodes
+# independently, so the plans are the same at any chunk size (bit for bit in fp32, measured); on 2 CPU cores a CEM
+# plan of the `cpu` preset costs 1.4x more per episode in one call of 50 than in calls of 10 (BENCHMARKS.md).
+CPU_PLAN_CHUNK = 10
+
+
+def chunk_size(cfg: EvalConfig, device: torch.device) -> int:
+    """Episodes per planning call: --plan_chunk, or CPU_PLAN_CHUNK on a CPU and all (0) elsewhere."""
+    if cfg.plan_chunk is not None:
+        return cfg.plan_chunk
+    return CPU_PLAN_CHUNK if device.type == "cpu" else 0
+
+
+def plan_batch(world: World, cfg: EvalConfig, frames: np.ndarray, z_goal: torch.Tensor, generators, init_mean):
+    """One planning call for B episodes: current frames (B, H, W, 3), z_goal (B, D) -> plans (B, N, A) normalised."""
+    model, b = world.model, len(frames)
+    block = world.frameskip * world.action_dim
+    samples = cfg.samples or (300 if cfg.solver == "cem" else 100)
+    if cfg.solver == "cem":
+        with torch.inference_mode():
+            z0 = encode_frames(model, frames, world.device)  # (B, 1, D)
+            cost_fn = make_cost(model, z0, z_goal, cfg.bf16)
+            return cem(
+                cost_fn,
+                b,
+                cfg.horizon,
+                block,
+                num_samples=samples,
+                iterations=cfg.iterations,
+                topk=cfg.topk,
+                init_mean=init_mean,
+                generator=generators,
+                device=world.device,
+            )
+    if cfg.solver == "adam":
+        with torch.no_grad():  # not inference_mode: the embeddings enter the autograd graph of the plans
+            z0 = encode_frames(model, frames, world.device)  # (B, 1, D)
+        cost_fn = make_cost(model, z0, z_goal, cfg.bf16)
+        return gradient_plan(
+            cost_fn,
+            b,
+            cfg.horizon,
+            block,
+            num_samples=samples,
+            steps=cfg.iterations,
+            lr=cfg.lr,
+            init_mean=init_mean,
+            generator=generators,
+            device=world.device,
+        )
+    raise ValueError(f"unknown solver {cfg.solver!r}; valid: cem, adam")
+
+
+def plan_chunks(world: World, cfg: EvalConfig, frames: np.ndarray, z_goal: torch.Tensor, generators, init_mean):
+    """plan_batch over consecutive chunks of chunk_size episodes (0 = all at once); plans (B, N, A)."""
+    size = chunk_size(cfg, world.device) or len(frames)
+    return torch.cat(
+        [
+            plan_batch(
+                world,
+                cfg,
+                frames[i : i + size],
+                z_goal[i : i + size],
+                generators[i : i + size],
+                None if init_mean is None else init_mean[i : i + size],
+            )
+            for i in range(0, len(frames), size)
+        ]
+    )
+
+
+def goal_policy_path(cfg: EvalConfig) -> str:
+    """The goal-conditioned policy's file: --policy_file, or policy.pt next to the checkpoint."""
+    return cfg.policy_file or os.path.join(os.path.dirname(cfg.ckpt), "policy.pt")
+
+
+def load_goal_policy(cfg: EvalConfig, world: World):
+    """The policy.py policy of --ckpt's world model, on the world's device (refused for another world model)."""
+    if not cfg.ckpt:
+        raise UsageError(f"--policy {cfg.policy}: needs --ckpt (the policy is trained on our checkpoint's latents)")
+    return load_policy(goal_policy_path(cfg), load_checkpoint(cfg.ckpt), cfg.ckpt).to(world.device)
+
+
+# --- success and the results JSON
+
+
+def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95 % Wilson score interval of a binomial proportion (sensible at 0 and n successes, unlike p +- 2 se)."""
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
+
+
 def plan_results(cfg: EvalConfig, world: World, pairs: Pairs, outcome: dict, plan_calls: list[dict]) -> dict:
     """The results JSON of a plan run; outcome holds the per-pair arrays success, first_step, solved0, dist0, dist,
     closest (the smallest distance reached), closest_step, and the lists of error dicts errors0, errors (final) and
@@ -554,7 +488,9 @@ def plan_results(cfg: EvalConfig, world: World, pairs: Pairs, outcome: dict, pla
         "success_rate": n_ok / b,
         "ci95": list(wilson(n_ok, b)),
         "solved_at_start": float(solved0.mean()),
-        # Pairs already solved at the start count as successes; this is the rate on the others (le-wm issue 23).
+        # Success is tested after each step, never at the start: a pair solved at the start succeeds only if it is
+        # still at the goal after its first step. This is the rate on the pairs not solved at the start (le-wm
+        # issue 23).
         "success_rate_unsolved_at_start": float(success[~solved0].mean()) if (~solved0).any() else None,
         "budget": cfg.budget,
         "goal_offset": cfg.goal_offset,
@@ -589,16 +525,41 @@ def plan_results(cfg: EvalConfig, world: World, pairs: Pairs, outcome: dict, pla
     }
 
 
-def goal_policy_path(cfg: EvalConfig) -> str:
-    """The goal-conditioned policy's file: --policy_file, or policy.pt next to the checkpoint."""
-    return cfg.policy_file or os.path.join(os.path.dirname(cfg.ckpt), "policy.pt")
+def print_plan_table(results: dict) -> None:
+    """One line per episode (the final error split into the success test's parts, and the closest approach), then
+    the summary line."""
+    parts = list(results["per_episode"][0]["final_errors"]) if results["per_episode"] else []
+    print(
+        f"{'#':>3} {'episode':>7} {'start':>5} {'at_start':>8} {'success':>7} {'step':>4} {'dist0':>9} {'dist':>9} "
+        + " ".join(f"{p:>12}" for p in parts)
+        + f" {'closest':>9} {'at':>3}"
+    )
+    for r in results["per_episode"]:
+        print(
+            f"{r['index']:>3} {r['episode']:>7} {r['start_step']:>5} {r['solved_at_start']!s:>8} "
+            f"{r['success']!s:>7} {r['first_success_step']:>4} {r['start_distance']:>9.3f} "
+            f"{r['final_distance']:>9.3f} "
+            + " ".join(f"{r['final_errors'][p]:>12.3f}" for p in parts)
+            + f" {r['closest_distance']:>9.3f} {r['closest_step']:>3}"
+        )
+    timing = ""
+    if results["plan_calls"]:
+        timing = (
+            f" | {results['mean_plan_seconds']:.3f} s per episode-plan, {results['seconds_per_call']:.2f} s per"
+            f" planning round"
+        )
+    rate = results.get("success_rate_unsolved_at_start")
+    unsolved = f" (success on the others {100 * rate:.1f} %)" if rate is not None and results["solved_at_start"] else ""
+    lo, hi = results["ci95"]
+    print(f"data: {results['data']} ({results['data_source']})")
+    print(
+        f"{results['env']} {results['policy']} ({results['split']} split): success {results['successes']}/"
+        f"{results['episodes']} = {100 * results['success_rate']:.1f} % [95 % CI {100 * lo:.1f}-{100 * hi:.1f}] | "
+        f"solved at start {100 * results['solved_at_start']:.1f} %{unsolved}{timing}"
+    )
 
 
-def load_goal_policy(cfg: EvalConfig, world: World):
-    """The policy.py policy of --ckpt's world model, on the world's device (refused for another world model)."""
-    if not cfg.ckpt:
-        raise UsageError(f"--policy {cfg.policy}: needs --ckpt (the policy is trained on our checkpoint's latents)")
-    return load_policy(goal_policy_path(cfg), load_checkpoint(cfg.ckpt), cfg.ckpt).to(world.device)
+# --- the MPC loop
 
 
 def run_plan(cfg: EvalConfig) -> dict:
