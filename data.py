@@ -35,7 +35,6 @@ import h5py
 import numpy as np
 import torch
 
-
 SPLIT_SEED = 3072  # seed of the train / validation split of episodes (training and evaluation must agree)
 INDEX_COLUMNS = ("ep_idx", "episode_idx")  # our name, the official files' name
 EPISODE_COLUMNS = ("ep_len", "ep_offset")  # per-episode datasets; every other dataset is per-row
