@@ -1611,6 +1611,27 @@ def test_train_main_lowers_loss_on_fixed_batch(tmp_path, tiny_pusht):
     assert losses[1] < losses[0]
 
 
+def test_train_summary_json_records_wall_times(tmp_path, monkeypatch):
+    """summary.json (written atomically at the end) holds the steps, final validation losses and positive wall times:
+    collection when the dataset was missing (0 when it exists), and the optimisation loop summed over resumed runs,
+    carried by the checkpoint."""
+    monkeypatch.chdir(tmp_path)  # the default dataset path data/tworoom_32px_6ep.h5 is relative
+    cfg = tiny_cfg(tmp_path, "", env="tworoom", max_steps=3, eval_every=3, ckpt_every=3, num_proj=32)
+    first = train.main(cfg)
+    assert os.path.exists(tmp_path / "data" / "tworoom_32px_6ep.h5")
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary == json.loads(json.dumps(first)) and summary["steps"] == 3
+    assert summary["collect_seconds"] > 0 and summary["train_seconds"] > 0
+    assert np.isfinite(summary["val_pred_loss"]) and np.isfinite(summary["val_sigreg_loss"])
+    assert not [n for n in os.listdir(tmp_path / "run") if ".tmp" in n]  # no temporary file left behind
+    ckpt_seconds = load_checkpoint(str(tmp_path / "run" / "ckpt.pt"))["train_seconds"]
+    assert 0 < ckpt_seconds <= summary["train_seconds"]
+    resumed = train.main(dataclasses.replace(cfg, max_steps=5, eval_every=5, ckpt_every=5, resume=True))
+    again = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert again["steps"] == resumed["steps"] == 5 and again["collect_seconds"] == 0
+    assert again["train_seconds"] > ckpt_seconds  # the first run's loop, then this one's
+
+
 def test_train_refresh_bn_stats_matches_train_mode(tmp_path, tiny_pusht):
     """After refresh_bn_stats on a batch, eval-mode embeddings of that batch equal the train-mode (batch-statistics)
     ones up to the unbiased/biased variance factor; stale running statistics are far off."""
