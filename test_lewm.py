@@ -1,6 +1,7 @@
 """Tests for LeWM: model, SIGReg, simulators, data, training, planning and evaluation (CPU only).
 
-Run: python -m pytest -q test_lewm.py
+Run: python -m pytest -q test_lewm.py                  # everything (what CI runs)
+     python -m pytest -q test_lewm.py -m "not slow"    # the quick loop: without the subprocess-heavy tests
 """
 
 import dataclasses
@@ -279,6 +280,7 @@ def _ddp_sigreg_worker(rank: int, world: int, port: int, z_all, weight, queue):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_sigreg_ddp_matches_single_process():
     """Under DDP (2 gloo processes) value and gradient equal single-process SIGReg on the concatenated batch."""
     torch.manual_seed(0)
@@ -495,6 +497,7 @@ def test_model_official_format_round_trip(tmp_path, hf5):
         torch.testing.assert_close(loaded.predict(z[:, :3], a), model.predict(z[:, :3], a), rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_model_export_cli_writes_weights_only_files(tmp_path):
     """`model.py export` writes three weights-only files; each rebuilds the model with identical outputs."""
     model = randomise(tiny_model()).eval()
@@ -1155,6 +1158,7 @@ def test_plan_gradient_finds_minimiser_and_returns_best():
     torch.testing.assert_close(plan, last_plans[torch.arange(2), best])
     torch.testing.assert_close(cost(plan[:, None])[:, 0], last_costs.min(dim=1).values)  # the lowest cost
     torch.testing.assert_close(calls[0][0][:, 0], torch.zeros(2, 5, 4))  # sample 0 starts at the zero plan
+    assert (cost(plan[:, None]) < 0.01 * cost(torch.zeros(2, 1, 5, 4))).all()  # far below where it started
 
 
 # --- data
@@ -1436,10 +1440,12 @@ def _gone(pid: int) -> bool:
         return True
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_fail_collection_killed_at_any_moment_resumes_identically(tmp_path):
-    """Case 2: SIGTERM, then kill -9 at several moments (start, mid-run, at the merge) of a 2-worker collection:
-    the workers die with their parent, and resuming writes the same file as an uninterrupted run."""
+    """Case 2: SIGTERM, then kill -9 at several moments (start, mid-run, at the merge) of a 2-worker collection: each
+    signal ends the process (exit 143, or -9) with its part files left behind, the workers die with their parent,
+    and resuming writes the same file as an uninterrupted run."""
     import signal
     import time
 
@@ -1473,24 +1479,31 @@ def test_fail_collection_killed_at_any_moment_resumes_identically(tmp_path):
         (signal.SIGTERM, lambda: n_parts() >= 1),
         (signal.SIGKILL, lambda: n_parts() >= 0),
         (signal.SIGKILL, lambda: n_parts() >= 4),
-        (signal.SIGKILL, lambda: n_parts() >= 8),
+        (signal.SIGKILL, lambda: os.path.exists(f"{out}.tmp")),  # during the merge
     ):
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        deadline = time.time() + 240
-        while not when() and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.005)
-        workers = _children(proc.pid) if proc.poll() is None else []
-        proc.send_signal(sig)
-        log = proc.communicate(timeout=120)[0]
+        for _ in range(5):  # a run that finished before the signal landed was not killed: run it again
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            deadline = time.time() + 240
+            while not when() and proc.poll() is None and time.time() < deadline:
+                time.sleep(0.002)
+            workers = _children(proc.pid) if proc.poll() is None else []
+            proc.send_signal(sig)
+            log = proc.communicate(timeout=120)[0]
+            if proc.returncode != 0:
+                break
+            os.remove(out)
+        # The signal ended it (SIGTERM's handler exits 143 saying how to resume; SIGKILL leaves returncode -9),
+        # and the interrupted collection's part files are there for the next run.
         if sig == signal.SIGTERM:
             assert proc.returncode == 143 and "run the same command again" in log, log[-500:]
+        else:
+            assert proc.returncode == -signal.SIGKILL, (proc.returncode, log[-500:])
+        assert os.path.isdir(parts), "no partial state left to resume from"
         for _ in range(100):  # the watchdog polls every 0.2 s
             if all(map(_gone, workers)):
                 break
             time.sleep(0.1)
         assert all(map(_gone, workers)), "workers outlived their parent"
-        if out.exists():  # killed after the final rename: nothing left to resume
-            break
     collect.collect("tworoom", 8, str(out), workers=1, **kw)
     assert not os.path.exists(parts) and not os.path.exists(f"{out}.tmp")
     _assert_same_file(out, ref)
@@ -1590,7 +1603,8 @@ def test_pinned_numbers_unchanged(tmp_path, tiny_pusht):
 
 
 def test_train_main_lowers_loss_on_fixed_batch(tmp_path, tiny_pusht):
-    """main() trains in-process: the loss of a fixed batch is lower after training than at initialisation."""
+    """main() trains in-process: 25 steps bring the loss of a fixed batch of training clips below 0.7x its value at
+    initialisation (0.48x measured)."""
     cfg = tiny_cfg(tmp_path, tiny_pusht, max_steps=25, lr=3e-3)
     traj = data.Trajectories(tiny_pusht)
     train_eps, _ = data.split_episodes(traj.num_episodes, cfg.val_fraction, seed=data.SPLIT_SEED)
@@ -1608,7 +1622,7 @@ def test_train_main_lowers_loss_on_fixed_batch(tmp_path, tiny_pusht):
         for model in (initial, trained):
             torch.manual_seed(0)
             losses.append(lewm_loss(model, model.preprocess(pixels), actions, sig)[0].item())
-    assert losses[1] < losses[0]
+    assert losses[1] < 0.7 * losses[0], losses
 
 
 def test_train_summary_json_records_wall_times(tmp_path, monkeypatch):
@@ -1719,6 +1733,7 @@ def test_train_bf16_default_follows_native_support(tmp_path):
     assert resolved(["--bf16"], False) is True and resolved(["--no-bf16"], True) is False
 
 
+@pytest.mark.slow
 def test_train_cli_end_to_end_collects_data(tmp_path):
     """The real CLI with the tiny preset collects its own dataset, trains, and writes checkpoint and metrics."""
     repo = os.path.dirname(os.path.abspath(__file__))
@@ -1745,6 +1760,7 @@ def test_train_cli_end_to_end_collects_data(tmp_path):
     assert "done: 3 steps" in out.stdout
 
 
+@pytest.mark.slow
 def test_train_torchrun_matches_single_process(tmp_path, tiny_pusht):
     """A 2-process torchrun (gloo) run logs the same losses as one process with the same global batch."""
     repo = os.path.dirname(os.path.abspath(__file__))
@@ -1836,6 +1852,7 @@ def test_fail_nan_gradient_stops_before_update_and_checkpoint(tmp_path, tiny_pus
     assert ckpt["step"] == 2 and all(v.isfinite().all() for v in ckpt["model"].values() if v.is_floating_point())
 
 
+@pytest.mark.slow
 def test_fail_train_sigint_checkpoints_and_resumes(tmp_path, tiny_pusht):
     """Case 4: SIGINT to a real training process finishes the step, writes a checkpoint at that step and exits 130
     with the resume command; --resume continues from it to the end."""
@@ -2064,13 +2081,24 @@ def test_eval_surprise_teleport_spikes_on_position_tracking_model(tiny_tworoom):
     assert res["rerender"]["perturbed"] == pytest.approx(res["rerender"]["original_same_steps"], rel=1e-6)
 
 
-def test_eval_diagnose_ranks_true_actions_first_for_exact_model(tiny_tworoom):
-    """diagnose: an exact model ranks the recorded actions near the top and moves with them; a blind one is at chance."""
+def test_eval_diagnose_ranks_true_actions_first_for_exact_model(tiny_tworoom, tmp_path):
+    """diagnose: an exact model ranks the recorded actions first (median rank 0) and moves with them; with each
+    pair's recorded actions swapped for others from the dataset it ranks them near chance; a blind model is at
+    chance exactly."""
     world = _centroid_world(tiny_tworoom)
     rows = evaluate.start_rows(world.traj, world.val_eps, 24, 25, seed=0)
     exact = analyses.action_ranking(world, rows, horizon=5, samples=64, seed=0)
-    assert exact["median_rank"] < 0.05 and exact["top10"] >= 0.8, exact
+    assert exact["median_rank"] == 0 and exact["top10"] >= 0.8, exact
     assert exact["sensitivity_1"] > 0.5 and exact["rollout_error_1"] < 0.3, exact
+    shuffled = str(tmp_path / "shuffled.h5")  # the same frames, the finite action rows permuted
+    shutil.copy(tiny_tworoom, shuffled)
+    with h5py.File(shuffled, "a") as f:
+        action = f["action"][()]
+        finite = np.flatnonzero(np.isfinite(action).all(1))
+        action[finite] = action[np.random.default_rng(0).permutation(finite)]
+        f["action"][...] = action
+    wrong = analyses.action_ranking(_centroid_world(shuffled), rows, horizon=5, samples=64, seed=0)
+    assert wrong["median_rank"] > 0.3 and wrong["top10"] < 0.3, wrong
     blind = analyses.action_ranking(_centroid_world(tiny_tworoom, _BlindModel), rows, horizon=5, samples=64, seed=0)
     assert blind["median_rank"] == 0.5 and blind["top10"] == 0.0 and blind["sensitivity_1"] == 0.0, blind
 
@@ -2087,7 +2115,8 @@ def test_eval_diagnose_never_uses_evaluation_episodes(tiny_tworoom):
 
 
 def test_eval_diagnose_cli_writes_json(tmp_path, tiny_pusht):
-    """`evaluate.py diagnose` on a tiny checkpoint writes ranks in [0, 1], finite ratios and a probe r per quantity."""
+    """`evaluate.py diagnose` on a tiny checkpoint writes per-pair ranks with their median and top-10 share, finite
+    ratios, a probe r per quantity, the plan anatomy and the capacity check."""
     ckpt = _eval_ckpt(tmp_path / "ckpt.pt", tiny_pusht, "pusht")
     argv = [
         "diagnose",
@@ -2118,7 +2147,8 @@ def test_eval_diagnose_cli_writes_json(tmp_path, tiny_pusht):
     with open(tmp_path / "d.json") as f:
         saved = json.load(f)
     assert saved["pairs"] == len(saved["ranks"]) == 6 and saved["samples"] == 16
-    assert 0 <= saved["ranking"]["median_rank"] <= 1 and 0 <= saved["ranking"]["top10"] <= 1
+    ranks = np.array(saved["ranks"])  # the summary figures are those of the per-pair ranks saved beside them
+    assert saved["ranking"]["median_rank"] == np.median(ranks) and saved["ranking"]["top10"] == np.mean(ranks < 0.1)
     assert all(np.isfinite(v) for v in saved["ranking"].values())
     assert set(saved["probe_linear_r"]) == {"agent_pos", "block_pos", "block_angle"}
     assert set(saved["probe_linear_median_error"]) == set(saved["probe_linear_r"]) == set(saved["capacity"]["r"])
@@ -2239,7 +2269,8 @@ def test_eval_surprise_cli_reports_finite_numbers(tmp_path, tiny_pusht):
 
 
 def test_eval_probe_cli_reports_finite_scores(tmp_path, tiny_pusht):
-    """`evaluate.py probe` scores linear and MLP probes of every PushT quantity, trained model and fresh-init floor."""
+    """`evaluate.py probe` writes finite linear and MLP probe scores of every PushT quantity for the trained model
+    and its fresh-init floor (what r a probe reaches is test_eval_probe_reaches_known_r_on_synthetic_relations')."""
     ckpt = _eval_ckpt(tmp_path / "ckpt.pt", tiny_pusht, "pusht")
     argv = ["probe", "--ckpt", ckpt, "--frames", "200", "--probe_epochs", "2", "--device", "cpu"]
     res = evaluate.main(evaluate.parse_args(argv + ["--out", str(tmp_path / "p.json")]))
@@ -2250,21 +2281,25 @@ def test_eval_probe_cli_reports_finite_scores(tmp_path, tiny_pusht):
         assert set(saved["results"][label]) == {"agent_pos", "block_pos", "block_angle"}
         for scores in saved["results"][label].values():
             for probe in ("linear", "mlp"):
-                assert np.isfinite(scores[probe]["mse"]) and -1 <= scores[probe]["r"] <= 1
+                assert np.isfinite(scores[probe]["mse"]) and np.isfinite(scores[probe]["r"])
     assert res["results"] == saved["results"]
 
 
-def test_eval_probe_linear_recovers_linear_quantity():
-    """The ridge probe recovers a linear function of synthetic embeddings exactly (MSE ~ 0, r ~ 1) on held-out rows."""
+def test_eval_probe_reaches_known_r_on_synthetic_relations():
+    """On held-out rows of synthetic embeddings the probes reach the r the data allow: ~1 for an exact linear
+    relation, 1/sqrt(1 + 0.5^2) = 0.894 for a unit-variance linear signal plus noise of sd 0.5, ~0 for pure noise."""
     rng = np.random.default_rng(0)
-    z = rng.normal(size=(600, 24)) * rng.uniform(0.1, 10, 24) + rng.normal(size=24)  # (N, D), uneven scales
+    z = rng.normal(size=(3000, 24)) * rng.uniform(0.1, 10, 24) + rng.normal(size=24)  # (N, D), uneven scales
     y = z @ rng.normal(size=(24, 3)) + rng.normal(size=3)  # (N, 3)
-    scores = analyses.probe_model(z[:500], z[500:], {"q": y[:500]}, {"q": y[500:]}, epochs=1, seed=0)["q"]
-    assert scores["linear"]["mse"] < 1e-6 and scores["linear"]["r"] > 1 - 1e-6
-    noise = analyses.probe_model(
-        z[:500], z[500:], {"q": rng.normal(size=(500, 2))}, {"q": rng.normal(size=(100, 2))}, epochs=1, seed=0
-    )["q"]
-    assert noise["linear"]["mse"] > 0.8 and abs(noise["linear"]["r"]) < 0.3
+    exact = analyses.probe_model(z[:2000], z[2000:], {"q": y[:2000]}, {"q": y[2000:]}, epochs=1, seed=0)["q"]
+    assert exact["linear"]["mse"] < 1e-6 and exact["linear"]["r"] > 1 - 1e-6
+    y = (y - y.mean(0)) / y.std(0) + 0.5 * rng.normal(size=y.shape)  # r = 1 / sqrt(1 + 0.25) for a perfect fit
+    noisy = analyses.probe_model(z[:2000], z[2000:], {"q": y[:2000]}, {"q": y[2000:]}, epochs=5, seed=0)["q"]
+    assert abs(noisy["linear"]["r"] - 1 / math.sqrt(1.25)) < 0.02 and noisy["mlp"]["r"] > 0.7, noisy
+    y = rng.normal(size=(3000, 2))
+    noise = analyses.probe_model(z[:2000], z[2000:], {"q": y[:2000]}, {"q": y[2000:]}, epochs=5, seed=0)["q"]
+    for probe in ("linear", "mlp"):
+        assert abs(noise[probe]["r"]) < 0.05 and noise[probe]["mse"] > 0.95, noise
 
 
 def test_eval_plan_end_to_end_writes_json(tmp_path, tiny_pusht, capsys):
@@ -2506,17 +2541,31 @@ def test_eval_released_model_source_errors_are_one_line(tmp_path, monkeypatch):
     assert not os.path.exists(tmp_path / "data")  # nothing collected for a model that did not load
 
 
-def test_eval_adam_solver_and_wilson(tmp_path, tiny_pusht):
-    """The gradient solver runs under the same protocol; the Wilson interval matches known values."""
+def test_eval_adam_solver_and_wilson(tmp_path, tiny_pusht, tiny_tworoom):
+    """The gradient solver runs under the same protocol, and on the exact TwoRoom model, whose planning cost is a
+    quadratic of the actions (squared distance of the predicted position to the goal's), its plans cost under 1 %
+    of the zero plan it starts from; the Wilson interval matches known values."""
     ckpt = _eval_ckpt(tmp_path / "ckpt.pt", tiny_pusht, "pusht")
     res = evaluate.main(_eval_cfg(ckpt, tmp_path, solver="adam", episodes=2, samples=4, iterations=2, budget=10))
     assert res["planner"]["solver"] == "adam" and len(res["plan_calls"]) == 1 and res["episodes"] == 2
+    world = _centroid_world(tiny_tworoom)
+    pairs = evaluate.pairs_at(world, evaluate.start_rows(world.traj, world.val_eps, 4, 25, seed=0), 25)
+    z0 = evaluate.encode_frames(world.model, pairs.start_frames, world.device)  # (B, 1, 2)
+    z_goal = evaluate.encode_frames(world.model, pairs.goal_frames, world.device)[:, 0]  # (B, 2)
+    cfg = evaluate.EvalConfig(solver="adam", samples=16, iterations=30, device="cpu")
+    gens = [torch.Generator().manual_seed(i) for i in range(4)]
+    plans = evaluate.plan_batch(world, cfg, pairs.start_frames, z_goal, gens, None)  # (B, N, A)
+    cost = make_cost(world.model, z0, z_goal, False)
+    with torch.no_grad():
+        start, end = cost(torch.zeros_like(plans)[:, None])[:, 0], cost(plans[:, None])[:, 0]  # (B,) each
+    assert (start > 100).all() and (end < 0.01 * start).all(), (start, end)
     lo, hi = evaluate.wilson(0, 50)
     assert lo == 0 and abs(hi - 0.0713) < 1e-3
     lo, hi = evaluate.wilson(25, 50)
     assert abs(lo - 0.3664) < 1e-3 and abs(hi - 0.6336) < 1e-3
 
 
+@pytest.mark.slow
 def test_fail_cli_errors_are_one_line_exit_2(tmp_path):
     """Case 7: a user error at the real command line is one line on stderr, exit code 2, no traceback."""
     for script, args, text in (
@@ -2537,8 +2586,8 @@ def test_fail_cli_errors_are_one_line_exit_2(tmp_path):
 
 
 def test_fail_eval_bad_arguments_before_loading(tmp_path, tiny_pusht):
-    """Cases 7, 8, 9: evaluation refuses bad flags before loading anything; each subcommand takes only its own
-    flags, and help shows the defaults."""
+    """Cases 7, 8: evaluation refuses bad flags before loading anything; each subcommand takes only its own
+    flags."""
     ckpt = _eval_ckpt(tmp_path / "ckpt.pt", tiny_pusht, "pusht")
     for kw, text in (
         ({"episodes": 0}, "--episodes 0"),
@@ -2555,6 +2604,11 @@ def test_fail_eval_bad_arguments_before_loading(tmp_path, tiny_pusht):
     with pytest.raises(SystemExit):
         evaluate.parse_args(["probe", "--ckpt", ckpt, "--budget", "3"])  # a plan flag
     assert evaluate.parse_args(["surprise", "--ckpt", ckpt]).perturb_steps == 5
+
+
+@pytest.mark.slow
+def test_fail_eval_help_shows_each_subcommands_flags_and_defaults():
+    """Case 9: `evaluate.py probe --help` run for real lists the probe's flags with their defaults, not plan's."""
     helps = subprocess.run(
         [sys.executable, os.path.join(REPO, "evaluate.py"), "probe", "--help"],
         capture_output=True,
