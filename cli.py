@@ -1,9 +1,9 @@
-"""Command-line and run-folder plumbing shared by train.py, evaluate.py, analyses.py, policy.py and data.py's
-collection command: none of it is the method, all of it is how the scripts behave at a terminal.
+"""Command-line and run-folder plumbing shared by train.py, evaluate.py, analyses.py, policy.py and collect.py:
+none of it is the method, all of it is how the scripts behave at a terminal and on disk.
 
 - Flags from a config dataclass: `add_config_flags` makes one `--field` per field, the trailing comment its help,
-  booleans as `--x/--no-x` (STYLE: the dataclass is the single source of truth); `check_fields` validates them and
-  `UsageError` is what a script prints as one line before exiting with code 2.
+  booleans as `--x/--no-x` (the dataclass is the single source of truth); `check_fields` validates them and
+  `UsageError` is what a script prints as one line before exiting with code 2 (`exit_codes`).
 - Devices and DDP: `pick_device` (cuda > mps > cpu), `setup_device` (torchrun's process group), `wrap_model` (DDP,
   global-batch BatchNorm, torch.compile), `sync_stop`.
 - Run folders: a lock held for the whole run, refusal of a folder holding another run, `metrics.jsonl` reading and
