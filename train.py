@@ -135,7 +135,7 @@ CHOICES = {"env": list(envs.REGISTRY), "preset": [None, *RECIPES], "device": cli
 AT_LEAST_1 = "episodes max_steps schedule_steps batch_size num_proj log_every eval_every ckpt_every workers patch_size"
 RANGES = {
     **dict.fromkeys(AT_LEAST_1.split(), (">= 1", lambda v: v >= 1)),
-    **dict.fromkeys("weight_decay lambd val_batches bn_batches keep_every".split(), (">= 0", lambda v: v >= 0)),
+    **dict.fromkeys(("weight_decay", "lambd", "val_batches", "bn_batches", "keep_every"), (">= 0", lambda v: v >= 0)),
     **dict.fromkeys(("lr", "grad_clip"), ("> 0", lambda v: v > 0)),
     **dict.fromkeys(("dropout", "val_fraction"), ("in [0, 1)", lambda v: 0 <= v < 1)),
     "warmup": ("in [0, 1]", lambda v: 0 <= v <= 1),
