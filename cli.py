@@ -329,10 +329,8 @@ def open_data(paths: dict[str, str], env: str, img_size: int, say=None) -> data.
     """The dataset files {flag: path} ('' = none) opened and checked to hold `env`, read as one file (a
     data.TrajectoryUnion, episodes numbered file after file) when there are several; errors name the flag. `say`:
     where notes on the first file go (no env recorded, frames of another size than `img_size`)."""
-    parts = []
-    for flag, path in paths.items():
-        if not path:
-            continue
+    parts, given = [], [(flag, path) for flag, path in paths.items() if path]
+    for flag, path in given:
         try:
             parts.append(data.Trajectories(path))
         except (ValueError, FileNotFoundError) as e:
@@ -340,8 +338,8 @@ def open_data(paths: dict[str, str], env: str, img_size: int, say=None) -> data.
         data.check_env(parts[-1], env)
     try:
         traj = data.TrajectoryUnion(parts) if len(parts) > 1 else parts[0]
-    except ValueError as e:
-        raise UsageError(f"{list(paths)[-1]} {list(paths.values())[-1]}: {e}") from e
+    except ValueError as e:  # a later file of another frame size or action dim than the first
+        raise UsageError(f"{given[-1][0]} {given[-1][1]}: {e}") from e
     first = parts[0].path
     if say is not None and "env" not in traj.file.attrs:
         say(f"note: {first} does not record its environment; trusting --env {env}")

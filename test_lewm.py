@@ -1509,6 +1509,20 @@ def test_fail_collection_killed_at_any_moment_resumes_identically(tmp_path):
     _assert_same_file(out, ref)
 
 
+def test_data_open_data_reads_extra_episodes_after_the_dataset(tmp_path):
+    """cli.open_data reads --data and --extra_data as one file, the extra episodes numbered after the dataset's,
+    notes a file without an env and frames of another size, and refuses extra episodes of another frame size."""
+    a, b = _data_file(tmp_path / "a.h5"), _data_file(tmp_path / "b.h5", lens=(21, 23))
+    notes = []
+    traj = cli.open_data({"--data": a, "--extra_data": b}, "pusht", 32, notes.append)
+    assert isinstance(traj, data.TrajectoryUnion) and traj.num_episodes == 5 and list(traj.ep_len[3:]) == [21, 23]
+    assert any("does not record its environment" in n for n in notes) and any("4 px frames" in n for n in notes)
+    assert isinstance(cli.open_data({"--data": a, "--extra_data": ""}, "pusht", 4), data.Trajectories)
+    c = _data_file(tmp_path / "c.h5", img=8)
+    with pytest.raises(cli.UsageError, match="--extra_data .*c.h5: .*not the same env and frame size"):
+        cli.open_data({"--data": a, "--extra_data": c}, "pusht", 32)
+
+
 def test_fail_collection_bad_arguments_before_any_file(tmp_path):
     """Case 7: bad collection arguments (img_size 7, unknown env or policy, 0 episodes, a folder as --out) raise
     UsageError naming the flag, and no file or folder is created."""
