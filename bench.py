@@ -18,9 +18,11 @@ from dataclasses import replace
 import numpy as np
 import torch
 
+import collect
 import data
 import envs
-from model import PRESETS, LeWM, native_bf16
+from kernels import native_bf16, use_fast_attention
+from model import PRESETS, LeWM
 from planner import cem, make_cost
 from train import clip_shape
 
@@ -64,7 +66,7 @@ def bench_data(env: str = "pusht", episodes: int = 30, sizes: tuple = (64, 224),
     with tempfile.TemporaryDirectory() as tmp:
         for size in sizes:
             start = time.perf_counter()
-            path = data.collect(env, episodes, os.path.join(tmp, f"{env}_{size}.h5"), img_size=size, workers=2)
+            path = collect.collect(env, episodes, os.path.join(tmp, f"{env}_{size}.h5"), img_size=size, workers=2)
             row = {"env": env, "img_size": size, "episodes": episodes, "collect_s": time.perf_counter() - start}
             row["file_MB"] = os.path.getsize(path) / 1e6
             for mode, cache, chunk_cache in (("cached", True, data.READ_CACHE_BYTES), ("streamed", False, 0)):
@@ -132,8 +134,8 @@ def matmul_peaks(bf16: bool = True) -> dict[str, float]:
 
 
 def count_flops(fn) -> int:
-    """FLOPs of fn() by torch.utils.flop_counter, under bf16 autocast: there every attention runs as explicit
-    matmuls, which the counter sees (it does not count PyTorch's fused CPU attention kernel). The count is the same
+    """FLOPs of fn() by torch.utils.flop_counter, under bf16 autocast: there every attention of a model given
+    kernels.use_fast_attention runs as explicit matmuls, which the counter sees (it does not count PyTorch's fused CPU attention kernel). The count is the same
     maths in fp32."""
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -152,7 +154,7 @@ def _train_step_time(preset: str, batch: int, bf16: bool, steps: int) -> tuple[f
 
     torch.manual_seed(0)
     cfg = PRESETS[preset]
-    model, sig = LeWM(cfg).train(), SIGReg()
+    model, sig = use_fast_attention(LeWM(cfg).train()), SIGReg()  # the kernels train.py uses
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-3)
     pixels = torch.randint(0, 256, (batch, 4, cfg.img_size, cfg.img_size, 3), dtype=torch.uint8)
     actions = torch.randn(batch, 4, cfg.action_dim)
@@ -223,6 +225,7 @@ def _plan_model(preset: str) -> LeWM:
     """
     torch.manual_seed(0)
     model = LeWM(replace(PRESETS[preset], action_dim=PLAN_ACTION_DIM)).eval().requires_grad_(False)
+    use_fast_attention(model)  # the kernels evaluate.py plans with
     with torch.no_grad():
         for p in model.parameters():
             if not p.any():

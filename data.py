@@ -1,5 +1,5 @@
-"""Trajectory datasets for LeWM: collect HDF5 files with a scripted policy, read them (ours and the official ones),
-split them by episode and serve training clips of frames and action blocks.
+"""Trajectory datasets for LeWM: the HDF5 layout, reading it (ours and the official files), the split by episode and
+the training clips of frames and action blocks.
 
 Layout (docs/envs.md §6, stable-worldmodel `HDF5Dataset`): one file, every dataset at the root, axis 0 = global row.
 `ep_len` (E,) int32 and `ep_offset` (E,) int64 describe the episodes, which are stored one after another; every
@@ -13,9 +13,9 @@ T blocks of frameskip * A (history, num_preds and frameskip are the model config
 model's `preprocess` turns the uint8 frames into floats; this file never does.
 
 Deliberately absent: image transforms, lance/folder formats, clip-level splitting (see the DEVIATION in
-`split_episodes`).
+`split_episodes`). Collecting files with the scripted policies (resumable, several processes) is collect.py's.
 
-Run (collection; `--workers` processes each roll out whole episodes, seeded by seed + episode index):
+Run (collection, collect.py's command; `--workers` processes each roll out whole episodes, seeded by seed + episode):
     python data.py --env pusht --episodes 1000 --img_size 64 --out data/pusht_64.h5
     python data.py --env pusht --episodes 200 --out data/pusht_64.h5 --append   # 200 more, same seed stream
 Each finished episode is saved at once in `<out>.parts/`; after an interruption (Ctrl-C, SIGTERM, kill -9, a crash)
@@ -24,28 +24,16 @@ running the same command again collects only the missing episodes and writes the
 Dimension letters: B batch, T frames per clip, H/W image, A raw action dim, E episodes, N rows.
 """
 
-import argparse
-import dataclasses
-import inspect
-import json
-import math
-import multiprocessing as mp
 import os
 import queue
-import re
-import shutil
-import signal
-import sys
 import threading
-import time
 import warnings
 from collections.abc import Iterator, Sequence
-from typing import Self, get_args
+from typing import Self
 
 import h5py
 import numpy as np
 import torch
-from tqdm import tqdm
 
 SPLIT_SEED = 3072  # seed of the train / validation split of episodes (training and evaluation must agree)
 INDEX_COLUMNS = ("ep_idx", "episode_idx")  # our name, the official files' name
@@ -61,57 +49,9 @@ READ_CACHE_BYTES = 64 << 20  # HDF5 chunk cache per open file
 
 
 class UsageError(ValueError):
-    """A mistake in what the user asked for (a flag, a file): the scripts print it as one line and exit with code 2."""
-
-
-def check_fields(cfg, choices: dict, ranges: dict) -> None:
-    """Raise UsageError naming the flag and value for a non-finite float, an invalid choice or a value out of range
-    among the fields of the dataclass `cfg`; ranges: name -> (description, predicate)."""
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        if value is None:  # not given: resolved later from a preset
-            continue
-        if isinstance(value, float) and not math.isfinite(value):
-            raise UsageError(f"--{f.name} {value}: must be a finite number")
-        if f.name in choices and value not in choices[f.name]:
-            raise UsageError(f"--{f.name} {value!r}: invalid choice; valid: {', '.join(map(repr, choices[f.name]))}")
-        if f.name in ranges and not ranges[f.name][1](value):
-            raise UsageError(f"--{f.name} {value}: must be {ranges[f.name][0]}")
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The script's docstring as written, and every flag's default after its help text."""
-
-
-def field_comments(cls) -> dict[str, str]:
-    """The trailing comment of every field of the dataclass `cls` (`name: type = default  # comment`)."""
-    found = (re.match(r"\s+(\w+)\s*:[^#]*#\s*(.*)", line) for line in inspect.getsource(cls).splitlines())
-    return {m[1]: m[2] for m in found if m}
-
-
-def add_config_flags(
-    parser: argparse.ArgumentParser, cls, *, names=None, choices=None, nargs=None, metavars=None
-) -> None:
-    """One flag per field of the config dataclass `cls` (only those in `names`, if given): `--field value`, typed as
-    the default (or as the annotation when the default is None); booleans as --field/--no-field (also `bool |
-    None`, None meaning not given); tuples take `nargs[field]` values (default: one or more). The field's trailing
-    comment is the help text, followed by the default; `choices[field]` (None, meaning not given, left out) are
-    enforced and listed."""
-    helps, choices, nargs, metavars = field_comments(cls), choices or {}, nargs or {}, metavars or {}
-    for f in dataclasses.fields(cls):
-        if names is not None and f.name not in names:
-            continue
-        if isinstance(f.default, bool) or f.type == (bool | None):
-            kind = {"action": argparse.BooleanOptionalAction}
-        elif isinstance(f.default, tuple):
-            kind = {"nargs": nargs.get(f.name, "+"), "metavar": metavars.get(f.name)}
-        else:
-            types = [t for t in get_args(f.type) if t is not type(None)]
-            kind = {"type": type(f.default) if f.default is not None else types[0]}
-            if f.name in choices:
-                kind["choices"] = [c for c in choices[f.name] if c is not None]
-        text = helps.get(f.name, "").replace("%", "%%")
-        parser.add_argument(f"--{f.name}", default=f.default, help=text, **kind)
+    """A mistake in what the user asked for (a flag, a file): the scripts print it as one line and exit with code 2.
+    Defined here, the lowest file that raises it (for a dataset of another env, or with an outlier), so that data.py
+    needs no other project file; cli.py, which every script imports it from, re-exports it."""
 
 
 def _import_hdf5plugin() -> bool:
@@ -551,45 +491,10 @@ class ClipLoader:
         return self._prefetched(all_starts())
 
 
-# --- collection
-
-_worker_env: tuple | None = None  # ((name, img_size), env): one env per worker process, reused across episodes
+# --- writing (the layout above, one episode at a time)
 
 
-def _rollout(job: tuple) -> dict[str, np.ndarray]:
-    """Roll out one episode with the env's scripted policy; returns its columns (T steps -> T+1 rows)."""
-    import envs  # imported here so that reading data needs neither envs.py nor its simulators
-
-    global _worker_env
-    name, img_size, policy, noise, episode_steps, episode_seed = job
-    if _worker_env is None or _worker_env[0] != (name, img_size):
-        _worker_env = ((name, img_size), envs.make_env(name, img_size=img_size))
-    env = _worker_env[1]
-    rng = np.random.default_rng(episode_seed)  # the episode's own stream: results do not depend on worker count
-    obs, info = env.reset(seed=int(rng.integers(2**31 - 1)))
-    pi = envs.make_policy(name, env, kind=policy, noise=noise, rng=rng)
-    pi.reset(info)
-    frames, infos, actions = [obs], [info], []
-    for _ in range(episode_steps):
-        a = np.asarray(pi(info), dtype=np.float32)
-        if getattr(pi, "done", False):  # the policy's own end of episode (PushT demo: the T is placed)
-            break
-        obs, _, terminated, truncated, info = env.step(a)
-        frames.append(obs)
-        infos.append(info)
-        actions.append(a)
-        if truncated or (terminated and envs.REGISTRY[name].stop_on_success):
-            break
-    nan_row = np.full((1, len(actions[0])), np.nan, dtype=np.float32)  # no action is taken at the last observation
-    episode = {"pixels": np.stack(frames), "action": np.concatenate([np.stack(actions), nan_row])}
-    for key in infos[0]:
-        column = key.replace("/", "_")  # as the official recorder sanitises keys
-        if column not in episode and column not in INDEX_COLUMNS + EPISODE_COLUMNS + ("step_idx",):
-            episode[column] = np.stack([np.asarray(i[key]) for i in infos])
-    return episode
-
-
-def _append_episode(f: h5py.File, episode: dict[str, np.ndarray]) -> None:
+def append_episode(f: h5py.File, episode: dict[str, np.ndarray]) -> None:
     """Append one episode: the per-row columns first, ep_len/ep_offset last, so a crash leaves a repairable tail."""
     num = len(episode["pixels"])
     e = len(f["ep_len"]) if "ep_len" in f else 0
@@ -617,272 +522,9 @@ def _append_episode(f: h5py.File, episode: dict[str, np.ndarray]) -> None:
     f.flush()
 
 
-def _init_worker() -> None:
-    """Workers leave Ctrl-C to the main process, which stops them; they also die with it, however it ends."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the parent's handler: Pool.terminate() must end a worker
-    parent = os.getppid()
-
-    def watch() -> None:  # a worker whose parent was killed (kill -9 included) exits within 0.2 s
-        while os.getppid() == parent:
-            time.sleep(0.2)
-        os._exit(1)
-
-    threading.Thread(target=watch, daemon=True).start()
-
-
-def _start_pool(workers: int):
-    """Worker processes, all started now; `terminate()` stops them at once, mid-episode."""
-    # fork where available: workers start instantly and need no importable __main__; they never touch torch.
-    context = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    return context.Pool(workers, initializer=_init_worker)
-
-
-def _part_path(parts: str, e: int) -> str:
-    return os.path.join(parts, f"episode_{e:07d}.h5")
-
-
-def _write_part(path: str, episode: dict[str, np.ndarray]) -> None:
-    """One finished episode in its own file, written under a temporary name, synced, then renamed: a part file that
-    exists is complete, whenever the collection was killed."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with h5py.File(tmp, "w") as f:
-        for c, x in episode.items():
-            f.create_dataset(c, data=x, **(PIXEL_COMPRESSION if c == "pixels" else {}))
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _collect_part(job: tuple) -> int:
-    """Roll out one episode and save it as a part file; returns its index."""
-    path, rollout_job = job
-    _write_part(path, _rollout(rollout_job))
-    return int(path.rsplit("_", 1)[1].split(".")[0])
-
-
-def _check_settings(f: h5py.File, meta: dict) -> None:
-    """Appending must use the settings the file was collected with (they are its attributes)."""
-    stored = {k: v.item() if isinstance(v, np.generic) else v for k, v in f.attrs.items() if k in meta}
-    if stored != meta:
-        raise UsageError(f"{f.filename}: collected with {stored}, not {meta}; use the same settings or another --out")
-
-
-def _read_meta(path: str) -> dict | None:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        return None
-    except ValueError:  # torn by a kill: it is rewritten below
-        return None
-
-
-def _write_json(path: str, obj: dict) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _merge(parts: str, base: str | None, first: int, target: int, tmp: str, meta: dict) -> list[int]:
-    """Write `tmp`: the episodes of `base` (appending) then the parts first..target-1, in order. Returns the indices
-    of unreadable part files (deleted, to be collected again); empty when `tmp` is complete."""
-    if base:
-        shutil.copyfile(base, tmp)
-    bad = []
-    with h5py.File(tmp, "a" if base else "w") as f:
-        if not base:
-            f.attrs.update(meta)
-        for e in range(first, target):
-            try:
-                with h5py.File(_part_path(parts, e), "r") as p:
-                    episode = {c: p[c][()] for c in p}
-            except OSError:
-                bad.append(e)
-                os.remove(_part_path(parts, e))
-                continue
-            if not bad:
-                _append_episode(f, episode)
-    return bad
-
-
-class Interrupted(KeyboardInterrupt):
-    """SIGINT or SIGTERM received; `signum` says which (exit code 128 + signum, the shell convention)."""
-
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-def _raise_interrupted(signum, frame) -> None:
-    raise Interrupted(signum)
-
-
 def default_data_path(env: str, img_size: int, episodes: int, policy: str | None = None) -> str:
     """data/<env>_<size>px_<episodes>ep.h5, with _<policy> before .h5 for another than the env's default policy."""
     return os.path.join("data", f"{env}_{img_size}px_{episodes}ep{'_' + policy if policy else ''}.h5")
-
-
-def check_collect_args(
-    env: str,
-    episodes: int,
-    out: str,
-    img_size: int,
-    policy: str | None,
-    noise: float | None,
-    workers: int,
-    episode_steps: int | None,
-) -> None:
-    """Every collection argument checked before any work: a UsageError naming the flag and its value."""
-    import envs
-
-    if env not in envs.REGISTRY:
-        raise UsageError(f"--env {env}: unknown environment; valid: {', '.join(envs.REGISTRY)}")
-    if policy is not None and policy not in envs.REGISTRY[env].policies:
-        raise UsageError(f"--policy {policy}: not a policy of {env}; valid: {', '.join(envs.REGISTRY[env].policies)}")
-    for flag, value, ok, rule in (
-        ("--episodes", episodes, episodes >= 1, ">= 1"),
-        ("--workers", workers, workers >= 1, ">= 1"),
-        ("--episode_steps", episode_steps, episode_steps is None or episode_steps >= 1, ">= 1"),
-        ("--noise", noise, noise is None or (math.isfinite(noise) and noise >= 0), "finite and >= 0"),
-    ):
-        if not ok:
-            raise UsageError(f"{flag} {value}: must be {rule}")
-    try:
-        envs.make_env(env, img_size=img_size).close()
-    except ValueError as e:
-        raise UsageError(f"--img_size {img_size}: {e}") from e
-    check_writable_file(out, "--out")
-
-
-def check_writable_file(path: str, flag: str) -> None:
-    """`path` can be created or replaced: not a folder, and its nearest existing parent folder is writable."""
-    if os.path.isdir(path):
-        raise UsageError(f"{flag} {path}: is a folder, expected a file path")
-    parent = os.path.dirname(os.path.abspath(path))
-    while not os.path.isdir(parent):
-        if os.path.exists(parent):
-            raise UsageError(f"{flag} {path}: {parent} is a file, not a folder")
-        parent = os.path.dirname(parent)
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UsageError(f"{flag} {path}: folder {parent} is not writable")
-
-
-def _open_parts(out: str, parts: str, tmp: str, meta: dict, episodes: int, append: bool, progress) -> tuple:
-    """Check `out` and an interrupted collection's `parts` folder against this request; create or clean the folder.
-    Returns (first, target, state): the episodes [first, target) to collect and the progress record."""
-    first = 0
-    if append:
-        if not os.path.isfile(out):
-            raise UsageError(f"--out {out}: nothing to append to (--append needs an existing file)")
-        with Trajectories(out) as traj:
-            _check_settings(traj.file, meta)
-            first = traj.num_episodes
-    elif os.path.exists(out):
-        raise UsageError(f"--out {out}: already exists; pass --append to add episodes, or delete it")
-    target = first + episodes
-    state = {**meta, "first": first, "target": target}
-    if progress is not None and {k: progress.get(k) for k in state} != state:
-        raise UsageError(
-            f"{parts} holds an interrupted collection with {progress}, not {state}: rerun that "
-            "command to finish it, or delete the folder"
-        )
-    os.makedirs(parts, exist_ok=True)
-    _write_json(os.path.join(parts, "progress.json"), state)
-    for name in os.listdir(parts):  # parts being written when the last run was killed
-        if ".tmp" in name:
-            os.remove(os.path.join(parts, name))
-    if os.path.exists(tmp):
-        print(f"{tmp}: partial file of an interrupted run; rebuilding it from {parts}")
-    return first, target, state
-
-
-def collect(
-    env: str,
-    episodes: int,
-    out: str,
-    img_size: int = 64,
-    policy: str | None = None,
-    noise: float | None = None,
-    seed: int = 0,
-    workers: int = 2,
-    episode_steps: int | None = None,
-    append: bool = False,
-) -> str:
-    """Collect `episodes` episodes of `env` into `out` (or add them to it with `append`); returns `out`.
-
-    Episode e (its position in the file) is rolled out with `np.random.default_rng(seed + e)`, so the content
-    depends neither on `workers` nor on interruptions. Each finished episode is saved at once as its own part file
-    in `<out>.parts/` (written under a temporary name, then renamed, so a part is complete whenever the process is
-    killed); when all are there they are merged in order into `<out>.tmp`, renamed to `out`. Running the same
-    command again after any interruption, `kill -9` included, collects only the missing parts.
-    """
-    import envs
-
-    out = os.fspath(out)
-    check_collect_args(env, episodes, out, img_size, policy, noise, workers, episode_steps)
-    spec = envs.REGISTRY[env]
-    meta = {
-        "env": env,
-        "img_size": int(img_size),
-        "policy": policy or spec.policy,
-        "noise": float(spec.noise if noise is None else noise),
-        "seed": int(seed),
-        "episode_steps": int(episode_steps or spec.episode_steps),
-    }
-    tmp, parts = out + ".tmp", out + ".parts"
-    progress = _read_meta(os.path.join(parts, "progress.json"))
-    if progress and progress.get("merged") and os.path.isfile(out) and not os.path.exists(tmp):
-        shutil.rmtree(parts)  # the previous run finished; it was killed while cleaning up
-        print(f"{out}: complete (removed the leftover {parts})")
-        return out
-    first, target, state = _open_parts(out, parts, tmp, meta, episodes, append, progress)
-    handlers = {}
-    if threading.current_thread() is threading.main_thread():
-        handlers = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
-    pool = None
-    try:
-        while True:
-            todo = [e for e in range(first, target) if not os.path.exists(_part_path(parts, e))]
-            settings = (meta["img_size"], meta["policy"], meta["noise"], meta["episode_steps"])
-            jobs = [(_part_path(parts, e), (env, *settings, seed + e)) for e in todo]
-            with tqdm(total=target, initial=target - len(todo), desc=f"collect {env} {img_size}px", unit="ep") as bar:
-                if min(workers, len(jobs)) > 1:
-                    pool = _start_pool(min(workers, len(jobs)))
-                    results = pool.imap_unordered(_collect_part, jobs)
-                else:
-                    results = map(_collect_part, jobs)
-                for _ in results:
-                    bar.update(1)
-            if pool is not None:
-                pool.close()
-                pool.join()
-                pool = None
-            bad = _merge(parts, out if append else None, first, target, tmp, meta)
-            if not bad:
-                break
-            print(f"{parts}: unreadable part files for episodes {bad}; collecting them again")
-        Trajectories(tmp).close()  # validate before the file looks finished
-        _write_json(os.path.join(parts, "progress.json"), {**state, "merged": True})
-        os.replace(tmp, out)
-        shutil.rmtree(parts)
-    except KeyboardInterrupt:
-        done = sum(os.path.exists(_part_path(parts, e)) for e in range(first, target))
-        print(
-            f"\ncollection interrupted: {done} of {target} episodes saved in {parts}; run the same command again "
-            "to resume"
-        )
-        raise
-    finally:
-        if pool is not None:  # stop the workers now, mid-episode: their finished parts are already on disk
-            pool.terminate()
-            pool.join()
-        for s, h in handlers.items():
-            signal.signal(s, h)
-    return out
 
 
 def describe(path: str, goal_offset: int = 25) -> dict:
@@ -920,38 +562,9 @@ def describe(path: str, goal_offset: int = 25) -> dict:
     return out
 
 
-if __name__ == "__main__":
-    formatter = type("Formatter", (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {})
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
-    import envs
+# --- command line: collection lives in collect.py
 
-    parser.add_argument("--env", required=True, choices=list(envs.REGISTRY), help="environment")
-    parser.add_argument("--episodes", type=int, required=True, help="episodes to collect (to add, with --append)")
-    parser.add_argument("--img_size", type=int, default=64, help="frame side in pixels (224 in the paper)")
-    parser.add_argument("--out", default=None, help="output .h5 (default data/<env>_<img>px_<episodes>ep.h5)")
-    parser.add_argument("--policy", default=None, help="scripted policy kind (default: the env's, envs.REGISTRY)")
-    parser.add_argument("--noise", type=float, default=None, help="policy noise (default: the env's, envs.REGISTRY)")
-    parser.add_argument("--episode_steps", type=int, default=None, help="max steps (default: the env's, envs.REGISTRY)")
-    parser.add_argument("--seed", type=int, default=0, help="episode e uses np.random.default_rng(seed + e)")
-    parser.add_argument("--workers", type=int, default=2, help="worker processes rolling out episodes")
-    parser.add_argument("--append", action="store_true", help="add --episodes episodes to an existing --out")
-    args = parser.parse_args()
-    out = args.out or default_data_path(args.env, args.img_size, args.episodes)
-    try:
-        collect(
-            args.env,
-            args.episodes,
-            out,
-            args.img_size,
-            args.policy,
-            args.noise,
-            args.seed,
-            args.workers,
-            args.episode_steps,
-            args.append,
-        )
-    except UsageError as e:
-        parser.exit(2, f"data.py: error: {e}\n")
-    except KeyboardInterrupt as e:
-        sys.exit(128 + getattr(e, "signum", signal.SIGINT))
-    print(out)
+if __name__ == "__main__":
+    import collect  # imported here: collect.py builds on this file, never the reverse
+
+    collect.main()

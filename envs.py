@@ -781,7 +781,7 @@ class PushTPlayPolicy(PushTDemoPolicy):
         return self.random(info) if self.in_random else a
 
 
-# --- PushT evaluation hooks (evaluate.py: surprise events)
+# --- PushT evaluation hooks (analyses.py: surprise events)
 
 
 def pusht_teleport(state: np.ndarray, rng: np.random.Generator) -> np.ndarray | None:
@@ -1010,7 +1010,7 @@ class TwoRoomExpertPolicy:
         return _clip_action(a + self.rng.normal(0.0, self.noise, 2))
 
 
-# --- TwoRoom evaluation hooks (evaluate.py: surprise events)
+# --- TwoRoom evaluation hooks (analyses.py: surprise events)
 
 
 def tworoom_teleport(state: np.ndarray, rng: np.random.Generator) -> np.ndarray | None:
@@ -1304,7 +1304,7 @@ class ReacherRandomPolicy:
         return a
 
 
-# --- Reacher evaluation hooks (evaluate.py: surprise events)
+# --- Reacher evaluation hooks (analyses.py: surprise events)
 
 
 def reacher_teleport(state: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -1833,7 +1833,7 @@ class CubeOraclePolicy:
         return np.clip(delta / CUBE_ACTION_SCALE, -1.0, 1.0).astype(np.float32)  # normalize(), docs/envs.md §5
 
 
-# --- Cube evaluation hooks (evaluate.py: surprise events)
+# --- Cube evaluation hooks (analyses.py: surprise events)
 
 
 def cube_teleport(state: np.ndarray, rng: np.random.Generator) -> np.ndarray | None:

@@ -40,9 +40,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+import cli
 import data
-from data import UsageError
-from model import LeWM, load_checkpoint, model_from_checkpoint, pick_device, save_checkpoint
+from cli import UsageError, pick_device
+from model import LeWM, load_checkpoint, model_from_checkpoint, save_checkpoint
 
 VAL_SEED = 0  # draw of the fixed validation pairs: the same for every --seed, so runs compare on the same pairs
 EMBED_BATCH = 256  # frames per encoder call
@@ -71,7 +72,7 @@ class PolicyConfig:
     device: str = "auto"  # auto (cuda > mps > cpu), cuda, mps or cpu
 
 
-CHOICES = {"goal_input": ["diff", "pair"], "device": ["auto", "cuda", "mps", "cpu"]}
+CHOICES = {"goal_input": ["diff", "pair"], "device": cli.DEVICES}
 RANGES = {
     "hidden": (">= 1", lambda v: v >= 1),
     "depth": (">= 0", lambda v: v >= 0),
@@ -262,8 +263,8 @@ def load_policy(path: str, ckpt: dict, ckpt_path: str = "CKPT") -> GoalPolicy:
 
 def parse_args(argv: list[str] | None = None) -> PolicyConfig:
     """argparse generated from PolicyConfig: every field a flag, its trailing comment the help text."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=data.HelpFormatter)
-    data.add_config_flags(parser, PolicyConfig, choices=CHOICES)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
+    cli.add_config_flags(parser, PolicyConfig, choices=CHOICES)
     return PolicyConfig(**vars(parser.parse_args(argv)))
 
 
@@ -301,18 +302,15 @@ def check_run(cfg: PolicyConfig, ckpt: dict, model: LeWM, traj: data.Trajectorie
     for name, other in (("the world-model checkpoint", cfg.ckpt), ("the dataset", path)):
         if _same_file(out, other) or os.path.abspath(out) == os.path.abspath(other):
             raise UsageError(f"--out {out}: is {name}; choose another file")
-    data.check_writable_file(out, "--out")
+    cli.check_writable_file(out, "--out")
     return out
 
 
 def prepare(cfg: PolicyConfig) -> tuple[PolicyConfig, dict, LeWM, data.Trajectories]:
     """Check every argument before any long work; returns the resolved config (real dataset and output paths), the
     checkpoint, its frozen model (CPU, eval mode) and its dataset. A wrong argument raises UsageError naming it."""
-    data.check_fields(cfg, CHOICES, RANGES)
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available (use --device auto or cpu)")
-    if cfg.device == "mps" and not torch.backends.mps.is_available():
-        raise UsageError("--device mps: MPS is not available (use --device auto or cpu)")
+    cli.check_fields(cfg, CHOICES, RANGES)
+    cli.check_device(cfg.device)
     if not cfg.ckpt:
         raise UsageError("--ckpt: required (the world-model checkpoint written by train.py)")
     try:

@@ -2,7 +2,9 @@
 
 One linear `main(cfg)` with one visible loop: learning rate as a pure function of the step, bf16 autocast forward,
 backward, global-norm clip, AdamW step, a fixed-format log line, validation and an atomic checkpoint at intervals.
-Deliberately absent: EMA target, stop-gradient, pixel decoder, pretrained encoder.
+Deliberately absent: EMA target, stop-gradient, pixel decoder, pretrained encoder. The file reads as the config, the
+recipe, the data, then the loop; command-line, run-folder, checkpoint, signal and DDP plumbing is cli.py's, data
+collection collect.py's, the loss chart charts.py's.
 
 Run:
     python train.py --env pusht                          # collects data if missing; preset: paper on CUDA, else cpu
@@ -11,27 +13,26 @@ Run:
     torchrun --standalone --nproc_per_node=2 train.py --env pusht   # DDP: gloo on CPU, NCCL on GPU
 
 Precedence (`resolve_config`): dataclass defaults < preset (--preset: model sizes) < its recipe < explicit flags.
-The final config, every field holding its real value, is printed and saved in
-<out_dir>/config.json; metrics go to <out_dir>/metrics.jsonl and its loss curves to metrics.png.
+The final config, every field holding its real value, is printed and saved in <out_dir>/config.json, metrics go to
+metrics.jsonl and metrics.png, and summary.json holds steps, final validation losses and wall times (collection; the
+optimisation loop, summed over resumed runs).
 Arguments are checked before any work (a wrong one: one line naming it, exit code 2). Ctrl-C or SIGTERM finishes
 the current step, writes a checkpoint and exits (130 or 143) with the command that resumes.
 """
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
-import shlex
 import shutil
-import signal
 import sys
-import threading
 import time
 import warnings
 from collections.abc import Callable
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -39,24 +40,17 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
+import cli
+import collect
 import data
 import envs
-from data import UsageError
-from evaluate import plot_metrics_png, read_metrics
-from model import (
-    PRESETS,
-    LeWM,
-    ModelConfig,
-    check_state_dict,
-    lewm_loss,
-    load_checkpoint,
-    native_bf16,
-    pick_device,
-    save_checkpoint,
-)
-from sigreg import AllReduceSum, SIGReg
+from charts import plot_metrics_png
+from cli import UsageError
+from kernels import native_bf16, use_fast_attention
+from model import PRESETS, LeWM, ModelConfig, lewm_loss
+from sigreg import SIGReg
 
-# --- configuration
+# --- configuration: flags, presets and recipes
 
 
 @dataclass
@@ -100,93 +94,62 @@ class TrainConfig:
 # sequences, and CEM exploits a model that has seen nothing else (README, "PushT").
 PUSHT_PLAY = {"policy": "play", "noise": 0.4, "episodes": 1500, "episode_steps": 100}
 
-# Per-preset training recipe; the model sizes (img_size and patch_size included) are model.PRESETS. Every recipe
-# states the same keys. `max_steps` and `schedule_steps` count optimiser steps, or epochs of the training clips when
-# `per_epoch` is set: the paper states its recipe in epochs, so those are converted to steps once the dataset is
-# known (steps per epoch = training clips // global batch). `schedule_steps` None: the schedule is the run (a full
-# cosine over max_steps, after flags). `extra`: exploration episodes collected beside the dataset (policy, noise,
-# episodes, episode_steps) and used for training only, or None. `env`: per-environment overrides of any of these.
+
+@dataclass(frozen=True)
+class Recipe:
+    """A preset's training recipe; its model sizes (img_size and patch_size included) are model.PRESETS."""
+
+    batch_size: int  # global batch, split across ranks
+    lr: float  # peak AdamW learning rate
+    episodes: int  # episodes collected when the dataset is missing
+    max_steps: int  # optimiser steps, or epochs of the training clips with per_epoch
+    schedule_steps: int | None = None  # warmup + cosine length, counted as max_steps (None = the run itself)
+    per_epoch: bool = False  # lengths in epochs (the paper's), made steps once the data is known: clips // batch
+    extra: dict | None = None  # exploration episodes for training only (policy, noise, episodes, episode_steps)
+    env: dict = dataclasses.field(default_factory=dict)  # per-environment overrides of any field above
+
+
 RECIPES = {
     # The official recipe (docs/method.md §8): 10 epochs of a 100-epoch schedule.
-    "paper": {
-        "batch_size": 128,
-        "lr": 5e-5,
-        "episodes": 10000,
-        "max_steps": 10,
-        "schedule_steps": 100,
-        "per_epoch": True,
-        "extra": None,
-        "env": {},
-    },
+    "paper": Recipe(batch_size=128, lr=5e-5, episodes=10000, max_steps=10, schedule_steps=100, per_epoch=True),
     # DEVIATION: 2-core CPU recipe: a few thousand steps instead of ~100k, so a larger peak lr and a full cosine
     # over the run (chosen on validation loss, README). Batch 64: SIGReg tests the batch, keep it >= 64.
-    # DEVIATION (PushT): 3000 demo episodes and 6000 steps. Chosen on validation loss and `evaluate.py diagnose`
-    # against patch 8 at equal wall time (README, "PushT: the recipe"); about 36 min with collection here.
-    # Reacher and Cube: 6000 steps. For Reacher chosen on validation loss and diagnose against 3000 steps at 96 px
-    # (equal wall time) and 3000 at 64 px (README, "Reacher: the recipe"); about 30 to 40 min each here. TwoRoom:
-    # 6000 steps, chosen on validation loss and diagnose against 3000 (README, "TwoRoom"); about 30 min here.
-    "cpu": {
-        "batch_size": 64,
-        "lr": 3e-4,
-        "episodes": 2000,
-        "max_steps": 3000,
-        "schedule_steps": None,
-        "per_epoch": False,
-        "extra": None,
-        "env": {
-            "pusht": {"max_steps": 6000, "episodes": 3000, "extra": PUSHT_PLAY},
-            "reacher": {"max_steps": 6000},
-            "cube": {"max_steps": 6000},
-            "tworoom": {"max_steps": 6000},
-        },
-    },
-    # Tests and smoke runs: seconds.
-    "tiny": {
-        "batch_size": 16,
-        "lr": 1e-3,
-        "episodes": 6,
-        "max_steps": 20,
-        "schedule_steps": None,
-        "per_epoch": False,
-        "extra": None,
-        "env": {},
-    },
+    # 6000 steps for every env, each chosen on validation loss and `evaluate.py diagnose`: TwoRoom against 3000
+    # steps (README, "TwoRoom"), Reacher against 3000 steps at 96 px (equal wall time) and at 64 px (README,
+    # "Reacher: the recipe"), PushT against patch 8 at equal wall time (README, "PushT: the recipe"). About 30 to
+    # 40 min each here. DEVIATION (PushT): 3000 demonstration episodes, with the exploration episodes above.
+    "cpu": Recipe(
+        batch_size=64, lr=3e-4, episodes=2000, max_steps=6000, env={"pusht": {"episodes": 3000, "extra": PUSHT_PLAY}}
+    ),
+    "tiny": Recipe(batch_size=16, lr=1e-3, episodes=6, max_steps=20),  # tests and smoke runs: seconds
 }
 
-# Valid values, checked before any work: choices, and (rule, test) for the fields with a range (a field left None
-# is resolved from the preset later, and skipped here).
-CHOICES = {"env": list(envs.REGISTRY), "preset": [None, *RECIPES], "device": ["auto", "cuda", "mps", "cpu"]}
+
+def recipe_for(preset: str, env: str) -> Recipe:
+    """The preset's recipe with the environment's overrides applied."""
+    return dataclasses.replace(RECIPES[preset], **RECIPES[preset].env.get(env, {}))
+
+
+# Valid values, checked before any work: choices, and (rule, test) for fields with a range (None: resolved later).
+CHOICES = {"env": list(envs.REGISTRY), "preset": [None, *RECIPES], "device": cli.DEVICES}
+AT_LEAST_1 = "episodes max_steps schedule_steps batch_size num_proj log_every eval_every ckpt_every workers patch_size"
 RANGES = {
-    "episodes": (">= 1", lambda v: v >= 1),
-    "max_steps": (">= 1", lambda v: v >= 1),
-    "schedule_steps": (">= 1", lambda v: v >= 1),
+    **dict.fromkeys(AT_LEAST_1.split(), (">= 1", lambda v: v >= 1)),
+    **dict.fromkeys(("weight_decay", "lambd", "val_batches", "bn_batches", "keep_every"), (">= 0", lambda v: v >= 0)),
+    **dict.fromkeys(("lr", "grad_clip"), ("> 0", lambda v: v > 0)),
+    **dict.fromkeys(("dropout", "val_fraction"), ("in [0, 1)", lambda v: 0 <= v < 1)),
     "warmup": ("in [0, 1]", lambda v: 0 <= v <= 1),
-    "batch_size": (">= 1", lambda v: v >= 1),
-    "lr": ("> 0", lambda v: v > 0),
-    "weight_decay": (">= 0", lambda v: v >= 0),
-    "lambd": (">= 0", lambda v: v >= 0),
-    "num_proj": (">= 1", lambda v: v >= 1),
-    "dropout": ("in [0, 1)", lambda v: 0 <= v < 1),
-    "grad_clip": ("> 0", lambda v: v > 0),
-    "val_fraction": ("in [0, 1)", lambda v: 0 <= v < 1),
-    "val_batches": (">= 0", lambda v: v >= 0),
-    "bn_batches": (">= 0", lambda v: v >= 0),
-    "log_every": (">= 1", lambda v: v >= 1),
-    "eval_every": (">= 1", lambda v: v >= 1),
-    "ckpt_every": (">= 1", lambda v: v >= 1),
-    "workers": (">= 1", lambda v: v >= 1),
     "img_size": (">= 32", lambda v: v >= 32),
-    "patch_size": (">= 1", lambda v: v >= 1),
-    "keep_every": (">= 0", lambda v: v >= 0),
 }
 
-# --- helpers
+
+# --- the configuration resolved (defaults < preset < recipe < flags) and checked before any work
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
     """argparse generated from TrainConfig: every field a flag, its trailing comment the help text."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=data.HelpFormatter)
-    data.add_config_flags(parser, TrainConfig, choices=CHOICES)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
+    cli.add_config_flags(parser, TrainConfig, choices=CHOICES)
     return TrainConfig(**vars(parser.parse_args(argv)))
 
 
@@ -198,46 +161,34 @@ def resolve_config(
     `steps_per_epoch(cfg)` (everything but the lengths resolved) is called only for a recipe counted in epochs;
     `bf16` is the value of --bf16 when it is not given (native_bf16 of the device)."""
     preset = cfg.preset or ("paper" if cuda else "cpu")
-    recipe = {**RECIPES[preset], **RECIPES[preset]["env"].get(cfg.env, {})}
+    recipe = recipe_for(preset, cfg.env)
     model = PRESETS[preset]
     layers = {"img_size": model.img_size, "patch_size": model.patch_size, "dropout": model.pred_dropout}
-    layers |= {k: recipe[k] for k in ("batch_size", "lr", "episodes")}
-    given = {k: v for k, v in dataclasses.asdict(cfg).items() if k in layers and v is not None}
+    layers |= {k: getattr(recipe, k) for k in ("batch_size", "lr", "episodes")}
+    given = {k: v for k, v in asdict(cfg).items() if k in layers and v is not None}
     cfg = dataclasses.replace(cfg, preset=preset, **{**layers, **given})
     # The absolute path: evaluation finds the dataset from any working directory.
     path = cfg.data or data.default_data_path(cfg.env, cfg.img_size, cfg.episodes)
-    cfg = dataclasses.replace(
-        cfg,
-        data=os.path.abspath(path),
-        out_dir=cfg.out_dir or os.path.join("runs", f"{cfg.env}_{preset}"),
-        bf16=bf16 if cfg.bf16 is None else cfg.bf16,
-    )
-    if cfg.extra_data is None:
-        extra = recipe["extra"]
-        path = data.default_data_path(cfg.env, cfg.img_size, extra["episodes"], extra["policy"]) if extra else ""
-        cfg = dataclasses.replace(cfg, extra_data=path and os.path.abspath(path))
-    elif cfg.extra_data:
-        cfg = dataclasses.replace(cfg, extra_data=os.path.abspath(cfg.extra_data))
-    unit = steps_per_epoch(cfg) if recipe["per_epoch"] else 1
-    max_steps = cfg.max_steps if cfg.max_steps is not None else recipe["max_steps"] * unit
-    schedule = recipe["schedule_steps"] * unit if recipe["schedule_steps"] is not None else max_steps
+    out_dir, bf16 = cfg.out_dir or os.path.join("runs", f"{cfg.env}_{preset}"), bf16 if cfg.bf16 is None else cfg.bf16
+    cfg = dataclasses.replace(cfg, data=os.path.abspath(path), out_dir=out_dir, bf16=bf16)
+    extra = recipe.extra
+    path = data.default_data_path(cfg.env, cfg.img_size, extra["episodes"], extra["policy"]) if extra else ""
+    path = path if cfg.extra_data is None else cfg.extra_data  # '' = none
+    cfg = dataclasses.replace(cfg, extra_data=path and os.path.abspath(path))
+    unit = steps_per_epoch(cfg) if recipe.per_epoch else 1
+    max_steps = cfg.max_steps if cfg.max_steps is not None else recipe.max_steps * unit
+    schedule = recipe.schedule_steps * unit if recipe.schedule_steps is not None else max_steps
     schedule = cfg.schedule_steps if cfg.schedule_steps is not None else schedule
     return dataclasses.replace(cfg, max_steps=max_steps, schedule_steps=schedule)
 
 
 def check_config(cfg: TrainConfig) -> None:
     """Raise UsageError, naming the flag and its value, for any argument outside its valid values."""
-    data.check_fields(cfg, CHOICES, RANGES)
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available (use --device auto or cpu)")
-    if cfg.device == "mps" and not torch.backends.mps.is_available():
-        raise UsageError("--device mps: MPS is not available (use --device auto or cpu)")
+    cli.check_fields(cfg, CHOICES, RANGES)
+    cli.check_device(cfg.device)
     if cfg.resume and cfg.overwrite:
         raise UsageError("--resume and --overwrite: give one of them")
-    if cfg.data and not os.path.isfile(cfg.data):
-        raise UsageError(f"--data {cfg.data}: no such file")
-    if cfg.extra_data and not os.path.isfile(cfg.extra_data):
-        raise UsageError(f"--extra_data {cfg.extra_data}: no such file")
+    cli.check_files({"--data": cfg.data, "--extra_data": cfg.extra_data})
     if cfg.keep_every % cfg.eval_every:
         raise UsageError(
             f"--keep_every {cfg.keep_every}: must be a multiple of --eval_every {cfg.eval_every}, so "
@@ -245,41 +196,27 @@ def check_config(cfg: TrainConfig) -> None:
         )
 
 
-def lock_run_folder(out_dir: str, cleanup: ExitStack) -> None:
-    """Hold an exclusive lock on <out_dir>/.lock until `cleanup` closes: a second run on the folder is refused.
-    The operating system drops the lock when the process ends, however it ends (kill -9 included)."""
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        f = cleanup.enter_context(open(os.path.join(out_dir, ".lock"), "a+"))
-    except OSError as e:
-        raise UsageError(f"--out_dir {out_dir}: cannot write there ({e.strerror})") from e
-    try:
-        import fcntl
-    except ImportError:  # no fcntl (Windows): the folder is not locked
-        return
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        raise UsageError(f"--out_dir {out_dir}: in use by another run (pid {f.read().strip() or '?'})") from None
-    f.truncate(0)
-    f.write(f"{os.getpid()}\n")
-    f.flush()
+def setup_run(cfg: TrainConfig, cleanup: ExitStack, device, rank: int, world: int, say, timings: dict) -> TrainConfig:
+    """The resolved config, checked; rank 0 holds the run folder, refused if it holds another run."""
+    if cfg.preset is None:
+        found = "CUDA found" if device.type == "cuda" else "no CUDA"
+        say(f"--preset not given: using '{'paper' if device.type == 'cuda' else 'cpu'}' ({found})")
+    native = native_bf16(device)
+    if cfg.bf16 is None and not native:
+        say(f"--bf16 not given: fp32, as {device.type} has no native bf16 here (bf16 would be emulated, far slower)")
+    cfg = resolve_config(
+        cfg, cuda=device.type == "cuda", steps_per_epoch=lambda c: epoch_steps(c, rank, world, timings), bf16=native
+    )
+    if cfg.img_size % cfg.patch_size:
+        raise UsageError(f"--img_size {cfg.img_size}: not a multiple of --patch_size {cfg.patch_size}")
+    if cfg.batch_size % world:
+        raise UsageError(f"--batch_size {cfg.batch_size}: not divisible by the {world} ranks")
+    if rank == 0:
+        cli.prepare_run_folder(cfg.out_dir, cfg.resume, cfg.overwrite, cleanup)
+    return cfg
 
 
-def resume_command(cfg: TrainConfig) -> str:
-    """The command that resumes this run: every flag that differs from its default, and --resume."""
-    flags = []
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        if f.name in ("resume", "overwrite") or value == f.default:
-            continue
-        flags += (
-            [f"--{f.name}" if value is True else f"--no-{f.name}"]
-            if isinstance(value, bool)
-            else [f"--{f.name}", shlex.quote(str(value))]
-        )
-    return " ".join(["python train.py", *flags, "--resume"])
+# --- the recipe: schedule, model, BatchNorm statistics and validation
 
 
 def lr_at(step: int, peak: float, warmup_steps: int, total_steps: int) -> float:
@@ -290,288 +227,10 @@ def lr_at(step: int, peak: float, warmup_steps: int, total_steps: int) -> float:
     return peak * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-class GlobalBatchNorm1d(nn.BatchNorm1d):
-    """BatchNorm1d whose training statistics cover the global batch of all ranks (SyncBatchNorm is GPU-only).
-
-    Under DDP this makes the projectors see the same statistics as one process with the whole batch, so a
-    torchrun run computes the same loss as a single-process run. Same parameters and buffers as BatchNorm1d.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training:
-            return super().forward(x)
-        x32 = x.float()
-        sums = AllReduceSum.apply(torch.cat([x32.sum(0), (x32 * x32).sum(0), x32.new_ones(1) * x.shape[0]]))
-        c = x.shape[1]
-        n = sums[-1]
-        mean, var = sums[:c] / n, sums[c : 2 * c] / n - (sums[:c] / n) ** 2  # (C,), biased variance
-        with torch.no_grad():
-            self.running_mean.lerp_(mean, self.momentum)
-            self.running_var.lerp_(var * n / (n - 1), self.momentum)
-            self.num_batches_tracked += 1
-        return ((x32 - mean) / torch.sqrt(var + self.eps) * self.weight + self.bias).to(x.dtype)
-
-
-def ensure_dataset(cfg: TrainConfig, rank: int, say=None) -> data.Trajectories:
-    """The opened dataset of a resolved config, with its extra episodes after it (a data.TrajectoryUnion) if it has
-    any; collected first (rank 0, with its progress bar) if not on disk. `say`: where notes on a file that does
-    not record its env, or holds frames of another size, go."""
-    extra = {**RECIPES[cfg.preset], **RECIPES[cfg.preset]["env"].get(cfg.env, {})}["extra"]
-    if rank == 0 and not os.path.exists(cfg.data):
-        print(f"dataset {cfg.data} not found: collecting {cfg.episodes} episodes of {cfg.env} at {cfg.img_size} px")
-        data.collect(cfg.env, cfg.episodes, cfg.data, img_size=cfg.img_size, workers=cfg.workers)
-    if rank == 0 and cfg.extra_data and not os.path.exists(cfg.extra_data) and extra:
-        print(
-            f"extra episodes {cfg.extra_data} not found: collecting {extra['episodes']} '{extra['policy']}' "
-            f"episodes of {cfg.env} at {cfg.img_size} px (training only)"
-        )
-        data.collect(
-            cfg.env,
-            extra["episodes"],
-            cfg.extra_data,
-            img_size=cfg.img_size,
-            policy=extra["policy"],
-            noise=extra["noise"],
-            episode_steps=extra["episode_steps"],
-            workers=cfg.workers,
-        )
-    if dist.is_initialized():
-        dist.barrier()
-    parts = []
-    for flag, path in (("--data", cfg.data), ("--extra_data", cfg.extra_data)):
-        if not path:
-            continue
-        try:
-            parts.append(data.Trajectories(path))
-        except (ValueError, FileNotFoundError) as e:
-            raise UsageError(f"{flag} {path}: {e}") from e
-        data.check_env(parts[-1], cfg.env)
-    try:
-        traj = data.TrajectoryUnion(parts) if len(parts) > 1 else parts[0]
-    except ValueError as e:
-        raise UsageError(f"--extra_data {cfg.extra_data}: {e}") from e
-    if say is not None and "env" not in traj.file.attrs:
-        say(f"note: {cfg.data} does not record its environment; trusting --env {cfg.env}")
-    if say is not None and traj.img_shape[0] != cfg.img_size:
-        say(f"note: {cfg.data} holds {traj.img_shape[0]} px frames; the model resizes them to {cfg.img_size} px")
-    return traj
-
-
-def clip_shape(mcfg: ModelConfig) -> dict:
-    """The clip layout the model trains on (history, num_preds, frameskip): what data.ClipLoader needs to know."""
-    return {"history": mcfg.history, "num_preds": mcfg.num_preds, "frameskip": mcfg.frameskip}
-
-
-def split(cfg: TrainConfig, traj: data.Trajectories) -> tuple[np.ndarray, np.ndarray]:
-    """(train, val) episodes: the dataset's split, and every extra episode (after the dataset's) for training."""
-    base = traj.parts[0].num_episodes if isinstance(traj, data.TrajectoryUnion) else traj.num_episodes
-    train_eps, val_eps = data.split_episodes(base, cfg.val_fraction)
-    return np.concatenate([train_eps, np.arange(base, traj.num_episodes)]), val_eps
-
-
-def make_loaders(cfg: TrainConfig, traj: data.Trajectories, mcfg: ModelConfig, rank: int, world: int) -> tuple:
-    """(train episodes, val episodes, action statistics, train / val / BN-refresh loaders): the episodes are split,
-    and the action statistics taken from the training episodes only."""
-    train_eps, val_eps = split(cfg, traj)
-    stats = data.action_stats(traj, train_eps)
-    kw = {**clip_shape(mcfg), "rank": rank, "world_size": world}
-    with warnings.catch_warnings(record=True) as caught:  # a note on skipped short episodes, once per message
-        warnings.simplefilter("always")
-        loader = data.ClipLoader(traj, train_eps, stats, cfg.batch_size // world, seed=cfg.seed, **kw)
-        # Validation draws the same random clips every time (epoch 0 of a fixed seed): consecutive clips of a few
-        # episodes would make SIGReg, a test of the batch's distribution, meaningless. BN statistics are refreshed
-        # on a fixed draw of training clips.
-        val_loader = data.ClipLoader(
-            traj, val_eps, stats, cfg.batch_size // world, drop_last=False, seed=cfg.seed, **kw
-        )
-        bn_loader = data.ClipLoader(traj, train_eps, stats, cfg.batch_size // world, seed=cfg.seed + 1, **kw)
-    for message in dict.fromkeys(str(w.message) for w in caught):
-        if rank == 0:
-            print(f"note: {message}")
-    return train_eps, val_eps, stats, (loader, val_loader, bn_loader)
-
-
-def epoch_steps(cfg: TrainConfig, rank: int, world: int) -> int:
-    """Optimiser steps in one epoch of the training clips of cfg's dataset (collected first if missing)."""
-    with ensure_dataset(cfg, rank) as traj:
-        train_eps, _ = split(cfg, traj)
-        stats = data.action_stats(traj, train_eps)
-        shape = clip_shape(PRESETS[cfg.preset])
-        return len(
-            data.ClipLoader(
-                traj,
-                train_eps,
-                stats,
-                cfg.batch_size // world,
-                cache=False,
-                world_size=world,
-                rank=rank,
-                prefetch=0,
-                **shape,
-            )
-        )
-
-
-def setup_device(name: str) -> tuple[torch.device, int, int]:
-    """(device, rank, world size); under torchrun the process group is started (NCCL on GPUs, gloo on CPUs)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    device = pick_device(name)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    return device, dist.get_rank() if world > 1 else 0, world
-
-
-def prepare_run_folder(out_dir: str, cfg: TrainConfig, cleanup: ExitStack) -> None:
-    """Rank 0: lock the run folder; refuse one holding a run unless resuming, or empty it for --overwrite."""
-    lock_run_folder(out_dir, cleanup)
-    found = [n for n in ("ckpt.pt", "metrics.jsonl", "config.json") if os.path.exists(os.path.join(out_dir, n))]
-    if found and not cfg.resume and not cfg.overwrite:
-        raise UsageError(
-            f"--out_dir {out_dir}: already holds a run ({', '.join(found)}); pass --resume to "
-            "continue it or --overwrite to start afresh"
-        )
-    if cfg.overwrite:
-        for n in (*found, "metrics.png"):
-            if os.path.exists(os.path.join(out_dir, n)):
-                os.remove(os.path.join(out_dir, n))
-
-
-def resume_state(cfg: TrainConfig, ckpt_path: str, mcfg: ModelConfig, model: LeWM, opt, device, say) -> int:
-    """Load the run's checkpoint into model and optimiser (and the RNG state) when resuming; returns its step."""
-    if not cfg.resume or not os.path.exists(ckpt_path):
-        if cfg.resume:
-            say(f"--resume: no checkpoint at {ckpt_path}, starting from scratch")
-        return 0
-    try:
-        ckpt = load_checkpoint(ckpt_path)
-    except ValueError as e:
-        raise UsageError(f"--resume: {e}") from e
-    saved_data = ckpt["train_config"]["data"]
-    if ckpt["env"] != cfg.env:
-        raise UsageError(f"--env {cfg.env}: {ckpt_path} is a {ckpt['env']} run; resume it with --env {ckpt['env']}")
-    if os.path.realpath(saved_data) != os.path.realpath(cfg.data):
-        raise UsageError(f"--data {cfg.data}: {ckpt_path} was trained on {saved_data}; resume it with that --data")
-    if ckpt["model_config"] != dataclasses.asdict(mcfg):
-        diff = {
-            k: (v, ckpt["model_config"].get(k))
-            for k, v in dataclasses.asdict(mcfg).items()
-            if ckpt["model_config"].get(k) != v
-        }
-        raise UsageError(f"--resume: {ckpt_path} has another model config; (now, checkpoint): {diff}")
-    try:
-        check_state_dict(model, ckpt["model"], ckpt_path)
-    except ValueError as e:
-        raise UsageError(f"--resume: {e}") from e
-    model.load_state_dict(ckpt["model"])
-    opt.load_state_dict(ckpt["optimizer"])
-    torch.set_rng_state(ckpt["rng"]["torch"])
-    if device.type == "cuda" and "cuda" in ckpt["rng"]:
-        torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
-    say(f"resumed from {ckpt_path} at step {ckpt['step']}")
-    return ckpt["step"]
-
-
-def wrap_model(model: LeWM, cfg: TrainConfig, device, world: int) -> nn.Module:
-    """The model the loop steps: DDP-wrapped under torchrun, compiled with --compile (the raw one is saved)."""
-    if world > 1:
-        # DEVIATION: BN statistics over the global batch under DDP (Lightning's default is per-GPU statistics), so
-        # a torchrun run computes the same loss as one process with the whole batch.
-        for m in model.modules():
-            if type(m) is nn.BatchNorm1d:
-                m.__class__ = GlobalBatchNorm1d
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    return torch.compile(model) if cfg.compile else model
-
-
-def save_run(
-    path: str, model: LeWM, opt, step: int, cfg: TrainConfig, mcfg: ModelConfig, stats, val_eps, device, rank: int
-) -> None:
-    """Checkpoint the raw model (rank 0 writes; every rank refuses non-finite weights, which are never saved)."""
-    bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not v.isfinite().all()]
-    if bad:
-        raise FloatingPointError(
-            f"non-finite weights at step {step} ({', '.join(bad[:3])}, ...); not saved. "
-            f"The last good checkpoint {path} is untouched; try a lower --lr"
-        )
-    if rank == 0:
-        rng = {"torch": torch.get_rng_state()}
-        if device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state()
-        save_checkpoint(
-            path,
-            {
-                "model": model.state_dict(),
-                "optimizer": opt.state_dict(),
-                "step": step,
-                "rng": rng,
-                "model_config": dataclasses.asdict(mcfg),
-                "train_config": dataclasses.asdict(cfg),
-                "action_stats": stats,
-                "env": cfg.env,
-                "val_episodes": [int(e) for e in val_eps],
-            },
-        )
-
-
-def write_run_files(cfg: TrainConfig, mcfg: ModelConfig, metrics_path: str, step: int) -> None:
-    """Rank 0 at the start: the final config (printed, and saved as config.json), and metrics.jsonl cut back to
-    the rows up to the step the run (re)starts from."""
-    with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
-        json.dump({"train": dataclasses.asdict(cfg), "model": dataclasses.asdict(mcfg)}, f, indent=2)
-    trim_metrics(metrics_path, step)
-    print(json.dumps(dataclasses.asdict(cfg)))
-
-
-def describe_run(cfg: TrainConfig, model: LeWM, loader, n_train: int, n_val: int, where: str) -> str:
-    """The start-of-run line: model size, split, clips and steps."""
-    return (
-        f"model {cfg.preset}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters | {n_train} "
-        f"train / {n_val} val episodes | {len(loader.starts)} train clips, {len(loader)} steps/epoch | "
-        f"{cfg.max_steps} steps on {where}"
-    )
-
-
-def trim_metrics(path: str, step: int) -> None:
-    """Keep only the rows of metrics.jsonl up to the step the run (re)starts from."""
-    if os.path.exists(path):
-        rows = [r for r in read_metrics(path) if r["step"] <= step]
-        with open(path + ".tmp", "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
-        os.replace(path + ".tmp", path)  # atomic: a kill now leaves the old file or the new one
-
-
-def stop_on_signals(cleanup: ExitStack, log) -> list:
-    """SIGINT / SIGTERM: finish the current step, checkpoint, exit (the returned list gets the signal number). A
-    second signal stops at once (the last checkpoint stays valid: checkpoints are written atomically)."""
-    stop = []
-
-    def on_signal(signum, frame):
-        if stop:
-            raise KeyboardInterrupt
-        stop.append(signum)
-        log(f"{signal.Signals(signum).name}: stopping after this step (again to stop now)")
-
-    if threading.current_thread() is threading.main_thread():
-        for s in (signal.SIGINT, signal.SIGTERM):
-            cleanup.callback(signal.signal, s, signal.signal(s, on_signal))
-    return stop
-
-
-def check_finite(loss, parts: dict, grad_norm, step: int, ckpt_path: str) -> None:
-    """Stop (before the update) on a non-finite loss or gradient norm; the last good checkpoint is untouched."""
-    if not torch.isfinite(loss):
-        raise FloatingPointError(
-            f"non-finite loss {loss.item()} at step {step} (pred_loss {parts['pred_loss'].item()}, sigreg_loss "
-            f"{parts['sigreg_loss'].item()}); stopping. The last good checkpoint {ckpt_path} is untouched; "
-            "try a lower --lr or --no-bf16."
-        )
-    if grad_norm is not None and not torch.isfinite(grad_norm):  # the same on every rank: all-reduced gradients
-        raise FloatingPointError(
-            f"non-finite gradient norm {grad_norm.item()} at step {step}; stopping before the update. The last "
-            f"good checkpoint {ckpt_path} is untouched; try a lower --lr or --no-bf16."
-        )
+def model_config(cfg: TrainConfig, raw_action_dim: int) -> ModelConfig:
+    """The preset's model at the resolved sizes; the action block is frameskip x the dataset's raw action dim."""
+    sizes = {"img_size": cfg.img_size, "patch_size": cfg.patch_size, "pred_dropout": cfg.dropout}
+    return dataclasses.replace(PRESETS[cfg.preset], **sizes, action_dim=PRESETS[cfg.preset].frameskip * raw_action_dim)
 
 
 @torch.no_grad()
@@ -623,127 +282,111 @@ def validate(model: LeWM, loader, sigreg, cfg: TrainConfig, device, max_batches:
     return {f"val_{k}": v / max(n, 1) for k, v in totals.items()}
 
 
-def setup_run(cfg: TrainConfig, cleanup: ExitStack, device, rank: int, world: int, say) -> TrainConfig:
-    """The resolved config, checked; rank 0 holds the run folder, refused if it holds another run."""
-    if cfg.preset is None:
-        found = "CUDA found" if device.type == "cuda" else "no CUDA"
-        say(f"--preset not given: using '{'paper' if device.type == 'cuda' else 'cpu'}' ({found})")
-    native = native_bf16(device)
-    if cfg.bf16 is None and not native:
-        say(f"--bf16 not given: fp32, as {device.type} has no native bf16 here (bf16 would be emulated, far slower)")
-    cfg = resolve_config(
-        cfg, cuda=device.type == "cuda", steps_per_epoch=lambda c: epoch_steps(c, rank, world), bf16=native
-    )
-    if cfg.img_size % cfg.patch_size:
-        raise UsageError(f"--img_size {cfg.img_size}: not a multiple of --patch_size {cfg.patch_size}")
-    if cfg.batch_size % world:
-        raise UsageError(f"--batch_size {cfg.batch_size}: not divisible by the {world} ranks")
+# --- the data: collected if missing, split by episode, served as clips
+
+
+def ensure_dataset(cfg: TrainConfig, rank: int, timings: dict, say=None) -> data.Trajectories:
+    """The opened dataset of a resolved config, with its extra episodes after it (a data.TrajectoryUnion) if it has
+    any; collected first (rank 0, with its progress bar) if not on disk, the seconds spent added to
+    timings["collect_seconds"]. `say`: where notes on the file go (no env recorded, frames of another size)."""
+    extra = recipe_for(cfg.preset, cfg.env).extra
     if rank == 0:
-        prepare_run_folder(cfg.out_dir, cfg, cleanup)
-    return cfg
+        seconds = collect.collect_missing(cfg.data, cfg.env, cfg.episodes, cfg.img_size, cfg.workers)
+        if cfg.extra_data and extra:
+            policy = {k: extra[k] for k in ("policy", "noise", "episode_steps")}
+            args = (cfg.extra_data, cfg.env, extra["episodes"], cfg.img_size, cfg.workers)
+            seconds += collect.collect_missing(*args, label="extra episodes", note=" (training only)", **policy)
+        timings["collect_seconds"] += seconds
+    if dist.is_initialized():
+        dist.barrier()
+    return cli.open_data({"--data": cfg.data, "--extra_data": cfg.extra_data}, cfg.env, cfg.img_size, say)
 
 
-def model_config(cfg: TrainConfig, raw_action_dim: int) -> ModelConfig:
-    """The preset's model at the resolved sizes; the action block is frameskip x the dataset's raw action dim."""
-    mcfg = dataclasses.replace(
-        PRESETS[cfg.preset], img_size=cfg.img_size, patch_size=cfg.patch_size, pred_dropout=cfg.dropout
-    )
-    return dataclasses.replace(mcfg, action_dim=mcfg.frameskip * raw_action_dim)
+def clip_shape(mcfg: ModelConfig) -> dict:
+    """The clip layout the model trains on (history, num_preds, frameskip): what data.ClipLoader needs to know."""
+    return {"history": mcfg.history, "num_preds": mcfg.num_preds, "frameskip": mcfg.frameskip}
 
 
-def stop_run(step: int, signum: int, save: dict, bar, log) -> None:
-    """After a signal: checkpoint this step (if not just done), say how to resume, exit with 128 + signum."""
-    if step % save["cfg"].ckpt_every:
-        save_run(step=step, **save)
-    bar.close()
-    log(f"interrupted at step {step}: checkpoint {save['path']}\nresume with: {resume_command(save['cfg'])}")
-    raise SystemExit(128 + signum)
+def split(cfg: TrainConfig, traj: data.Trajectories) -> tuple[np.ndarray, np.ndarray]:
+    """(train, val) episodes: the dataset's split, and every extra episode (after the dataset's) for training."""
+    base = traj.parts[0].num_episodes if isinstance(traj, data.TrajectoryUnion) else traj.num_episodes
+    train_eps, val_eps = data.split_episodes(base, cfg.val_fraction)
+    return np.concatenate([train_eps, np.arange(base, traj.num_episodes)]), val_eps
 
 
-def sync_stop(stop: list, device) -> None:
-    """Under DDP every rank stops at the same step when any of them got the signal."""
-    flag = torch.tensor([stop[0] if stop else 0], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    if int(flag) and not stop:
-        stop.append(int(flag))
+def make_loaders(cfg: TrainConfig, traj: data.Trajectories, mcfg: ModelConfig, rank: int, world: int) -> tuple:
+    """(train episodes, val episodes, action statistics, train / val / BN-refresh loaders): the episodes are split,
+    and the action statistics taken from the training episodes only."""
+    train_eps, val_eps = split(cfg, traj)
+    stats = data.action_stats(traj, train_eps)
+    batch, kw = cfg.batch_size // world, {**clip_shape(mcfg), "rank": rank, "world_size": world}
+    with warnings.catch_warnings(record=True) as caught:  # a note on skipped short episodes, once per message
+        warnings.simplefilter("always")
+        loader = data.ClipLoader(traj, train_eps, stats, batch, seed=cfg.seed, **kw)
+        # Validation draws the same random clips every time (epoch 0 of a fixed seed): consecutive clips of a few
+        # episodes would make SIGReg, a test of the batch's distribution, meaningless. BN statistics are refreshed
+        # on a fixed draw of training clips.
+        val_loader = data.ClipLoader(traj, val_eps, stats, batch, drop_last=False, seed=cfg.seed, **kw)
+        bn_loader = data.ClipLoader(traj, train_eps, stats, batch, seed=cfg.seed + 1, **kw)
+    for message in dict.fromkeys(str(w.message) for w in caught if rank == 0):
+        print(f"note: {message}")
+    return train_eps, val_eps, stats, (loader, val_loader, bn_loader)
 
 
-def report_end(summary: dict, cfg: TrainConfig) -> None:
-    """The end-of-run lines: steps, time, final validation losses, and the command that evaluates the model."""
-    nan = float("nan")
-    print(
-        f"done: {summary['steps']} steps in {summary['minutes']:.1f} min | val pred_loss "
-        f"{summary.get('val_pred_loss', nan):.4f} | val sigreg {summary.get('val_sigreg_loss', nan):.3f} | model: "
-        f"{summary['checkpoint']}"
-    )
-    print(f"next: python evaluate.py --ckpt {summary['checkpoint']} --env {cfg.env}")
-
-
-def log_step(step: int, loss, parts: dict, grad_norm, lr: float, dt: float, cfg: TrainConfig, world: int) -> dict:
-    """The metrics row of a logged step (global-batch prediction loss under DDP; SIGReg is already global)."""
-    if world > 1:
-        dist.all_reduce(parts["pred_loss"])
-        parts["pred_loss"] /= world
-        loss = parts["pred_loss"] + cfg.lambd * parts["sigreg_loss"]
-    return {
-        "step": step,
-        "loss": loss.item(),
-        "pred_loss": parts["pred_loss"].item(),
-        "sigreg_loss": parts["sigreg_loss"].item(),
-        "grad_norm": grad_norm.item(),
-        "lr": lr,
-        "ms_per_step": 1000 * dt,
-        "samples_per_s": cfg.batch_size / dt,
-    }
+def epoch_steps(cfg: TrainConfig, rank: int, world: int, timings: dict) -> int:
+    """Optimiser steps in one epoch of the training clips of cfg's dataset (collected first if missing)."""
+    with ensure_dataset(cfg, rank, timings) as traj:
+        train_eps, _ = split(cfg, traj)
+        stats = data.action_stats(traj, train_eps)
+        kw = {**clip_shape(PRESETS[cfg.preset]), "cache": False, "world_size": world, "rank": rank, "prefetch": 0}
+        return len(data.ClipLoader(traj, train_eps, stats, cfg.batch_size // world, **kw))
 
 
 # --- main
 
 
 def main(cfg: TrainConfig) -> dict:
-    """Train and return a summary (checkpoint path, final validation losses, wall time). The run folder's lock and
-    the signal handlers are released by `cleanup` however the run ends."""
+    """Train and return summary.json's content; `cleanup` releases the folder's lock and the signal handlers."""
     check_config(cfg)
     with ExitStack() as cleanup:
         return run(cfg, cleanup)
 
 
 def run(cfg: TrainConfig, cleanup: ExitStack) -> dict:
-    t_start = time.time()
-    device, rank, world = setup_device(cfg.device)
+    t_start, timings = time.time(), {"collect_seconds": 0.0}
+    device, rank, world = cli.setup_device(cfg.device)
     say = print if rank == 0 else (lambda *a, **k: None)
-    cfg = setup_run(cfg, cleanup, device, rank, world, say)
+    cfg = setup_run(cfg, cleanup, device, rank, world, say, timings)
     ckpt_path, metrics_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "metrics.jsonl")
 
-    traj = ensure_dataset(cfg, rank, say)
+    traj = ensure_dataset(cfg, rank, timings, say)
     mcfg = model_config(cfg, traj.action_dim)
     train_eps, val_eps, stats, (loader, val_loader, bn_loader) = make_loaders(cfg, traj, mcfg, rank, world)
     torch.manual_seed(cfg.seed)
-    model = LeWM(mcfg).to(device)
+    model = use_fast_attention(LeWM(mcfg).to(device))  # same maths, a faster kernel in bf16 on CPUs
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
     sigreg = SIGReg(num_proj=cfg.num_proj).to(device)
-    step = resume_state(cfg, ckpt_path, mcfg, model, opt, device, say)
-    if rank == 0:
-        write_run_files(cfg, mcfg, metrics_path, step)
-    say(describe_run(cfg, model, loader, len(train_eps), len(val_eps), f"{device} x{world}"))
-    raw_model, model = model, wrap_model(model, cfg, device, world)  # raw_model: saved and validated
+    step, seconds_before = cli.resume_run(cfg.resume, ckpt_path, cfg.env, cfg.data, asdict(mcfg), model, opt, say)
+    if rank == 0:  # the final config, printed and saved; metrics.jsonl cut back to the step the run starts from
+        cli.write_json(os.path.join(cfg.out_dir, "config.json"), {"train": asdict(cfg), "model": asdict(mcfg)})
+        cli.trim_metrics(metrics_path, step)
+        print(json.dumps(asdict(cfg)))
+    say(
+        f"model {cfg.preset}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters | {len(train_eps)} "
+        f"train / {len(val_eps)} val episodes | {len(loader.starts)} train clips, {len(loader)} steps/epoch | "
+        f"{cfg.max_steps} steps on {device} x{world}"
+    )
+    raw_model, model = model, cli.wrap_model(model, device, world, cfg.compile)  # raw_model: saved and validated
+    fields = {"model_config": asdict(mcfg), "train_config": asdict(cfg), "action_stats": stats, "env": cfg.env}
+    fields["val_episodes"] = [int(e) for e in val_eps]
+    save = functools.partial(cli.save_run, ckpt_path, raw_model, opt, device=device, rank=rank, **fields)
     warmup_steps = max(1, int(cfg.warmup * cfg.schedule_steps))
     bar = tqdm(total=cfg.max_steps, initial=step, desc="train", unit="step", disable=rank != 0, dynamic_ncols=True)
     log = bar.write if rank == 0 else say
-    stop = stop_on_signals(cleanup, log)
-    save = {
-        "path": ckpt_path,
-        "model": raw_model,
-        "opt": opt,
-        "cfg": cfg,
-        "mcfg": mcfg,
-        "stats": stats,
-        "val_eps": val_eps,
-        "device": device,
-        "rank": rank,
-    }
+    stop = cli.stop_on_signals(cleanup, log)
     model.train()
     batches, t_log, last = loader.steps(step), time.time(), {}
+    t_loop = time.time()  # train_seconds: this loop's wall time plus seconds_before, the resumed runs' loops
     while step < cfg.max_steps:
         lr = lr_at(step, cfg.lr, warmup_steps, cfg.schedule_steps)
         for group in opt.param_groups:
@@ -752,11 +395,11 @@ def run(cfg: TrainConfig, cleanup: ExitStack) -> dict:
         pixels, actions = raw_model.preprocess(pixels.to(device, non_blocking=True)), actions.to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
             loss, parts = lewm_loss(model, pixels, actions, sigreg, cfg.lambd)
-        check_finite(loss, parts, None, step, ckpt_path)
+        cli.check_finite(loss, parts, None, step, ckpt_path)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        check_finite(loss, parts, grad_norm, step, ckpt_path)
+        cli.check_finite(loss, parts, grad_norm, step, ckpt_path)
         opt.step()
         step += 1
         bar.update(1)
@@ -764,7 +407,7 @@ def run(cfg: TrainConfig, cleanup: ExitStack) -> dict:
         end = step == cfg.max_steps
         if step % cfg.log_every == 0 or end:
             dt = (time.time() - t_log) / (cfg.log_every if step % cfg.log_every == 0 else step % cfg.log_every)
-            last = log_step(step, loss, parts, grad_norm, lr, dt, cfg, world)
+            last = cli.metrics_row(step, loss, parts, grad_norm, lr, dt, cfg.batch_size, cfg.lambd)
             log(
                 f"step {step:6d} | loss {last['loss']:.4f} | pred {last['pred_loss']:.4f} | sigreg "
                 f"{last['sigreg_loss']:.3f} | lr {lr:.2e} | {last['ms_per_step']:.0f} ms/step | "
@@ -782,35 +425,26 @@ def run(cfg: TrainConfig, cleanup: ExitStack) -> dict:
         if rank == 0 and (step % cfg.log_every == 0 or step % cfg.eval_every == 0 or end):
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(last) + "\n")
-        if step % cfg.ckpt_every == 0 or end:
-            save_run(step=step, **save)
-        if rank == 0 and cfg.keep_every and step % cfg.keep_every == 0 and not end:
-            if step % cfg.ckpt_every:
-                save_run(step=step, **save)
+        kept = rank == 0 and cfg.keep_every and step % cfg.keep_every == 0 and not end
+        cli.sync_stop(stop, device)  # under DDP every rank stops at the same step
+        if step % cfg.ckpt_every == 0 or end or kept or stop:  # a kept copy or a stop needs this step's checkpoint
+            save(step, train_seconds=seconds_before + time.time() - t_loop)
+        if kept:
             shutil.copyfile(ckpt_path, os.path.join(cfg.out_dir, f"ckpt_{step}.pt"))
-        if world > 1:
-            sync_stop(stop, device)
         if stop and not end:
-            stop_run(step, stop[0], save, bar, log)
+            cli.exit_after_signal(stop[0], step, ckpt_path, cli.resume_command(cfg, "train.py"), bar, log)
     bar.close()
 
-    summary = {"checkpoint": ckpt_path, "steps": step, "minutes": (time.time() - t_start) / 60, **last}
+    summary = {"checkpoint": ckpt_path, "steps": step, "minutes": (time.time() - t_start) / 60, **timings}
+    summary |= {"train_seconds": seconds_before + time.time() - t_loop, **last}
     if rank == 0:
         plot_metrics_png(metrics_path, os.path.join(cfg.out_dir, "metrics.png"))  # no plotting library needed
-        report_end(summary, cfg)
+        cli.finish_run(summary, cfg.out_dir, cfg.env)
     if world > 1:
         dist.destroy_process_group()
     return summary
 
 
 if __name__ == "__main__":
-    try:
+    with cli.exit_codes("train.py"):  # a wrong flag 2, a non-finite loss 1, a signal 128 + its number
         main(parse_args(sys.argv[1:]))
-    except UsageError as e:
-        print(f"train.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except FloatingPointError as e:
-        print(f"train.py: {e}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt as e:  # during data collection (it says how to resume), or a second Ctrl-C
-        sys.exit(128 + getattr(e, "signum", signal.SIGINT))
