@@ -12,20 +12,25 @@ Run:
     python evaluate.py surprise --ckpt runs/pusht_cpu/ckpt.pt       # teleported, recoloured, re-rendered frames
     python evaluate.py diagnose --ckpt runs/pusht_cpu/ckpt.pt       # ranking, sensitivity, anatomy, capacity
     python -c "import analyses; analyses.success_curve(['plan.json'], 'runs/x/metrics.jsonl', 'curve.png')"
+    python analyses.py capacity --env pusht --data data/pusht_128px_300ep.h5 --img_size 128 --patch_size 16
+                                                                    # before training: can this shape resolve it?
 
 Dimension letters: B pairs, S samples, N horizon (blocks), A action block (frameskip x raw action dim), D embedding.
 """
 
+import argparse
 import dataclasses
 import json
 import math
 import os
+import sys
 import time
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+import cli
 import data
 import envs
 from charts import line_chart
@@ -43,7 +48,7 @@ from evaluate import (
     reset_envs,
     start_rows,
 )
-from model import LeWM, ViT, preprocess
+from model import PRESETS, LeWM, ViT, preprocess
 from planner import make_cost
 
 # --- probing (docs/method.md §11): what the frozen embedding knows about the physical state
@@ -563,16 +568,22 @@ def encoder_capacity(world: World, fit_eps: np.ndarray, test_eps: np.ndarray, st
     """Train a fresh ViT of the model's encoder shape plus a linear head to regress the env's probe quantities
     (standardised) from single frames for `steps` AdamW steps, then score it on held-out frames: r per quantity,
     as the probes, and the median error in the success test's units. Seeded: the same call gives the same result."""
-    mcfg, device = world.model.cfg, world.device
+    return fresh_encoder_capacity(world.traj, world.env, world.model.cfg, world.device, fit_eps, test_eps, steps, seed)
+
+
+def fresh_encoder_capacity(
+    traj: data.Trajectories, env: str, mcfg, device: torch.device, fit_eps, test_eps, steps: int, seed: int
+) -> dict:
+    """`encoder_capacity` for any encoder shape `mcfg` (a model.ModelConfig), no trained model needed."""
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
-    rows_fit = sample_rows(world.traj, fit_eps, CAPACITY_FIT_FRAMES, rng)
-    rows_test = sample_rows(world.traj, test_eps, CAPACITY_TEST_FRAMES, rng)
-    y_fit, y_test = probe_targets(world.traj, world.env, rows_fit), probe_targets(world.traj, world.env, rows_test)
+    rows_fit = sample_rows(traj, fit_eps, CAPACITY_FIT_FRAMES, rng)
+    rows_test = sample_rows(traj, test_eps, CAPACITY_TEST_FRAMES, rng)
+    y_fit, y_test = probe_targets(traj, env, rows_fit), probe_targets(traj, env, rows_test)
     y_all = np.concatenate(list(y_fit.values()), axis=1)  # (N, K)
     mu, sd = y_all.mean(0), y_all.std(0) + 1e-8  # (K,)
     target = torch.from_numpy(((y_all - mu) / sd).astype(np.float32))  # (N, K)
-    frames_fit = torch.from_numpy(world.traj.read("pixels", rows_fit))  # (N, H, W, 3) uint8
+    frames_fit = torch.from_numpy(traj.read("pixels", rows_fit))  # (N, H, W, 3) uint8
     vit = ViT(mcfg.img_size, mcfg.patch_size, mcfg.embed_dim, mcfg.enc_depth, mcfg.enc_heads, mcfg.enc_mlp)
     net = torch.nn.Sequential(vit, torch.nn.Linear(mcfg.embed_dim, target.shape[1])).to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=CAPACITY_LR, weight_decay=0.05)
@@ -591,7 +602,7 @@ def encoder_capacity(world: World, fit_eps: np.ndarray, test_eps: np.ndarray, st
         loss.backward()
         opt.step()
     net.eval()
-    frames_test = world.traj.read("pixels", rows_test)
+    frames_test = traj.read("pixels", rows_test)
     with torch.inference_mode():
         pred = np.concatenate(
             [
@@ -615,8 +626,8 @@ def encoder_capacity(world: World, fit_eps: np.ndarray, test_eps: np.ndarray, st
         "patch_size": mcfg.patch_size,
         "tokens": (mcfg.img_size // mcfg.patch_size) ** 2,
         "r": r,
-        "median_error": probe_errors(pred, y_test, world.env),
-        "units": {n: u for n, (_, _, u) in envs.REGISTRY[world.env].probe.items()},
+        "median_error": probe_errors(pred, y_test, env),
+        "units": {n: u for n, (_, _, u) in envs.REGISTRY[env].probe.items()},
         "seconds": time.time() - t0,
     }
 
@@ -770,3 +781,94 @@ def success_curve(
     if out_json:
         save_json(out, out_json)
     return out
+
+
+# --- encoder capacity before training: `python analyses.py capacity`, no checkpoint needed
+
+
+@dataclasses.dataclass
+class CapacityConfig:
+    env: str = "pusht"  # environment whose probe quantities the fresh encoder regresses
+    data: str = ""  # HDF5 dataset of that env with frames of at least img_size pixels (required)
+    preset: str = "cpu"  # model preset whose encoder shape is trained (model.PRESETS)
+    img_size: int = 0  # frame side the encoder sees (0 = the preset's); the data's frames are resized to it
+    patch_size: int = 0  # ViT patch side, img_size a multiple of it (0 = the preset's)
+    steps: int = 1000  # AdamW steps of batch 64 (diagnose's default budget)
+    val_fraction: float = 0.1  # held-out episodes the figures are measured on (data.split_episodes)
+    seed: int = 42  # frame draw and initialisation
+    device: str = "auto"  # auto, cuda, mps or cpu
+    out: str = ""  # JSON results ('' = capacity_<env>_<img>px_p<patch>.json in the working folder)
+
+
+def run_capacity(cfg: CapacityConfig) -> dict:
+    """The capacity check of `diagnose` (e) for a chosen encoder shape on a dataset, before any training."""
+    cli.check_fields(
+        cfg,
+        {"env": list(envs.REGISTRY), "preset": list(PRESETS), "device": cli.DEVICES},
+        {
+            "img_size": (">= 0", lambda v: v >= 0),
+            "patch_size": (">= 0", lambda v: v >= 0),
+            "steps": (">= 1", lambda v: v >= 1),
+            "val_fraction": ("in (0, 1)", lambda v: 0 < v < 1),
+        },
+    )
+    if not cfg.data:
+        raise UsageError(
+            "--data is required: an HDF5 dataset of the env, e.g. python data.py --env pusht --img_size 128"
+        )
+    cli.check_files({"--data": cfg.data})
+    mcfg = PRESETS[cfg.preset]
+    mcfg = dataclasses.replace(
+        mcfg, img_size=cfg.img_size or mcfg.img_size, patch_size=cfg.patch_size or mcfg.patch_size
+    )
+    if mcfg.img_size % mcfg.patch_size:
+        raise UsageError(f"--patch_size {mcfg.patch_size}: must divide the image size {mcfg.img_size}")
+    out = cfg.out or f"capacity_{cfg.env}_{mcfg.img_size}px_p{mcfg.patch_size}.json"
+    cli.check_writable_file(out, "--out")
+    traj = data.Trajectories(cfg.data)
+    data.check_env(traj, cfg.env)
+    if min(traj.img_shape[:2]) < mcfg.img_size:
+        raise UsageError(
+            f"--data {cfg.data}: {traj.img_shape[0]} px frames, smaller than --img_size {mcfg.img_size}: upsampling "
+            f"adds no detail; collect at that size (python data.py --env {cfg.env} --img_size {mcfg.img_size})"
+        )
+    fit_eps, test_eps = data.split_episodes(traj.num_episodes, cfg.val_fraction)
+    if len(test_eps) == 0:
+        raise UsageError(f"--data {cfg.data}: {traj.num_episodes} episodes leave none held out; collect more")
+    device = cli.pick_device(cfg.device)
+    res = fresh_encoder_capacity(traj, cfg.env, mcfg, device, fit_eps, test_eps, cfg.steps, cfg.seed)
+    res = {"command": "capacity", "env": cfg.env, "data": cfg.data, "preset": cfg.preset, **res}
+    res["config"] = dataclasses.asdict(cfg)
+    save_json(res, out)
+    print(
+        f"{cfg.env} capacity, {res['img_size']} px / patch {res['patch_size']} ({res['tokens']} tokens), "
+        f"{res['steps']} steps: "
+        + ", ".join(
+            f"{k} r {v:.3f} (median error {res['median_error'][k]:.3g} {res['units'][k]})" for k, v in res["r"].items()
+        )
+        + f" | {res['seconds']:.0f} s -> {out}"
+    )
+    return res
+
+
+def parse_capacity_args(argv: list[str]) -> CapacityConfig:
+    """argparse generated from CapacityConfig; argv starts with the subcommand `capacity`."""
+    if not argv or argv[0] != "capacity":
+        raise UsageError("the one command is capacity: python analyses.py capacity --env E --data FILE (--help)")
+    parser = argparse.ArgumentParser(
+        prog="analyses.py capacity", description=run_capacity.__doc__, formatter_class=cli.HelpFormatter
+    )
+    cli.add_config_flags(
+        parser, CapacityConfig, choices={"env": list(envs.REGISTRY), "preset": list(PRESETS), "device": cli.DEVICES}
+    )
+    return CapacityConfig(**vars(parser.parse_args(argv[1:])))
+
+
+if __name__ == "__main__":
+    try:
+        run_capacity(parse_capacity_args(sys.argv[1:]))
+    except UsageError as e:
+        print(f"analyses.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -753,7 +753,7 @@ class PushTPlayPolicy(PushTDemoPolicy):
     drawn per episode from U(0, noise), and segments of `segment` steps that are, with probability
     `random_share`, random pushes near the block instead (`PushTRandomPolicy`). A sampling planner proposes
     jittery sequences of independent per-step actions that the smooth demonstrations never contain; a model that
-    has seen only demonstrations predicts them wrongly and the planner exploits that (README, "PushT"). These
+    has seen only demonstrations predicts them wrongly and the planner exploits that (docs/results.md, "PushT"). These
     episodes show the model what such actions do, while the demonstrations stay the evaluation's task.
     """
 
@@ -1890,9 +1890,9 @@ class EnvSpec:
 
 
 # Data collection defaults: PushT's paper data are noisy replays of human demonstrations that push the T onto the
-# green one (paper, data of DINO-WM's PushT); the `demo` policy reproduces their statistics (README, data table):
+# green one (paper, data of DINO-WM's PushT); the `demo` policy reproduces their statistics (docs/envs.md §2):
 # action std ~0.2, pusher speed std ~75 px/s, ~125-150 steps per episode, which ends when the T is placed (the policy
-# says `done`) or after 300 steps. TwoRoom and Reacher: as the LeWM data (README, "Data"). Cube: 200-step
+# says `done`) or after 300 steps. TwoRoom and Reacher: as the LeWM data (docs/envs.md §3, §4). Cube: 200-step
 # plan-oracle episodes, as the LeWM data.
 # Goal dims (docs/envs.md §1; what the reference evaluation's goal setters set): PushT the full 7-D state,
 # TwoRoom the agent xy, Reacher the two joint angles, Cube the cube position and yaw. Distances: PushT agent and

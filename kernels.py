@@ -20,9 +20,8 @@ from torch import nn
 
 def native_bf16(device: torch.device, cpuinfo: str = "/proc/cpuinfo") -> bool:
     """Whether bf16 matmuls run in hardware on `device`: a CUDA GPU that supports bf16, or a CPU whose flags list
-    AVX-512 BF16 or AMX (Linux's `cpuinfo`; unknown elsewhere, so False). Without them bf16 is emulated: on an
-    AVX2-only CPU a `cpu`-preset training step took 19 s in bf16 against 1.0 to 1.3 s in fp32
-    (README, "Precision, and CPUs without bf16")."""
+    AVX-512 BF16 or AMX (Linux's `cpuinfo`; unknown elsewhere, so False). Without them bf16 is emulated and many
+    times slower than fp32 (BENCHMARKS.md, "Precision")."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported(including_emulation=False)
     if device.type != "cpu":

@@ -64,7 +64,7 @@ PRESETS = {
     "paper": ModelConfig(),
     # DEVIATION: reduced model for 2-core CPUs (docs/method.md §2: 64 px, patch 16, 6 encoder layers,
     # predictor depth 3 x 8 heads x 32, MLP 768, projectors 512). The method is unchanged: same components,
-    # losses, SIGReg, history and frameskip. Chosen by measured throughput and validation loss (README).
+    # losses, SIGReg, history and frameskip. Chosen by measured throughput and validation loss (docs/results.md).
     "cpu": ModelConfig(
         img_size=64,
         patch_size=16,

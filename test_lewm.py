@@ -2250,6 +2250,29 @@ def test_eval_encoder_capacity_learns_and_is_seeded(tiny_tworoom):
     assert a["r"] == b["r"] and a["median_error"] == b["median_error"]
 
 
+def test_capacity_command_before_training(tiny_tworoom, tmp_path):
+    """`python analyses.py capacity` trains the chosen encoder shape on a dataset without any checkpoint, writes
+    its figures, and refuses frames smaller than the image size in one line, before any work."""
+    out = tmp_path / "cap.json"
+    cfg = analyses.parse_capacity_args(
+        ["capacity", "--env", "tworoom", "--data", tiny_tworoom, "--preset", "tiny", "--patch_size", "4"]
+        + ["--steps", "3", "--val_fraction", "0.34", "--device", "cpu", "--out", str(out)]
+    )
+    analyses.run_capacity(cfg)
+    saved = json.loads(out.read_text())
+    assert (saved["img_size"], saved["patch_size"], saved["tokens"], saved["steps"]) == (32, 4, 64, 3)
+    assert set(saved["r"]) == {"agent_pos"} and saved["units"] == {"agent_pos": "px"}
+    res = subprocess.run(
+        [sys.executable, "analyses.py", "capacity", "--env", "tworoom", "--data", tiny_tworoom, "--img_size", "64"],
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=os.path.dirname(os.path.abspath(__file__)),
+    )
+    assert res.returncode == 2 and "32 px frames, smaller than --img_size 64" in res.stderr, res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+
+
 def test_eval_probe_errors_in_success_units():
     """probe_errors: distances for positions, wrapped angles for (sin, cos) targets in the env's unit."""
     ang = np.array([[0.1], [3.1]])
