@@ -9,8 +9,8 @@ none of it is the method, all of it is how the scripts behave at a terminal and 
 - Run folders: a lock held for the whole run, refusal of a folder holding another run, `metrics.jsonl` reading and
   trimming, atomic JSON writes.
 - Signals and resume: Ctrl-C / SIGTERM finish the current step, and the command that resumes the run.
-- A training run's plumbing: its dataset files opened, checkpoints that resume exactly (model, optimiser, RNG),
-  finite checks, metrics rows, summary.json.
+- A training run's plumbing: its dataset files opened, what makes its batches (`loader_note`), checkpoints that
+  resume exactly (model, optimiser, RNG), finite checks, metrics rows, summary.json.
 
 Below the scripts, above the library files it serves: it imports data.py (datasets, and `UsageError`, defined there
 and re-exported here), model.py (checkpoint files) and sigreg.py (an all-reduce with a gradient, for the
@@ -41,6 +41,9 @@ from model import check_state_dict, load_checkpoint, save_checkpoint
 from sigreg import AllReduceSum
 
 DEVICES = ["auto", "cuda", "mps", "cpu"]  # the valid values of every script's --device
+# Config fields that, when not given, are resolved from the machine (train.py's --loader_workers, from its cores): a
+# resume command names them only when given, so that the resumed run resolves them again on its own machine.
+MACHINE_FIELDS = ("loader_workers",)
 
 # --- arguments: flags from config dataclasses, checked before any work
 
@@ -306,13 +309,16 @@ def stop_on_signals(cleanup: ExitStack, log) -> list:
     return stop
 
 
-def resume_command(cfg, script: str) -> str:
+def resume_command(cfg, script: str, given=None) -> str:
     """The command that resumes the run of `python script` with the config dataclass `cfg`: every flag that
-    differs from its default, and --resume."""
+    differs from its default, and --resume; a field of MACHINE_FIELDS only when `given` (the config as parsed,
+    before it was resolved) sets it."""
     flags = []
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         if f.name in ("resume", "overwrite") or value == f.default:
+            continue
+        if given is not None and f.name in MACHINE_FIELDS and getattr(given, f.name) is None:
             continue
         flags += (
             [f"--{f.name}" if value is True else f"--no-{f.name}"]
@@ -346,6 +352,16 @@ def open_data(paths: dict[str, str], env: str, img_size: int, say=None) -> data.
     if say is not None and traj.img_shape[0] != img_size:
         say(f"note: {first} holds {traj.img_shape[0]} px frames; the model resizes them to {img_size} px")
     return traj
+
+
+def loader_note(loader: data.ClipLoader, workers: int) -> str:
+    """The line saying what assembles the training batches: `loader.processes` worker processes or the background
+    thread, and why not the `workers` asked for (--loader_workers) when they are not used."""
+    n = loader.processes
+    how = f"{n} worker process{'es' if n > 1 else ''}" if n else "a background thread"
+    why = ", as the frames are in RAM" if loader.in_ram else ", as this platform cannot fork"
+    why = why if workers and not n else ""
+    return f"training batches: {how} (--loader_workers {workers}{why})"
 
 
 def save_run(path: str, model: nn.Module, opt: torch.optim.Optimizer, step: int, device, rank: int, **fields) -> None:

@@ -24,11 +24,15 @@ running the same command again collects only the missing episodes and writes the
 Dimension letters: B batch, T frames per clip, H/W image, A raw action dim, E episodes, N rows.
 """
 
+import copy
+import multiprocessing as mp
+import multiprocessing.connection
 import os
 import queue
+import signal
 import threading
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Self
 
 import h5py
@@ -46,6 +50,7 @@ PIXEL_COMPRESSION = {"compression": "gzip", "compression_opts": 1}
 TABLE_CHUNK_ROWS = 1024  # chunk rows of the small per-row columns (uncompressed, as in the official files)
 CACHE_FRACTION = 0.4  # ClipLoader keeps pixels in RAM when they take at most this fraction of the available memory
 READ_CACHE_BYTES = 64 << 20  # HDF5 chunk cache per open file
+LOADER_WORKERS_MAX = 8  # default ClipLoader worker processes: one per core less the training loop's, at most this
 
 
 class UsageError(ValueError):
@@ -348,6 +353,70 @@ def cache_limit_bytes() -> int:
         return 2 << 30
 
 
+def default_loader_workers() -> int:
+    """Worker processes for the training ClipLoader when not told: the cores this process may run on, less one for
+    the training loop, at most LOADER_WORKERS_MAX, divided among the ranks on this machine under torchrun (its
+    LOCAL_WORLD_SIZE), so that DDP does not start more processes than cores (0: the background thread)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(0, min(LOADER_WORKERS_MAX, cores - 1)) // local_ranks
+
+
+def _file_handles(traj: Trajectories) -> list[tuple[str, int, int]]:
+    """(path, chunk-cache slots, chunk-cache bytes) of every file behind `traj`: read in the main process, so that
+    a worker opens its own handles with the same chunk cache."""
+    files = traj.parts if isinstance(traj, TrajectoryUnion) else [traj]
+    return [(t.path, *t.file.id.get_access_plist().get_cache()[1:3]) for t in files]
+
+
+def _reopened(traj: Trajectories, handles: list[tuple[str, int, int]]) -> Trajectories:
+    """A copy of `traj` reading through new file handles opened in this process (an open h5py handle must not be
+    used across a fork), sharing `traj`'s RAM-cached columns; no validation (`traj` was validated on open)."""
+    files = [copy.copy(t) for t in (traj.parts if isinstance(traj, TrajectoryUnion) else [traj])]
+    for t, (path, slots, nbytes) in zip(files, handles, strict=True):
+        t.file = h5py.File(path, "r", rdcc_nbytes=nbytes, rdcc_nslots=slots)
+    if not isinstance(traj, TrajectoryUnion):
+        return files[0]
+    union = copy.copy(traj)
+    union.parts, union.file = files, files[0].file
+    return union
+
+
+class _WorkerBatches(torch.utils.data.Dataset):
+    """The batches of a ClipLoader as a dataset for DataLoader worker processes: item `starts` (B,) is the batch of
+    the clips starting at those rows, made by `make_batch(starts, traj)` on the worker's own file handles (opened
+    on its first batch, with the main process's chunk-cache size)."""
+
+    def __init__(self, make_batch: Callable, traj: Trajectories):
+        self.make_batch, self.traj, self.handles, self.opened = make_batch, traj, _file_handles(traj), None
+
+    def __getitem__(self, starts: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.opened is None:
+            self.opened = _reopened(self.traj, self.handles)
+        return self.make_batch(starts, self.opened)
+
+
+def _init_loader_worker(worker_id: int) -> None:
+    """A loader worker leaves Ctrl-C and SIGTERM to the main process (it inherited the main process's handlers,
+    train.py's included), which finishes its step and then stops the workers; torch's watchdog ends a worker
+    whose main process died."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def _ended_workers(workers: list, timeout: float = 1.0) -> list[str]:
+    """'pid (how it ended)' of the worker processes that have ended, waiting up to `timeout` s for one that is
+    ending (its pipes close an instant before its exit status is known)."""
+    ended = mp.connection.wait([w.sentinel for w in workers], timeout)
+    out = []
+    for w in workers:
+        if w.sentinel in ended:
+            w.join()
+            code = w.exitcode
+            out.append(f"{w.pid} ({f'killed by {signal.Signals(-code).name}' if code < 0 else f'exit code {code}'})")
+    return out
+
+
 class ClipLoader:
     """Batches of clips from some episodes: (pixels uint8 (B, T, H, W, 3), actions float32 (B, T, frameskip * A)).
 
@@ -355,10 +424,19 @@ class ClipLoader:
     frames every `frameskip` raw rows (the model config's fields of those names). Iterate one epoch with
     `for batch in loader` / `loader.epoch(k)`, or forever (resumable by step) with `loader.steps(start_step)`.
     The order of epoch k is a permutation from `np.random.default_rng([seed, k])`, so it is deterministic and
-    independent of how many epochs were run before. Batches are assembled in a background thread (`prefetch`
-    batches ahead). Pixels are kept in RAM when they fit in `cache_limit_bytes()` (`cache=None`), else streamed
-    with chunk-aware reads (rows of a batch sorted, each chunk decompressed once).
+    independent of how many epochs were run before. Pixels are kept in RAM when they fit in `cache_limit_bytes()`
+    (`cache=None`), else streamed with chunk-aware reads (rows of a batch sorted, each chunk decompressed once).
     With `world_size` > 1 each rank gets an equal, disjoint share of every epoch (for torchrun).
+
+    Batches are assembled `prefetch` batches ahead by a background thread (`workers=0`), or, for streamed pixels,
+    by `workers` processes (a torch DataLoader, forked): h5py decompresses under one lock per process, so one
+    process is the ceiling on 224 px frames. The order stays in this process, which hands batch k to
+    worker k mod `workers` and yields the batches in order, so the stream is the thread's, batch for batch, for
+    every seed, epoch, `steps(start_step)` and rank. Each worker opens its own file handles on its first batch,
+    with its own chunk cache; `pin_memory` puts the batches in page-locked memory (for CUDA). With the pixels in
+    RAM the batches come from the thread whatever `workers` says: a batch is then a gather from one array, far
+    cheaper than a training step, and worker processes would only add a copy through shared memory. So do
+    platforms without fork (workers inherit the loader instead of receiving a pickled copy).
     """
 
     def __init__(
@@ -378,11 +456,16 @@ class ClipLoader:
         cache: bool | None = None,
         rank: int = 0,
         world_size: int = 1,
+        workers: int = 0,
+        pin_memory: bool = False,
     ):
         self.traj, self.batch_size, self.frameskip = traj, batch_size, frameskip
         self.num_frames = history + num_preds
         self.shuffle, self.drop_last, self.seed, self.prefetch = shuffle, drop_last, seed, prefetch
         self.rank, self.world_size = rank, world_size
+        if workers < 0:
+            raise ValueError(f"workers must be >= 0, got {workers}")
+        self.workers, self.pin_memory = workers, pin_memory
         span = self.num_frames * frameskip  # raw rows (and raw actions) per clip
         episodes = np.asarray(episodes, dtype=np.int64).reshape(-1)
         if len(episodes) == 0:
@@ -403,6 +486,17 @@ class ClipLoader:
         pixel_bytes = traj.num_rows * int(np.prod(traj.img_shape))
         if cache or (cache is None and pixel_bytes <= cache_limit_bytes()):
             traj.cache("pixels")
+
+    @property
+    def in_ram(self) -> bool:
+        """Whether the pixels are read from RAM (cached), not streamed from the file."""
+        return "pixels" in self.traj._cache
+
+    @property
+    def processes(self) -> int:
+        """Worker processes that assemble the batches: `workers`, or 0 (the background thread) when the pixels are
+        in RAM or this platform cannot fork."""
+        return 0 if self.in_ram or "fork" not in mp.get_all_start_methods() else self.workers
 
     def __len__(self) -> int:
         per_rank = len(self.starts) // self.world_size
@@ -426,15 +520,44 @@ class ClipLoader:
         for b in range(start_batch, len(self)):
             yield self.starts[order[b * self.batch_size : (b + 1) * self.batch_size]]
 
-    def _make_batch(self, starts: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    def _make_batch(self, starts: np.ndarray, traj: Trajectories | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The clips starting at rows `starts`, read through `traj` (a worker's own handles; default self.traj)."""
+        traj = self.traj if traj is None else traj
         B, T, f = len(starts), self.num_frames, self.frameskip
         obs_rows = starts[:, None] + f * np.arange(T)  # (B, T): rows s, s+5, s+10, s+15
         act_rows = starts[:, None] + np.arange(T * f)  # (B, T*f): rows s..s+19
-        pixels = self.traj.read("pixels", obs_rows.reshape(-1)).reshape(B, T, *self.traj.img_shape)  # (B, T, H, W, 3)
+        pixels = traj.read("pixels", obs_rows.reshape(-1)).reshape(B, T, *traj.img_shape)  # (B, T, H, W, 3)
         actions = self.action[act_rows].reshape(B, T, -1)  # (B, T, f*A): block k = raw actions 5k..5k+4, row-major
         return torch.from_numpy(pixels), torch.from_numpy(actions)
 
+    def _from_workers(self, batch_starts: Iterator[np.ndarray]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The batches of `batch_starts`, in order, assembled by `self.processes` forked worker processes."""
+        loader = torch.utils.data.DataLoader(
+            _WorkerBatches(self._make_batch, self.traj),
+            batch_size=None,  # an item is a whole batch
+            sampler=batch_starts,  # read here, in order: worker k mod n makes batch k
+            num_workers=self.processes,
+            pin_memory=self.pin_memory,
+            prefetch_factor=max(2, -(-self.prefetch // self.processes)),  # batches in flight per worker
+            worker_init_fn=_init_loader_worker,
+            multiprocessing_context="fork",  # workers inherit the loader: no pickled copy of its arrays
+            generator=torch.Generator(),  # the workers' seed is drawn from this, not from the global RNG (training's)
+        )
+        batches = iter(loader)
+        try:
+            yield from map(tuple, batches)  # torch hands a batch back as a list
+        except Exception as e:  # a worker that died breaks the stream in several ways; name the cause
+            ended = _ended_workers(batches._workers)
+            if ended:
+                raise RuntimeError(f"loader worker process {', '.join(ended)} ended unexpectedly") from e
+            raise
+        finally:  # stop the workers now, not when the last reference goes (a traceback may hold one)
+            batches._shutdown_workers()
+
     def _prefetched(self, batch_starts: Iterator[np.ndarray]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self.processes:
+            yield from self._from_workers(batch_starts)
+            return
         if self.prefetch <= 0:
             yield from map(self._make_batch, batch_starts)
             return

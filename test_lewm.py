@@ -1909,6 +1909,7 @@ def test_fail_train_sigint_checkpoints_and_resumes(tmp_path, tiny_pusht):
     assert proc.returncode == 130, log[-800:]
     step = load_checkpoint(str(out_dir / "ckpt.pt"))["step"]
     assert 3 <= step < 400 and f"interrupted at step {step}" in log and "--resume" in log
+    assert "--loader_workers" not in log.split("resume with:")[1]  # resolved from this machine's cores, not given
     assert cli.read_metrics(str(out_dir / "metrics.jsonl"))[-1]["step"] == step
     summary = train.main(
         tiny_cfg(tmp_path, tiny_pusht, max_steps=step + 2, num_proj=32, eval_every=1000, ckpt_every=1000, resume=True)
@@ -3047,3 +3048,200 @@ def test_policy_evaluate_plans_with_it_end_to_end(tmp_path, tiny_run, kind):
     steps = {c["step"] for c in saved["plan_calls"]}
     assert steps <= (set(range(0, 50, 5)) if kind == "idm" else {0, 25}) and 0 in steps
     assert ("planner" in saved) == (kind == "idm+cem")
+
+
+# --- loader workers
+
+
+def _stream(loader, start_step: int, steps: int = 6) -> list:
+    """The first `steps` batches of loader.steps(start_step), the stream closed after."""
+    stream = loader.steps(start_step)
+    batches = [next(stream) for _ in range(steps)]
+    stream.close()
+    return batches
+
+
+def _assert_same_batches(a: list, b: list) -> None:
+    assert len(a) == len(b) > 0
+    for (pixels_a, actions_a), (pixels_b, actions_b) in zip(a, b):
+        assert torch.equal(pixels_a, pixels_b) and torch.equal(actions_a, actions_b)
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_loader_workers_give_the_thread_batches(tmp_path, cache):
+    """Batches from 0 (the thread), 1 and 2 worker processes are identical from step 0 and from a later step across
+    an epoch's end, streamed (processes used) or cached (the thread used), and torch's RNG is left untouched."""
+    path = _data_file(tmp_path / "d.h5", lens=(40, 50, 33))
+    with data.Trajectories(path) as traj:
+        stats = data.action_stats(traj, [0, 1, 2])
+        for start in (0, 6):  # 8 batches per epoch: from step 6 the stream runs into epoch 1
+            streams = {}
+            for workers in (0, 1, 2):
+                loader = data.ClipLoader(traj, [0, 1, 2], stats, 8, seed=3, cache=cache, workers=workers, **CLIP)
+                assert len(loader) == 8 and loader.processes == (0 if cache else workers)
+                rng = torch.get_rng_state()
+                streams[workers] = _stream(loader, start)
+                assert torch.equal(rng, torch.get_rng_state())
+            _assert_same_batches(streams[0], streams[1])
+            _assert_same_batches(streams[0], streams[2])
+
+
+def test_loader_workers_keep_the_ddp_slices(tmp_path):
+    """Each DDP rank's batches (rank, world_size) with 2 worker processes equal its batches from the thread."""
+    path = _data_file(tmp_path / "d.h5", lens=(40, 50, 33))
+    with data.Trajectories(path) as traj:
+        stats = data.action_stats(traj, [0, 1, 2])
+        for rank in (0, 1):
+            kw = {"seed": 3, "cache": False, "rank": rank, "world_size": 2, **CLIP}
+            thread, procs = (data.ClipLoader(traj, [0, 1, 2], stats, 4, workers=w, **kw) for w in (0, 2))
+            assert procs.processes == 2
+            for start in (0, 5):
+                _assert_same_batches(_stream(thread, start), _stream(procs, start))
+
+
+def test_loader_workers_read_a_trajectory_union(tmp_path):
+    """With a TrajectoryUnion (a dataset plus --extra_data), 2 worker processes give the thread's batches."""
+    paths = [_data_file(tmp_path / "a.h5", lens=(40, 50)), _data_file(tmp_path / "b.h5", lens=(33, 27))]
+    traj = data.TrajectoryUnion([data.Trajectories(p) for p in paths])
+    try:
+        stats = data.action_stats(traj, range(4))
+        kw = {"seed": 3, "cache": False, **CLIP}
+        thread, procs = (data.ClipLoader(traj, range(4), stats, 8, workers=w, **kw) for w in (0, 2))
+        assert procs.processes == 2
+        _assert_same_batches(_stream(thread, 0, steps=len(thread)), _stream(procs, 0, steps=len(procs)))
+    finally:
+        traj.close()
+
+
+def test_loader_worker_death_is_an_error_not_a_hang(tmp_path):
+    """A loader worker killed mid-stream ends the stream with a RuntimeError in the main process, not a hang."""
+    path = _data_file(tmp_path / "d.h5", lens=(40, 50, 33))
+    with data.Trajectories(path) as traj:
+        stats = data.action_stats(traj, [0, 1, 2])
+        loader = data.ClipLoader(traj, [0, 1, 2], stats, 8, seed=3, cache=False, workers=2, **CLIP)
+        before = {p.pid for p in mp.active_children()}
+        stream = loader.steps(0)
+        next(stream)
+        workers = [p for p in mp.active_children() if p.pid not in before]
+        assert len(workers) == 2
+        with pytest.raises(RuntimeError, match="killed|ended unexpectedly"):
+            workers[0].kill()
+            for _ in range(100):  # torch notices a dead worker within 5 s even without SIGCHLD
+                next(stream)
+        stream.close()
+        for w in workers:
+            w.join(timeout=10)
+            assert not w.is_alive()
+
+
+def test_loader_worker_exception_reaches_the_main_process(tmp_path):
+    """An exception inside a worker (the file replaced by garbage: a worker opens the path itself) is raised in the
+    main process; the thread reads on through the handle opened before."""
+    path = _data_file(tmp_path / "d.h5", lens=(40, 50, 33))
+    with data.Trajectories(path) as traj:
+        stats = data.action_stats(traj, [0, 1, 2])
+        kw = {"seed": 3, "cache": False, **CLIP}
+        thread, procs = (data.ClipLoader(traj, [0, 1, 2], stats, 8, workers=w, **kw) for w in (0, 2))
+        (tmp_path / "garbage").write_bytes(b"not an HDF5 file" * 64)
+        os.replace(tmp_path / "garbage", path)
+        with pytest.raises(OSError, match="worker process"):
+            _stream(procs, 0)
+        assert len(_stream(thread, 0)) == 6
+
+
+def test_loader_workers_flag_saved_and_same_losses(tmp_path, tiny_pusht, monkeypatch, capsys):
+    """--loader_workers is resolved (None -> cores - 1, at most 8) and saved; a tiny run with 2 worker processes on
+    streamed frames logs the same losses as with the thread (0), and resumes with another value."""
+    assert train.parse_args(["--loader_workers", "3"]).loader_workers == 3
+    resolved = train.resolve_config(tiny_cfg(tmp_path, tiny_pusht), cuda=False, steps_per_epoch=lambda c: 1)
+    assert resolved.loader_workers == data.default_loader_workers() == min(8, max(0, len(os.sched_getaffinity(0)) - 1))
+    monkeypatch.setattr(data, "cache_limit_bytes", lambda: 0)  # frames streamed, so the processes are used
+    runs = {}
+    for workers, says in ((0, "a background thread"), (2, "2 worker processes")):
+        summary = train.main(tiny_cfg(tmp_path / str(workers), tiny_pusht, max_steps=4, loader_workers=workers))
+        assert f"training batches: {says} (--loader_workers {workers})" in capsys.readouterr().out
+        with open(tmp_path / str(workers) / "run" / "config.json") as f:
+            assert json.load(f)["train"]["loader_workers"] == workers
+        assert load_checkpoint(summary["checkpoint"])["train_config"]["loader_workers"] == workers
+        runs[workers] = read_metrics(tmp_path / str(workers) / "run")
+    keys = ("loss", "pred_loss", "sigreg_loss", "grad_norm", "val_loss")
+    assert sorted(runs[0]) == sorted(runs[2]) == [1, 2, 3, 4]
+    assert all(runs[0][s].get(k) == runs[2][s].get(k) for s in runs[0] for k in keys)
+    train.main(tiny_cfg(tmp_path / "2", tiny_pusht, max_steps=5, loader_workers=1, resume=True))
+    assert sorted(read_metrics(tmp_path / "2" / "run")) == [1, 2, 3, 4, 5]
+
+
+def test_loader_workers_default_shares_the_cores_among_local_ranks(monkeypatch):
+    """The default is cores - 1, at most 8, divided by torchrun's ranks on this machine (LOCAL_WORLD_SIZE), so that
+    DDP does not start more processes than cores; never below 0."""
+    for cores, local, expected in ((16, None, 8), (16, "2", 4), (16, "3", 2), (16, "16", 0), (4, "2", 1), (2, "2", 0)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cores: set(range(n)), raising=False)
+        if local is None:
+            monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+        else:
+            monkeypatch.setenv("LOCAL_WORLD_SIZE", local)
+        assert data.default_loader_workers() == expected, (cores, local)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    assert data.default_loader_workers() == 0
+
+
+def test_loader_workers_in_the_resume_command_only_when_given(tmp_path, tiny_pusht):
+    """A resume command names --loader_workers when it was given, not when it was resolved from the machine (the
+    resumed run resolves it again); the other resolved fields are named as before."""
+    for given, named in ((None, False), (0, True), (3, True)):
+        parsed = tiny_cfg(tmp_path, tiny_pusht, loader_workers=given)
+        cfg = train.resolve_config(parsed, cuda=False, steps_per_epoch=lambda c: 1)
+        command = cli.resume_command(cfg, "train.py", parsed)
+        assert ("--loader_workers" in command) == named and "--preset tiny" in command
+        assert command.endswith("--resume") and (not named or f"--loader_workers {given} " in command)
+        assert f"--loader_workers {cfg.loader_workers} " in cli.resume_command(cfg, "train.py")  # parsed not passed
+
+
+def test_loader_note_says_what_makes_the_batches(tmp_path):
+    """The run's line on the training batches: the worker processes, or the thread and why (the frames in RAM)."""
+    path = _data_file(tmp_path / "d.h5", lens=(40, 50, 33))
+    with data.Trajectories(path) as traj:
+        stats = data.action_stats(traj, [0, 1, 2])
+        for cache, workers, says in (
+            (False, 1, "1 worker process (--loader_workers 1)"),
+            (True, 2, "a background thread (--loader_workers 2, as the frames are in RAM)"),
+            (False, 0, "a background thread (--loader_workers 0)"),
+        ):
+            loader = data.ClipLoader(traj, [0, 1, 2], stats, 8, cache=cache, workers=workers, **CLIP)
+            assert cli.loader_note(loader, workers) == f"training batches: {says}"
+
+
+def test_paper_preset_224px_pipeline_smoke(tmp_path, monkeypatch):
+    """The paper preset end to end at its own sizes (224 px, patch 14, full widths; about 15 s on 2 CPU cores):
+    collect 4 short PushT episodes at 224 px, train 2 steps (batch 4) on frames streamed by 2 loader workers,
+    validate, checkpoint, and plan one episode with evaluate on a tiny CEM budget."""
+    path = collect.collect("pusht", 4, str(tmp_path / "pusht_224.h5"), img_size=224, episode_steps=30, workers=1)
+    monkeypatch.setattr(data, "cache_limit_bytes", lambda: 0)  # streamed, as the frames of a real 224 px dataset
+    cfg = train.TrainConfig(
+        env="pusht",
+        preset="paper",
+        data=path,
+        out_dir=str(tmp_path / "run"),
+        max_steps=2,
+        batch_size=4,
+        log_every=1,
+        eval_every=2,
+        ckpt_every=2,
+        val_batches=1,
+        bn_batches=1,
+        num_proj=64,
+        device="cpu",
+        loader_workers=2,
+    )
+    summary = train.main(cfg)
+    ckpt = load_checkpoint(summary["checkpoint"])
+    assert ckpt["step"] == 2 and ckpt["model_config"] == dataclasses.asdict(PRESETS["paper"])
+    assert math.isfinite(summary["loss"]) and math.isfinite(summary["val_pred_loss"])
+    argv = ["--ckpt", summary["checkpoint"], "--episodes", "1", "--samples", "8", "--iterations", "1", "--topk", "2"]
+    argv += ["--budget", "5", "--device", "cpu", "--out", str(tmp_path / "r.json")]
+    res = evaluate.main(evaluate.parse_args(argv))
+    with open(tmp_path / "r.json") as f:
+        saved = json.load(f)
+    assert saved["episodes"] == 1 and len(saved["plan_calls"]) == 1 and res["successes"] in (0, 1)
+    assert np.isfinite(saved["per_episode"][0]["final_distance"])

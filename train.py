@@ -87,6 +87,7 @@ class TrainConfig:
     overwrite: bool = False  # start afresh in an existing run folder, deleting its checkpoint and metrics
     seed: int = 0  # model init, SIGReg directions, dropout and clip order
     workers: int = 2  # processes for data collection
+    loader_workers: int | None = None  # batch-making processes (0 = thread; None = min(8, cores-1) / local DDP ranks)
 
 
 # DEVIATION (PushT): exploration episodes beside the demonstrations, for training only (the held-out episodes and
@@ -140,6 +141,7 @@ RANGES = {
     **dict.fromkeys(("dropout", "val_fraction"), ("in [0, 1)", lambda v: 0 <= v < 1)),
     "warmup": ("in [0, 1]", lambda v: 0 <= v <= 1),
     "img_size": (">= 32", lambda v: v >= 32),
+    "loader_workers": (">= 0", lambda v: v >= 0),
 }
 
 
@@ -161,10 +163,10 @@ def resolve_config(
     `steps_per_epoch(cfg)` (everything but the lengths resolved) is called only for a recipe counted in epochs;
     `bf16` is the value of --bf16 when it is not given (native_bf16 of the device)."""
     preset = cfg.preset or ("paper" if cuda else "cpu")
-    recipe = recipe_for(preset, cfg.env)
-    model = PRESETS[preset]
+    recipe, model = recipe_for(preset, cfg.env), PRESETS[preset]
     layers = {"img_size": model.img_size, "patch_size": model.patch_size, "dropout": model.pred_dropout}
     layers |= {k: getattr(recipe, k) for k in ("batch_size", "lr", "episodes")}
+    layers["loader_workers"] = data.default_loader_workers()  # not a preset's: this machine's cores and ranks
     given = {k: v for k, v in asdict(cfg).items() if k in layers and v is not None}
     cfg = dataclasses.replace(cfg, preset=preset, **{**layers, **given})
     # The absolute path: evaluation finds the dataset from any working directory.
@@ -198,15 +200,12 @@ def check_config(cfg: TrainConfig) -> None:
 
 def setup_run(cfg: TrainConfig, cleanup: ExitStack, device, rank: int, world: int, say, timings: dict) -> TrainConfig:
     """The resolved config, checked; rank 0 holds the run folder, refused if it holds another run."""
+    cuda, native = device.type == "cuda", native_bf16(device)
     if cfg.preset is None:
-        found = "CUDA found" if device.type == "cuda" else "no CUDA"
-        say(f"--preset not given: using '{'paper' if device.type == 'cuda' else 'cpu'}' ({found})")
-    native = native_bf16(device)
+        say(f"--preset not given: using '{'paper' if cuda else 'cpu'}' ({'CUDA found' if cuda else 'no CUDA'})")
     if cfg.bf16 is None and not native:
         say(f"--bf16 not given: fp32, as {device.type} has no native bf16 here (bf16 would be emulated, far slower)")
-    cfg = resolve_config(
-        cfg, cuda=device.type == "cuda", steps_per_epoch=lambda c: epoch_steps(c, rank, world, timings), bf16=native
-    )
+    cfg = resolve_config(cfg, cuda=cuda, steps_per_epoch=lambda c: epoch_steps(c, rank, world, timings), bf16=native)
     if cfg.img_size % cfg.patch_size:
         raise UsageError(f"--img_size {cfg.img_size}: not a multiple of --patch_size {cfg.patch_size}")
     if cfg.batch_size % world:
@@ -315,14 +314,15 @@ def split(cfg: TrainConfig, traj: data.Trajectories) -> tuple[np.ndarray, np.nda
 
 
 def make_loaders(cfg: TrainConfig, traj: data.Trajectories, mcfg: ModelConfig, rank: int, world: int) -> tuple:
-    """(train episodes, val episodes, action statistics, train / val / BN-refresh loaders): the episodes are split,
-    and the action statistics taken from the training episodes only."""
+    """(train episodes, val episodes, action statistics, train / val / BN-refresh loaders): the episodes split, the
+    action statistics from the training episodes only; the training stream (the long one) by --loader_workers."""
     train_eps, val_eps = split(cfg, traj)
     stats = data.action_stats(traj, train_eps)
     batch, kw = cfg.batch_size // world, {**clip_shape(mcfg), "rank": rank, "world_size": world}
+    procs = {"workers": cfg.loader_workers, "pin_memory": cli.pick_device(cfg.device).type == "cuda"}
     with warnings.catch_warnings(record=True) as caught:  # a note on skipped short episodes, once per message
         warnings.simplefilter("always")
-        loader = data.ClipLoader(traj, train_eps, stats, batch, seed=cfg.seed, **kw)
+        loader = data.ClipLoader(traj, train_eps, stats, batch, seed=cfg.seed, **kw, **procs)
         # Validation draws the same random clips every time (epoch 0 of a fixed seed): consecutive clips of a few
         # episodes would make SIGReg, a test of the batch's distribution, meaningless. BN statistics are refreshed
         # on a fixed draw of training clips.
@@ -352,11 +352,11 @@ def main(cfg: TrainConfig) -> dict:
         return run(cfg, cleanup)
 
 
-def run(cfg: TrainConfig, cleanup: ExitStack) -> dict:
+def run(given: TrainConfig, cleanup: ExitStack) -> dict:
     t_start, timings = time.time(), {"collect_seconds": 0.0}
-    device, rank, world = cli.setup_device(cfg.device)
+    device, rank, world = cli.setup_device(given.device)
     say = print if rank == 0 else (lambda *a, **k: None)
-    cfg = setup_run(cfg, cleanup, device, rank, world, say, timings)
+    cfg = setup_run(given, cleanup, device, rank, world, say, timings)
     ckpt_path, metrics_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "metrics.jsonl")
 
     traj = ensure_dataset(cfg, rank, timings, say)
@@ -374,7 +374,7 @@ def run(cfg: TrainConfig, cleanup: ExitStack) -> dict:
     say(
         f"model {cfg.preset}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters | {len(train_eps)} "
         f"train / {len(val_eps)} val episodes | {len(loader.starts)} train clips, {len(loader)} steps/epoch | "
-        f"{cfg.max_steps} steps on {device} x{world}"
+        f"{cfg.max_steps} steps on {device} x{world}\n{cli.loader_note(loader, cfg.loader_workers)}"
     )
     raw_model, model = model, cli.wrap_model(model, device, world, cfg.compile)  # raw_model: saved and validated
     fields = {"model_config": asdict(mcfg), "train_config": asdict(cfg), "action_stats": stats, "env": cfg.env}
@@ -432,7 +432,7 @@ def run(cfg: TrainConfig, cleanup: ExitStack) -> dict:
         if kept:
             shutil.copyfile(ckpt_path, os.path.join(cfg.out_dir, f"ckpt_{step}.pt"))
         if stop and not end:
-            cli.exit_after_signal(stop[0], step, ckpt_path, cli.resume_command(cfg, "train.py"), bar, log)
+            cli.exit_after_signal(stop[0], step, ckpt_path, cli.resume_command(cfg, "train.py", given), bar, log)
     bar.close()
 
     summary = {"checkpoint": ckpt_path, "steps": step, "minutes": (time.time() - t_start) / 60, **timings}
