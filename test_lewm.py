@@ -2820,12 +2820,8 @@ def test_readme_use_a_trained_model_snippet_runs(tmp_path):
     plan of the documented shapes, the plan cheaper than the zero plan."""
     with open(os.path.join(REPO, "README.md")) as f:
         readme = f.read()
-    if "## Use a trained model" not in readme:
-        pytest.skip("the README holds no 'Use a trained model' snippet")
     section = readme[readme.index("## Use a trained model") :]
     code = section[section.index("```python\n") + 10 : section.index("\n```", section.index("```python"))]
-    # load_pretrained is official.py's; a README that still imports it from model.py is run with the right import
-    code = code.replace("from model import load_pretrained", "from official import load_pretrained")
     model = randomise(tiny_model()).eval()
     ckpt = _train_ckpt(tmp_path, model)
     assert '"runs/pusht_cpu/ckpt.pt"' in code
