@@ -393,10 +393,10 @@ def diagnose_episodes(world: World, eval_pairs: int, goal_offset: int) -> np.nda
     eval_rows = start_rows(world.traj, world.val_eps, min(eval_pairs, n_valid), goal_offset, EvalConfig.seed)
     eval_eps = np.searchsorted(world.traj.ep_offset, eval_rows, side="right") - 1
     episodes = np.setdiff1d(world.val_eps, eval_eps)
-    if len(episodes) == 0:
+    if len(episodes) < 2:  # the probes fit on half of them and score on the other half
         raise UsageError(
-            f"every held-out episode holds one of the {eval_pairs} evaluation pairs: nothing left to "
-            "diagnose on; collect more episodes or lower --eval_pairs"
+            f"{len(episodes)} held-out episode(s) hold none of the {eval_pairs} evaluation pairs, and diagnose needs "
+            "2: train on more --episodes (or a larger --val_fraction), or lower --eval_pairs"
         )
     return episodes
 
@@ -797,7 +797,7 @@ class CapacityConfig:
     val_fraction: float = 0.1  # held-out episodes the figures are measured on (data.split_episodes)
     seed: int = 42  # frame draw and initialisation
     device: str = "auto"  # auto, cuda, mps or cpu
-    out: str = ""  # JSON results ('' = capacity_<env>_<img>px_p<patch>.json in the working folder)
+    out: str = ""  # JSON results ('' = capacity_<env>_<img>px_p<patch>.json beside --data)
 
 
 def run_capacity(cfg: CapacityConfig) -> dict:
@@ -823,7 +823,9 @@ def run_capacity(cfg: CapacityConfig) -> dict:
     )
     if mcfg.img_size % mcfg.patch_size:
         raise UsageError(f"--patch_size {mcfg.patch_size}: must divide the image size {mcfg.img_size}")
-    out = cfg.out or f"capacity_{cfg.env}_{mcfg.img_size}px_p{mcfg.patch_size}.json"
+    out = cfg.out or os.path.join(
+        os.path.dirname(os.path.abspath(cfg.data)), f"capacity_{cfg.env}_{mcfg.img_size}px_p{mcfg.patch_size}.json"
+    )
     cli.check_writable_file(out, "--out")
     traj = data.Trajectories(cfg.data)
     data.check_env(traj, cfg.env)

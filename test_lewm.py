@@ -2127,6 +2127,9 @@ def test_eval_diagnose_never_uses_evaluation_episodes(tiny_tworoom):
     assert len(kept) > 0 and not set(kept) & set(eval_eps) and set(kept) | set(eval_eps) == set(world.val_eps)
     with pytest.raises(ValueError, match="evaluation pairs"):
         analyses.diagnose_episodes(world, eval_pairs=50, goal_offset=25)
+    one = dataclasses.replace(world, val_eps=world.val_eps[:1])  # the probes need 2 episodes: one line, no traceback
+    with pytest.raises(cli.UsageError, match="needs 2"):
+        analyses.diagnose_episodes(one, eval_pairs=0, goal_offset=25)
 
 
 def test_eval_diagnose_cli_writes_json(tmp_path, tiny_pusht):
