@@ -92,7 +92,7 @@ class TrainConfig:
 
 # DEVIATION (PushT): exploration episodes beside the demonstrations, for training only (the held-out episodes and
 # so the evaluation pairs are the demonstrations' alone). The demonstrations hold only smooth, goal-directed action
-# sequences, and CEM exploits a model that has seen nothing else (README, "PushT").
+# sequences, and CEM exploits a model that has seen nothing else (docs/results.md, "PushT").
 PUSHT_PLAY = {"policy": "play", "noise": 0.4, "episodes": 1500, "episode_steps": 100}
 
 
@@ -114,11 +114,10 @@ RECIPES = {
     # The official recipe (docs/method.md §8): 10 epochs of a 100-epoch schedule.
     "paper": Recipe(batch_size=128, lr=5e-5, episodes=10000, max_steps=10, schedule_steps=100, per_epoch=True),
     # DEVIATION: 2-core CPU recipe: a few thousand steps instead of ~100k, so a larger peak lr and a full cosine
-    # over the run (chosen on validation loss, README). Batch 64: SIGReg tests the batch, keep it >= 64.
-    # 6000 steps for every env, each chosen on validation loss and `evaluate.py diagnose`: TwoRoom against 3000
-    # steps (README, "TwoRoom"), Reacher against 3000 steps at 96 px (equal wall time) and at 64 px (README,
-    # "Reacher: the recipe"), PushT against patch 8 at equal wall time (README, "PushT: the recipe"). About 30 to
-    # 40 min each here. DEVIATION (PushT): 3000 demonstration episodes, with the exploration episodes above.
+    # over the run (chosen on validation loss). Batch 64: SIGReg tests the batch, keep it >= 64. 6000 steps for
+    # every env, chosen on validation loss and `evaluate.py diagnose` (docs/results.md: TwoRoom against 3000 steps,
+    # Reacher against 3000 steps at 96 px and at 64 px). 27 to 90 min of training each on 2 CPU cores (BENCHMARKS.md).
+    # DEVIATION (PushT): 3000 demonstration episodes, with the exploration episodes above.
     "cpu": Recipe(
         batch_size=64, lr=3e-4, episodes=2000, max_steps=6000, env={"pusht": {"episodes": 3000, "extra": PUSHT_PLAY}}
     ),
