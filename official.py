@@ -15,9 +15,11 @@ import json
 import math
 import os
 import re
+import shutil
 
 import torch
 
+import cli
 from cli import UsageError
 from model import LeWM, ModelConfig, check_state_dict, load_checkpoint, model_from_checkpoint, save_checkpoint
 
@@ -292,16 +294,53 @@ def export_weights_only(ckpt: dict, path: str) -> str:
     return path
 
 
+EXPORT_FILES = ("weights.pt", "config.json", "model.pt")  # what an export folder holds
+
+
+def check_export_folder(out: str, ckpt_path: str) -> None:
+    """--out is a new folder or an earlier export (which is replaced): never a file, the checkpoint's own folder,
+    a training run's folder (its config.json is the run's record) or a folder holding anything else."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UsageError(f"--out {out}: is a file, expected a folder")
+    if os.path.realpath(out) == os.path.realpath(os.path.dirname(os.path.abspath(ckpt_path))):
+        raise UsageError(f"--out {out}: is the folder of --ckpt {ckpt_path}; export into a folder of its own")
+    found = sorted(os.listdir(out)) if os.path.isdir(out) else []
+    if {"ckpt.pt", "metrics.jsonl", ".lock", "summary.json"} & set(found):
+        raise UsageError(f"--out {out}: holds a training run; export into a folder of its own")
+    if set(found) - set(EXPORT_FILES):
+        raise UsageError(f"--out {out}: holds other files than an export ({', '.join(found[:4])}); choose another")
+    cli.check_writable_file(os.path.join(os.path.dirname(os.path.abspath(out)), "export.tmp"), "--out")
+
+
+def replace_folder(tmp: str, out: str) -> None:
+    """Put the complete folder `tmp` at `out`: an earlier `out` is renamed away first, then removed."""
+    old = f"{out}.old{os.getpid()}"
+    if os.path.exists(out):
+        os.rename(out, old)
+    os.rename(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def export(ckpt_path: str, out: str) -> dict[str, str]:
-    """Our training checkpoint -> out/weights.pt + out/config.json (released format) and out/model.pt (ours)."""
+    """Our training checkpoint -> out/weights.pt + out/config.json (released format) and out/model.pt (ours). The
+    folder appears whole or not at all: written beside it under a temporary name, then renamed into place."""
+    out = os.path.normpath(out)
     ckpt = load_checkpoint(ckpt_path)
-    model = model_from_checkpoint(ckpt)
-    weights, config = export_official(model, out)
-    reloaded = load_official(weights, config)
-    for name, a in reloaded.state_dict().items():  # the export must load back bit for bit
-        if not torch.equal(a, model.state_dict()[name]):
-            raise RuntimeError(f"exported {name} does not load back identically")
-    return {"weights": weights, "config": config, "model": export_weights_only(ckpt, os.path.join(out, "model.pt"))}
+    model = model_from_checkpoint(ckpt, source=ckpt_path)
+    check_export_folder(out, ckpt_path)
+    tmp = f"{out}.tmp{os.getpid()}"
+    try:
+        weights, config = export_official(model, tmp)
+        reloaded = load_official(weights, config)
+        for name, a in reloaded.state_dict().items():  # the export must load back bit for bit
+            if not torch.equal(a, model.state_dict()[name]):
+                raise RuntimeError(f"exported {name} does not load back identically")
+        export_weights_only(ckpt, os.path.join(tmp, "model.pt"))
+        replace_folder(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {kind: os.path.join(out, name) for kind, name in zip(("weights", "config", "model"), EXPORT_FILES)}
 
 
 # --- loading by name: a checkpoint of ours, a released folder, or a Hugging Face hub repository
@@ -378,7 +417,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ckpt", required=True, help="training checkpoint written by train.py")
     p.add_argument("--out", required=True, help="folder to write the three files into")
     args = parser.parse_args(argv)
-    for kind, path in export(args.ckpt, args.out).items():
+    with cli.exit_codes("model.py export"):  # a wrong file or folder: one line, exit code 2
+        try:
+            files = export(args.ckpt, args.out)
+        except (ValueError, FileNotFoundError, RuntimeError) as e:
+            raise UsageError("; ".join(str(e).split("\n"))) from e
+        except OSError as e:
+            raise UsageError(f"--out {args.out}: cannot write the export ({e.strerror}); nothing was changed") from e
+    for kind, path in files.items():
         print(f"{kind:8s} {path} ({os.path.getsize(path) / 1e3:.0f} KB)")
 
 
