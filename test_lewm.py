@@ -3007,8 +3007,8 @@ def test_policy_main_refuses_bad_arguments(tmp_path, tiny_run):
         ({"ckpt": str(tmp_path / "missing.pt")}, "--ckpt"),
         ({"ckpt": ckpt_path, "steps": 0}, "--steps"),
         ({"ckpt": ckpt_path, "goal_input": "sum"}, "--goal_input"),
-        ({"ckpt": ckpt_path, "out": ckpt_path}, "world-model checkpoint"),
-        ({"ckpt": ckpt_path, "out": data_path}, "the dataset"),
+        ({"ckpt": ckpt_path, "out": ckpt_path}, "is the --ckpt input"),
+        ({"ckpt": ckpt_path, "out": data_path}, "is the --data input"),
     ]
     for kw, message in cases:
         with pytest.raises(cli.UsageError, match=message):
