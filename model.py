@@ -504,7 +504,10 @@ def check_checkpoint(ckpt, source: str, keys: tuple = ()) -> ModelConfig:
     except (TypeError, KeyError, ValueError, RuntimeError) as e:
         raise ValueError(f"{source}: malformed model_config or action_stats ({type(e).__name__}: {e})") from None
     if any(s.shape != (raw,) for s in stats) or not all(s.isfinite().all() for s in stats) or (stats[1] <= 0).any():
-        raise ValueError(f"{source}: action_stats must hold a finite mean and positive std of {raw} values each")
+        raise ValueError(
+            f"{source}: action_stats must hold a finite mean and positive std for each of the {raw} raw actions of "
+            f"the model's action blocks ({cfg.action_dim} = {cfg.frameskip} x {raw})"
+        )
     return cfg
 
 
