@@ -331,32 +331,45 @@ def write_json(path: str, obj) -> None:
         raise
 
 
-def fallback_json(obj) -> str:
-    """Write obj to a new file in the working folder (else the system's temporary folder) when its real output
-    failed; returns where it went (printed on stdout when no file can be written)."""
+def fallback_copy(write, suffix: str) -> str:
+    """When a finished result's own file cannot be written: `write(path)` it to a new file in the working folder,
+    else in the system's temporary folder. Returns the copy's path ('' when neither can be written)."""
     for folder in (os.getcwd(), tempfile.gettempdir()):
         try:
-            fd, path = tempfile.mkstemp(prefix="results_", suffix=".json", dir=folder)
+            fd, path = tempfile.mkstemp(prefix="results_", suffix=suffix, dir=folder)
+            os.close(fd)
         except OSError:
             continue
         try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(obj, f, indent=2)
+            write(path)
             return path
         except OSError:
             remove_quietly(path)
-    print(json.dumps(obj))
-    return "stdout (the line above)"
+    return ""
 
 
 def save_json(results: dict, out: str) -> None:
     """write_json, and say where the results went; when the write fails (a full disk, a folder gone), the results
-    go to a fallback file and the UsageError says where."""
+    go to a fallback copy (printed when none can be written) and a UsageError says where."""
     try:
         write_json(out, results)
     except OSError as e:
-        raise UsageError(f"cannot write {out} ({e.strerror}); the results are saved in {fallback_json(results)}") from e
+        copy = fallback_copy(lambda path: write_json(path, results), ".json")
+        if not copy:
+            print(json.dumps(results))
+        where = copy or "stdout (the line above)"
+        raise UsageError(f"cannot write {out} ({e.strerror}); the results are saved in {where}") from e
     print(f"results: {out}")
+
+
+def save_checkpoint_or_copy(path: str, ckpt: dict) -> None:
+    """save_checkpoint for a finished result (a trained policy): when it fails, a copy goes to fallback_copy and a
+    UsageError says where."""
+    try:
+        save_checkpoint(path, ckpt)
+    except OSError as e:
+        where = fallback_copy(lambda p: save_checkpoint(p, ckpt), ".pt") or "no file (none could be written)"
+        raise UsageError(f"cannot write {path} ({e.strerror}); the result is saved in {where}") from e
 
 
 # --- signals, exit codes and resume
@@ -494,7 +507,13 @@ def save_run(path: str, model: nn.Module, opt: torch.optim.Optimizer, step: int,
         if device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state()
         state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "rng": rng}
-        save_checkpoint(path, {**state, **fields})
+        try:
+            save_checkpoint(path, {**state, **fields})
+        except OSError as e:  # a full disk: the temporary file is gone, the last checkpoint is whole
+            raise UsageError(
+                f"cannot write {path} at step {step} ({e.strerror}); the last checkpoint there is untouched: free "
+                "space and rerun with --resume"
+            ) from e
 
 
 def load_resume(resume: bool, ckpt_path: str, max_steps: int, say) -> dict | None:

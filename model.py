@@ -482,8 +482,8 @@ def load_checkpoint(path: str) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, foreign or random files end here
-        why = "it holds Python objects, not plain data" if "weights_only" in str(e) else str(e).splitlines()[0][:80]
-        raise ValueError(f"{path} is not a readable checkpoint ({why or type(e).__name__})") from e
+        why = "it holds Python objects, not plain data" if "weights_only" in str(e) else "not a file torch.save wrote"
+        raise ValueError(f"{path} is not a readable checkpoint ({why}, or a truncated one)") from e
 
 
 def check_checkpoint(ckpt, source: str, keys: tuple = ()) -> ModelConfig:

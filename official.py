@@ -366,7 +366,7 @@ def load_pretrained(name: str) -> LeWM:
     """A model in eval mode from a checkpoint of ours (.pt), a folder with weights.pt + config.json, or a hub
     repository "owner/name" (optionally "hf:owner/name"), downloaded once into the Hugging Face cache."""
     if os.path.isfile(name):
-        return model_from_checkpoint(load_checkpoint(name))
+        return model_from_checkpoint(load_checkpoint(name), source=name)
     if os.path.isdir(name):
         return load_official(os.path.join(name, "weights.pt"), os.path.join(name, "config.json"))
     repo_id = name.removeprefix("hf:")

@@ -43,7 +43,7 @@ from tqdm import tqdm
 import cli
 import data
 from cli import UsageError, pick_device
-from model import LeWM, check_checkpoint, load_checkpoint, model_from_checkpoint, save_checkpoint
+from model import LeWM, check_checkpoint, load_checkpoint, model_from_checkpoint
 
 VAL_SEED = 0  # draw of the fixed validation pairs: the same for every --seed, so runs compare on the same pairs
 EMBED_BATCH = 256  # frames per encoder call
@@ -316,10 +316,7 @@ def prepare(cfg: PolicyConfig) -> tuple[PolicyConfig, dict, LeWM, data.Trajector
     path = cfg.data or ckpt.get("train_config", {}).get("data", "")
     if not path or not os.path.isfile(path):
         raise UsageError(f"--ckpt {cfg.ckpt}: its dataset {path or '(none named)'} is not found; pass --data")
-    try:
-        traj = data.Trajectories(path)
-    except (FileNotFoundError, ValueError) as e:
-        raise UsageError(f"--data {path}: {str(e).splitlines()[0]}") from e
+    traj = cli.open_dataset(path, "--data")
     try:
         out = check_run(cfg, ckpt, model, traj)
     except UsageError:
@@ -394,7 +391,7 @@ def main(cfg: PolicyConfig) -> dict:
     bad = [k for k, v in policy.state_dict().items() if not v.isfinite().all()]
     if bad:  # a non-finite weight never reaches a file
         raise UsageError(f"non-finite policy weights after training ({', '.join(bad[:3])}); not saved: lower --lr")
-    save_checkpoint(
+    cli.save_checkpoint_or_copy(
         cfg.out,
         {
             "policy": {k: v.cpu() for k, v in policy.state_dict().items()},

@@ -3348,6 +3348,9 @@ def test_hardening_failed_final_write_keeps_the_results(tmp_path, monkeypatch):
         cli.save_json({"success_rate": 0.5}, str(tmp_path / "out" / "r.json"))
     copy = re.search(r"saved in (\S+)", str(e.value))[1]
     assert json.loads(Path(copy).read_text()) == {"success_rate": 0.5}
+    with pytest.raises(cli.UsageError, match=r"the result is saved in (\S+)") as e:
+        cli.save_checkpoint_or_copy(str(tmp_path / "out" / "r.json"), {"policy": {"w": torch.ones(2)}})
+    assert torch.equal(load_checkpoint(re.search(r"saved in (\S+)", str(e.value))[1])["policy"]["w"], torch.ones(2))
     assert os.listdir(tmp_path / "out") == []
 
 
