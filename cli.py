@@ -6,11 +6,16 @@ none of it is the method, all of it is how the scripts behave at a terminal and 
   `UsageError` is what a script prints as one line before exiting with code 2 (`exit_codes`).
 - Devices and DDP: `pick_device` (cuda > mps > cpu), `setup_device` (torchrun's process group), `wrap_model` (DDP,
   global-batch BatchNorm, torch.compile), `sync_stop`.
-- Run folders: a lock held for the whole run, refusal of a folder holding another run, `metrics.jsonl` reading and
-  trimming, atomic JSON writes.
+- Outputs: checked by creating a file where they go (`check_writable_file`) and never one of the inputs
+  (`check_output`); atomic JSON writes that remove their temporary file on failure, and a fallback copy of finished
+  results whose own file cannot be written (`save_json`, `save_checkpoint_or_copy`).
+- Run folders: a lock held for the whole run (`lock_file`, also collection's), refusal of a folder holding another
+  run, removal of the temporary files of dead writers, `metrics.jsonl` reading and trimming.
 - Signals and resume: Ctrl-C / SIGTERM finish the current step, and the command that resumes the run.
-- A training run's plumbing: its dataset files opened, what makes its batches (`loader_note`), checkpoints that
-  resume exactly (model, optimiser, RNG), finite checks, metrics rows, summary.json.
+- A training run's plumbing: its dataset files opened and checked (`open_dataset`: square frames; `data_errors`,
+  `check_batches`: what the data cannot give is one line), what makes its batches (`loader_note`), checkpoints that
+  resume exactly (model, optimiser, RNG) with their structure checked, held-out episodes and end step fixed by the
+  checkpoint (`load_resume`, `held_out_split`), finite checks, metrics rows, summary.json.
 
 Below the scripts, above the library files it serves: it imports data.py (datasets, and `UsageError`, defined there
 and re-exported here), model.py (checkpoint files) and sigreg.py (an all-reduce with a gradient, for the

@@ -5,7 +5,8 @@ Serves train.py (a missing dataset is collected first), evaluate.py (our simulat
 the command line; the layout it writes and every reader of it are data.py's. Episode e is rolled out with
 `np.random.default_rng(seed + e)`; each finished episode is saved at once as its own part file in `<out>.parts/`
 (a temporary name, then a rename), and when all are there they are merged in order into `<out>`. Running the same
-command again after Ctrl-C, SIGTERM, `kill -9` or a crash collects only the missing parts.
+command again after Ctrl-C, SIGTERM, `kill -9` or a crash collects only the missing parts. A collection holds
+`<out>.lock` while it runs: a second one to the same `<out>` is refused.
 
 Run (`python data.py ...` runs the same command):
     python collect.py --env pusht --episodes 1000 --img_size 64 --out data/pusht_64.h5

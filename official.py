@@ -4,7 +4,8 @@ load a model by name (our checkpoint, a folder of released files, or a Hugging F
 Serves evaluate.py (`--official`), the README's `load_pretrained` and anyone sharing a trained model. The released
 format (docs/method.md §2) is a `weights.pt` state dict under the official module names (the encoder under
 transformers 4.x or 5.x ViT names, q/k/v as three Linears where model.py fuses them) and a `config.json` with one
-section per module. Nothing here is part of the method; model.py runs without this file.
+section per module. Nothing here is part of the method; model.py runs without this file. An export appears whole or
+not at all (a temporary folder beside it, then a rename), and never lands in a training run's folder.
 
 Run:
     python official.py export --ckpt runs/pusht_cpu/ckpt.pt --out export/   # also: python model.py export ...
@@ -312,6 +313,22 @@ def check_export_folder(out: str, ckpt_path: str) -> None:
     cli.check_writable_file(os.path.join(os.path.dirname(os.path.abspath(out)), "export.tmp"), "--out")
 
 
+def clean_export_leftovers(out: str) -> None:
+    """Remove what an export killed midway (kill -9) left beside `out`: its temporary folder, and its renamed-away
+    earlier export, put back when the new one never arrived. Only those of processes that are gone."""
+    parent, name = os.path.split(os.path.abspath(out))
+    for entry in sorted(os.listdir(parent)) if os.path.isdir(parent) else []:
+        m = re.fullmatch(re.escape(name) + r"\.(tmp|old)(\d+)", entry)
+        if not m or (int(m[2]) != os.getpid() and cli.pid_alive(int(m[2]))):
+            continue
+        if m[1] == "old" and not os.path.exists(out):
+            os.rename(os.path.join(parent, entry), out)
+            print(f"{out}: put back the earlier export, left as {entry} by an interrupted export")
+        else:
+            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+            print(f"{out}: removed {entry}, left by an interrupted export")
+
+
 def replace_folder(tmp: str, out: str) -> None:
     """Put the complete folder `tmp` at `out`: an earlier `out` is renamed away first, then removed."""
     old = f"{out}.old{os.getpid()}"
@@ -327,6 +344,7 @@ def export(ckpt_path: str, out: str) -> dict[str, str]:
     out = os.path.normpath(out)
     ckpt = load_checkpoint(ckpt_path)
     model = model_from_checkpoint(ckpt, source=ckpt_path)
+    clean_export_leftovers(out)
     check_export_folder(out, ckpt_path)
     tmp = f"{out}.tmp{os.getpid()}"
     try:
