@@ -534,7 +534,7 @@ def load_resume(resume: bool, ckpt_path: str, max_steps: int, say) -> dict | Non
     except ValueError as e:
         raise UsageError(f"--resume: {e}") from e
     if max_steps < ckpt["step"]:
-        raise UsageError(f"--max_steps {max_steps}: {ckpt_path} is already at step {ckpt['step']}; give more")
+        raise UsageError(f"--max_steps {max_steps}: {ckpt_path} is already at step {ckpt['step']}; give that or more")
     if max_steps == ckpt["step"]:
         say(f"{ckpt_path}: the run is finished at step {ckpt['step']}; nothing to do (a larger --max_steps goes on)")
         raise SystemExit(0)

@@ -334,7 +334,12 @@ def replace_folder(tmp: str, out: str) -> None:
     old = f"{out}.old{os.getpid()}"
     if os.path.exists(out):
         os.rename(out, old)
-    os.rename(tmp, out)
+    try:
+        os.rename(tmp, out)
+    except OSError:
+        if os.path.exists(old):
+            os.rename(old, out)  # the earlier export back in place
+        raise
     shutil.rmtree(old, ignore_errors=True)
 
 

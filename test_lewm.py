@@ -3301,7 +3301,7 @@ def test_hardening_export_never_overwrites_a_run(tmp_path):
 
 def test_hardening_export_appears_whole_or_not_at_all(tmp_path, monkeypatch):
     """Cause 1: an export that fails midway leaves the earlier export intact and no temporary folder; a
-    finished one replaces it whole."""
+    finished one replaces it whole and removes what a killed export left."""
     import official
 
     ckpt = _train_ckpt(tmp_path, randomise(tiny_model()).eval())
@@ -3318,6 +3318,7 @@ def test_hardening_export_appears_whole_or_not_at_all(tmp_path, monkeypatch):
             official.export(ckpt, str(out))
     assert {n: (out / n).read_bytes() for n in os.listdir(out)} == old
     assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "export"]
+    (tmp_path / f"export.tmp{_dead_pid()}").mkdir()  # what a kill -9 mid-export leaves
     official.export(ckpt, str(out))
     assert sorted(os.listdir(out)) == sorted(old) and sorted(os.listdir(tmp_path)) == ["ckpt.pt", "export"]
 
