@@ -249,8 +249,22 @@ def lock_file(path: str, flag: str, what: str, cleanup: ExitStack) -> None:
 
 
 def lock_run_folder(out_dir: str, cleanup: ExitStack) -> None:
-    """Hold an exclusive lock on <out_dir>/.lock until `cleanup` closes: a second run on the folder is refused."""
+    """Hold an exclusive lock on <out_dir>/.lock until `cleanup` closes: a second run on the folder is refused. A
+    folder this call creates is removed again if the run ends before writing anything into it (a refused command
+    leaves nothing behind)."""
+    if not os.path.isdir(out_dir):
+        cleanup.callback(remove_if_unused, out_dir)  # registered first, so it runs after the lock file is closed
     lock_file(os.path.join(out_dir, ".lock"), f"--out_dir {out_dir}", "run", cleanup)
+
+
+def remove_if_unused(folder: str) -> None:
+    """Remove `folder` if it holds nothing but its lock file."""
+    try:
+        if os.listdir(folder) == [".lock"]:
+            os.remove(os.path.join(folder, ".lock"))
+            os.rmdir(folder)
+    except OSError:
+        pass
 
 
 def pid_alive(pid: int) -> bool:

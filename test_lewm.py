@@ -3380,7 +3380,7 @@ def test_hardening_checkpoint_write_failure_and_orphans(tmp_path, monkeypatch, c
 @pytest.mark.slow
 def test_hardening_data_errors_are_one_line_before_the_run_folder(tmp_path, tiny_pusht):
     """Cause 3: --val_fraction 0, --batch_size above the clips, episodes shorter than a clip and too many
-    --episodes are one line and exit 2; no config.json is left to block the corrected command."""
+    --episodes are one line and exit 2; no run folder is left to block the corrected command."""
     short = _data_file(tmp_path / "short.h5", lens=(4, 4, 4, 4), img=32)
     common = ("--env", "pusht", "--preset", "tiny", "--device", "cpu", "--max_steps", "2", "--out_dir")
     for args, text in (
@@ -3389,7 +3389,7 @@ def test_hardening_data_errors_are_one_line_before_the_run_folder(tmp_path, tiny
         (("--data", short), "shorter than one clip"),
     ):
         _one_line_error(_cli("train.py", *common, tmp_path / "run", *args), text)
-        assert not os.path.exists(tmp_path / "run" / "config.json")
+        assert not os.path.exists(tmp_path / "run")  # no config.json, no folder: the corrected command runs
     ckpt = _eval_ckpt(tmp_path / "ckpt.pt", tiny_pusht, "pusht")
     res = _cli("evaluate.py", "--ckpt", ckpt, "--episodes", "100000", "--device", "cpu", "--out", tmp_path / "r.json")
     _one_line_error(res, "valid start rows")
