@@ -13,6 +13,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
@@ -3478,3 +3479,25 @@ def test_hardening_non_square_frames_refused(tmp_path, tiny_pusht):
     with pytest.raises(cli.UsageError, match="32x48 px, not square"):
         evaluate.main(_eval_cfg(ckpt, tmp_path, data=wide))
     assert not os.path.exists(tmp_path / "run" / "config.json")
+
+
+@pytest.mark.slow
+def test_hardening_two_collections_at_once(tmp_path):
+    """Cause 6: `data.py` to an --out that a running collection writes is refused in one line; the first goes on."""
+    out = tmp_path / "d.h5"
+    cmd = [sys.executable, os.path.join(REPO, "data.py"), "--env", "tworoom", "--episodes", "500", "--img_size", "32"]
+    cmd += ["--workers", "1", "--out", str(out)]
+    first = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    try:
+        for _ in range(600):
+            if os.path.exists(str(out) + ".parts"):
+                break
+            time.sleep(0.1)
+        res = _cli("data.py", "--env", "tworoom", "--episodes", "500", "--img_size", "32", "--out", out)
+        _one_line_error(res, "in use by another collection")
+        assert first.poll() is None  # the first collection is untouched
+    finally:
+        first.terminate()
+        first.wait(timeout=60)
