@@ -30,6 +30,7 @@ import math
 import os
 import re
 import shlex
+import shutil
 import signal
 import sys
 import tempfile
@@ -345,6 +346,18 @@ def write_json(path: str, obj) -> None:
         with open(tmp, "w") as f:
             json.dump(obj, f, indent=2)
         os.replace(tmp, path)
+    except BaseException:
+        remove_quietly(tmp)
+        raise
+
+
+def copy_file(src: str, dst: str) -> None:
+    """Copy `src` to `dst` atomically (a temporary file, then rename; removed on failure): a kept checkpoint is
+    whole or absent."""
+    tmp = f"{dst}.tmp{os.getpid()}"
+    try:
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
     except BaseException:
         remove_quietly(tmp)
         raise

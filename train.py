@@ -26,7 +26,6 @@ import functools
 import json
 import math
 import os
-import shutil
 import sys
 import time
 import warnings
@@ -430,7 +429,7 @@ def run(given: TrainConfig, cleanup: ExitStack) -> dict:
         if step % cfg.ckpt_every == 0 or end or kept or stop:  # a kept copy or a stop needs this step's checkpoint
             save(step, train_seconds=seconds_before + time.time() - t_loop)
         if kept:
-            shutil.copyfile(ckpt_path, os.path.join(cfg.out_dir, f"ckpt_{step}.pt"))
+            cli.copy_file(ckpt_path, os.path.join(cfg.out_dir, f"ckpt_{step}.pt"))
         if stop and not end:
             cli.exit_after_signal(stop[0], step, ckpt_path, cli.resume_command(cfg, "train.py", given), bar, log)
     bar.close()
