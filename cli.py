@@ -571,7 +571,8 @@ def load_resume(resume: bool, ckpt_path: str, max_steps: int, say) -> dict | Non
 def held_out_split(num_episodes: int, val_fraction: float, ckpt: dict | None, say) -> tuple[np.ndarray, np.ndarray]:
     """(train, val) episodes of a dataset: data.split_episodes, except on resume, where the checkpoint's held-out
     episodes stay held out (another --val_fraction, or a file grown by --append, would move trained-on episodes
-    into the held-out set that evaluation uses); the difference is said."""
+    into the held-out set that evaluation uses); the difference is said. Episodes appended since go to training;
+    the action statistics stay the checkpoint's (train.make_loaders)."""
     train_eps, val_eps = data.split_episodes(num_episodes, val_fraction)
     if ckpt is None or "val_episodes" not in ckpt:
         return train_eps, val_eps

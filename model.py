@@ -503,6 +503,9 @@ def check_checkpoint(ckpt, source: str, keys: tuple = ()) -> ModelConfig:
         stats = [torch.as_tensor(given[k], dtype=torch.float64) for k in ("mean", "std")]
     except (TypeError, KeyError, ValueError, RuntimeError) as e:
         raise ValueError(f"{source}: malformed model_config or action_stats ({type(e).__name__}: {e})") from None
+    held = ckpt.get("val_episodes", [])
+    if not isinstance(held, list | tuple) or not all(isinstance(e, int) and e >= 0 for e in held):
+        raise ValueError(f"{source}: val_episodes must be a list of episode indices")
     if any(s.shape != (raw,) for s in stats) or not all(s.isfinite().all() for s in stats) or (stats[1] <= 0).any():
         raise ValueError(
             f"{source}: action_stats must hold a finite mean and positive std for each of the {raw} raw actions of "

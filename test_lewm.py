@@ -3428,10 +3428,11 @@ def test_hardening_resume_keeps_the_experiment(tmp_path, tiny_pusht, capsys):
     cfg = tiny_cfg(tmp_path, tiny_pusht, max_steps=4, val_batches=1, bn_batches=1)
     train.main(cfg)
     ckpt_path = tmp_path / "run" / "ckpt.pt"
-    held = load_checkpoint(str(ckpt_path))["val_episodes"]
+    saved = load_checkpoint(str(ckpt_path))
     train.main(dataclasses.replace(cfg, max_steps=6, val_fraction=0.5, resume=True))
     assert "keeping the checkpoint's" in capsys.readouterr().out
-    assert load_checkpoint(str(ckpt_path))["val_episodes"] == held
+    resumed = load_checkpoint(str(ckpt_path))
+    assert resumed["val_episodes"] == saved["val_episodes"] and resumed["action_stats"] == saved["action_stats"]
     config = (tmp_path / "run" / "config.json").read_text()
     with pytest.raises(SystemExit) as e:
         train.main(dataclasses.replace(cfg, max_steps=6, resume=True))

@@ -320,7 +320,7 @@ def make_loaders(cfg: TrainConfig, traj, mcfg: ModelConfig, rank: int, world: in
     with cli.data_errors("--data"), warnings.catch_warnings(record=True) as caught:  # notes: once per message
         warnings.simplefilter("always")
         train_eps, val_eps = split(cfg, traj, ckpt, say)
-        stats = data.action_stats(traj, train_eps)
+        stats = ckpt["action_stats"] if ckpt else data.action_stats(traj, train_eps)  # resume: the model's own
         loader = data.ClipLoader(traj, train_eps, stats, batch, seed=cfg.seed, **kw, **procs)
         # Validation draws the same random clips every time (epoch 0 of a fixed seed): consecutive clips of a few
         # episodes would make SIGReg, a test of the batch's distribution, meaningless. BN statistics are refreshed
