@@ -170,8 +170,10 @@ def load_official(weights_path: str, config_path: str) -> LeWM:
         raise ValueError(f"{config_path} lacks the sections {missing_sections} of an official LeWM config.json")
     try:
         raw = torch.load(weights_path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated or foreign files end here
-        raise ValueError(f"{weights_path} is not a readable weights file ({type(e).__name__}: {e})") from e
+    except Exception as e:  # truncated or foreign files end here; never torch's advice to turn weights_only off
+        first_line = str(e).split("\n")[0]
+        why = "holds Python objects" if "weights_only" in str(e) else f"{type(e).__name__}: {first_line}"
+        raise ValueError(f"{weights_path} is not a readable weights file ({why})") from e
     if isinstance(raw, dict) and "state_dict" in raw:
         raw = raw["state_dict"]
     if not isinstance(raw, dict) or not all(isinstance(k, str) for k in raw):
