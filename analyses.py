@@ -810,6 +810,7 @@ def run_capacity(cfg: CapacityConfig) -> dict:
             "patch_size": (">= 0", lambda v: v >= 0),
             "steps": (">= 1", lambda v: v >= 1),
             "val_fraction": ("in (0, 1)", lambda v: 0 < v < 1),
+            "seed": (">= 0", lambda v: v >= 0),
         },
     )
     if not cfg.data:
@@ -826,8 +827,8 @@ def run_capacity(cfg: CapacityConfig) -> dict:
     out = cfg.out or os.path.join(
         os.path.dirname(os.path.abspath(cfg.data)), f"capacity_{cfg.env}_{mcfg.img_size}px_p{mcfg.patch_size}.json"
     )
-    cli.check_writable_file(out, "--out")
-    traj = data.Trajectories(cfg.data)
+    cli.check_output(out, "--out", {"--data": cfg.data})
+    traj = cli.open_dataset(cfg.data, "--data")
     data.check_env(traj, cfg.env)
     if min(traj.img_shape[:2]) < mcfg.img_size:
         raise UsageError(

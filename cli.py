@@ -6,11 +6,16 @@ none of it is the method, all of it is how the scripts behave at a terminal and 
   `UsageError` is what a script prints as one line before exiting with code 2 (`exit_codes`).
 - Devices and DDP: `pick_device` (cuda > mps > cpu), `setup_device` (torchrun's process group), `wrap_model` (DDP,
   global-batch BatchNorm, torch.compile), `sync_stop`.
-- Run folders: a lock held for the whole run, refusal of a folder holding another run, `metrics.jsonl` reading and
-  trimming, atomic JSON writes.
+- Outputs: checked by creating a file where they go (`check_writable_file`) and never one of the inputs
+  (`check_output`); atomic JSON writes that remove their temporary file on failure, and a fallback copy of finished
+  results whose own file cannot be written (`save_json`, `save_checkpoint_or_copy`).
+- Run folders: a lock held for the whole run (`lock_file`, also collection's), refusal of a folder holding another
+  run, removal of the temporary files of dead writers, `metrics.jsonl` reading and trimming.
 - Signals and resume: Ctrl-C / SIGTERM finish the current step, and the command that resumes the run.
-- A training run's plumbing: its dataset files opened, what makes its batches (`loader_note`), checkpoints that
-  resume exactly (model, optimiser, RNG), finite checks, metrics rows, summary.json.
+- A training run's plumbing: its dataset files opened and checked (`open_dataset`: square frames; `data_errors`,
+  `check_batches`: what the data cannot give is one line), what makes its batches (`loader_note`), checkpoints that
+  resume exactly (model, optimiser, RNG) with their structure checked, held-out episodes and end step fixed by the
+  checkpoint (`load_resume`, `held_out_split`), finite checks, metrics rows, summary.json.
 
 Below the scripts, above the library files it serves: it imports data.py (datasets, and `UsageError`, defined there
 and re-exported here), model.py (checkpoint files) and sigreg.py (an all-reduce with a gradient, for the
@@ -25,19 +30,22 @@ import math
 import os
 import re
 import shlex
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 from contextlib import ExitStack, contextmanager
 from typing import get_args
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
 import data
 from data import UsageError
-from model import check_state_dict, load_checkpoint, save_checkpoint
+from model import check_checkpoint, check_state_dict, load_checkpoint, save_checkpoint
 from sigreg import AllReduceSum
 
 DEVICES = ["auto", "cuda", "mps", "cpu"]  # the valid values of every script's --device
@@ -79,7 +87,8 @@ def check_files(paths: dict[str, str]) -> None:
 
 
 def check_writable_file(path: str, flag: str) -> None:
-    """`path` can be created or replaced: not a folder, and its nearest existing parent folder is writable."""
+    """`path` can be created or replaced: not a folder, and a file can really be created in its nearest existing
+    parent folder (tried and removed: `os.access` says yes to root where nothing can be written, as in /proc)."""
     if os.path.isdir(path):
         raise UsageError(f"{flag} {path}: is a folder, expected a file path")
     parent = os.path.dirname(os.path.abspath(path))
@@ -87,8 +96,27 @@ def check_writable_file(path: str, flag: str) -> None:
         if os.path.exists(parent):
             raise UsageError(f"{flag} {path}: {parent} is a file, not a folder")
         parent = os.path.dirname(parent)
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UsageError(f"{flag} {path}: folder {parent} is not writable")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write_check", dir=parent)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise UsageError(f"{flag} {path}: cannot create a file in {parent} ({e.strerror})") from None
+
+
+def same_file(a: str, b: str) -> bool:
+    """`a` and `b` name the same file (the same path, or links to one file)."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    return os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
+
+
+def check_output(path: str, flag: str, inputs: dict[str, str]) -> None:
+    """An output file: never one of the input files {flag: path} ('' = not given), and can be written."""
+    for other, given in inputs.items():
+        if given and same_file(path, given):
+            raise UsageError(f"{flag} {path}: is the {other} input; it would be destroyed, choose another file")
+    check_writable_file(path, flag)
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -198,31 +226,74 @@ def sync_stop(stop: list, device) -> None:
 # --- run folders
 
 
-def lock_run_folder(out_dir: str, cleanup: ExitStack) -> None:
-    """Hold an exclusive lock on <out_dir>/.lock until `cleanup` closes: a second run on the folder is refused.
-    The operating system drops the lock when the process ends, however it ends (kill -9 included)."""
+def lock_file(path: str, flag: str, what: str, cleanup: ExitStack) -> None:
+    """Hold an exclusive lock on the file `path` (created, with its folder) until `cleanup` closes: a second
+    process asking for it is refused with a UsageError naming `flag` and `what` it is used by. The operating system
+    drops the lock when the process ends, however it ends (kill -9 included)."""
     try:
-        os.makedirs(out_dir, exist_ok=True)
-        f = cleanup.enter_context(open(os.path.join(out_dir, ".lock"), "a+"))
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        f = cleanup.enter_context(open(path, "a+"))
     except OSError as e:
-        raise UsageError(f"--out_dir {out_dir}: cannot write there ({e.strerror})") from e
+        raise UsageError(f"{flag}: cannot write {path} ({e.strerror})") from e
     try:
         import fcntl
-    except ImportError:  # no fcntl (Windows): the folder is not locked
+    except ImportError:  # no fcntl (Windows): nothing is locked
         return
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         f.seek(0)
-        raise UsageError(f"--out_dir {out_dir}: in use by another run (pid {f.read().strip() or '?'})") from None
+        raise UsageError(f"{flag}: in use by another {what} (pid {f.read().strip() or '?'})") from None
     f.truncate(0)
     f.write(f"{os.getpid()}\n")
     f.flush()
 
 
+def lock_run_folder(out_dir: str, cleanup: ExitStack) -> None:
+    """Hold an exclusive lock on <out_dir>/.lock until `cleanup` closes: a second run on the folder is refused. A
+    folder this call creates is removed again if the run ends before writing anything into it (a refused command
+    leaves nothing behind)."""
+    if not os.path.isdir(out_dir):
+        cleanup.callback(remove_if_unused, out_dir)  # registered first, so it runs after the lock file is closed
+    lock_file(os.path.join(out_dir, ".lock"), f"--out_dir {out_dir}", "run", cleanup)
+
+
+def remove_if_unused(folder: str) -> None:
+    """Remove `folder` if it holds nothing but its lock file."""
+    try:
+        if os.listdir(folder) == [".lock"]:
+            os.remove(os.path.join(folder, ".lock"))
+            os.rmdir(folder)
+    except OSError:
+        pass
+
+
+def pid_alive(pid: int) -> bool:
+    """A process `pid` exists (ours included)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, owned by someone else
+        return True
+    return True
+
+
+def remove_orphans(folder: str) -> None:
+    """Remove the temporary files (`NAME.tmp<pid>`) that a process killed mid-write, or failing on a full disk,
+    left in `folder`: only those whose process is gone, and say so."""
+    for name in sorted(os.listdir(folder)):
+        m = re.fullmatch(r".+\.tmp(\d+)", name)
+        if m and (int(m[1]) == os.getpid() or not pid_alive(int(m[1]))):
+            remove_quietly(os.path.join(folder, name))
+            print(f"{folder}: removed {name}, left by an interrupted write (process {m[1]} is gone)")
+
+
 def prepare_run_folder(out_dir: str, resume: bool, overwrite: bool, cleanup: ExitStack) -> None:
-    """Lock the run folder; refuse one holding a run unless resuming, or empty it for --overwrite."""
+    """Lock the run folder and remove the temporary files of dead writers; refuse a folder holding a run unless
+    resuming, or empty it for --overwrite."""
     lock_run_folder(out_dir, cleanup)
+    remove_orphans(out_dir)
     found = [n for n in ("ckpt.pt", "metrics.jsonl", "config.json") if os.path.exists(os.path.join(out_dir, n))]
     if found and not resume and not overwrite:
         raise UsageError(
@@ -258,19 +329,79 @@ def trim_metrics(path: str, step: int) -> None:
         os.replace(path + ".tmp", path)  # atomic: a kill now leaves the old file or the new one
 
 
+def remove_quietly(path: str) -> None:
+    """Remove a temporary file of ours if it is there (on a failure path: nothing more to report)."""
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
 def write_json(path: str, obj) -> None:
-    """Write obj as indented JSON, creating the folder; atomically (temporary file, then rename)."""
+    """Write obj as indented JSON, creating the folder; atomically (temporary file, then rename). On failure the
+    temporary file is removed and the target is untouched."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
+        os.replace(tmp, path)
+    except BaseException:
+        remove_quietly(tmp)
+        raise
+
+
+def copy_file(src: str, dst: str) -> None:
+    """Copy `src` to `dst` atomically (a temporary file, then rename; removed on failure): a kept checkpoint is
+    whole or absent."""
+    tmp = f"{dst}.tmp{os.getpid()}"
+    try:
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        remove_quietly(tmp)
+        raise
+
+
+def fallback_copy(write, suffix: str) -> str:
+    """When a finished result's own file cannot be written: `write(path)` it to a new file in the working folder,
+    else in the system's temporary folder. Returns the copy's path ('' when neither can be written)."""
+    for folder in (os.getcwd(), tempfile.gettempdir()):
+        try:
+            fd, path = tempfile.mkstemp(prefix="results_", suffix=suffix, dir=folder)
+            os.close(fd)
+        except OSError:
+            continue
+        try:
+            write(path)
+            return path
+        except OSError:
+            remove_quietly(path)
+    return ""
 
 
 def save_json(results: dict, out: str) -> None:
-    """write_json, and say where the results went."""
-    write_json(out, results)
+    """write_json, and say where the results went; when the write fails (a full disk, a folder gone), the results
+    go to a fallback copy (printed when none can be written) and a UsageError says where."""
+    try:
+        write_json(out, results)
+    except OSError as e:
+        copy = fallback_copy(lambda path: write_json(path, results), ".json")
+        if not copy:
+            print(json.dumps(results))
+        where = copy or "stdout (the line above)"
+        raise UsageError(f"cannot write {out} ({e.strerror}); the results are saved in {where}") from e
     print(f"results: {out}")
+
+
+def save_checkpoint_or_copy(path: str, ckpt: dict) -> None:
+    """save_checkpoint for a finished result (a trained policy): when it fails, a copy goes to fallback_copy and a
+    UsageError says where."""
+    try:
+        save_checkpoint(path, ckpt)
+    except OSError as e:
+        where = fallback_copy(lambda p: save_checkpoint(p, ckpt), ".pt") or "no file (none could be written)"
+        raise UsageError(f"cannot write {path} ({e.strerror}); the result is saved in {where}") from e
 
 
 # --- signals, exit codes and resume
@@ -331,16 +462,27 @@ def resume_command(cfg, script: str, given=None) -> str:
 # --- a training run: its data files, checkpoints, finite checks, metrics rows, its end
 
 
+def open_dataset(path: str, flag: str) -> data.Trajectories:
+    """The dataset file `path` opened and checked: readable, square frames (the model takes square images; a
+    non-square frame would be squashed). Errors are one UsageError line naming `flag`."""
+    try:
+        traj = data.Trajectories(path)
+    except (ValueError, FileNotFoundError) as e:
+        raise UsageError(f"{flag} {path}: {e}") from e
+    if traj.img_shape[0] != traj.img_shape[1]:
+        h, w = traj.img_shape[:2]
+        traj.close()
+        raise UsageError(f"{flag} {path}: frames are {h}x{w} px, not square; collect square frames (--img_size)")
+    return traj
+
+
 def open_data(paths: dict[str, str], env: str, img_size: int, say=None) -> data.Trajectories:
-    """The dataset files {flag: path} ('' = none) opened and checked to hold `env`, read as one file (a
-    data.TrajectoryUnion, episodes numbered file after file) when there are several; errors name the flag. `say`:
-    where notes on the first file go (no env recorded, frames of another size than `img_size`)."""
+    """The dataset files {flag: path} ('' = none) opened and checked (open_dataset) to hold `env`, read as one file
+    (a data.TrajectoryUnion, episodes numbered file after file) when there are several; errors name the flag.
+    `say`: where notes on the first file go (no env recorded, frames of another size than `img_size`)."""
     parts, given = [], [(flag, path) for flag, path in paths.items() if path]
     for flag, path in given:
-        try:
-            parts.append(data.Trajectories(path))
-        except (ValueError, FileNotFoundError) as e:
-            raise UsageError(f"{flag} {path}: {e}") from e
+        parts.append(open_dataset(path, flag))
         data.check_env(parts[-1], env)
     try:
         traj = data.TrajectoryUnion(parts) if len(parts) > 1 else parts[0]
@@ -352,6 +494,25 @@ def open_data(paths: dict[str, str], env: str, img_size: int, say=None) -> data.
     if say is not None and traj.img_shape[0] != img_size:
         say(f"note: {first} holds {traj.img_shape[0]} px frames; the model resizes them to {img_size} px")
     return traj
+
+
+@contextmanager
+def data_errors(flag: str):
+    """What the data cannot give (no clip fits its episodes, fewer clips than a batch) as one UsageError line."""
+    try:
+        yield
+    except UsageError:
+        raise
+    except ValueError as e:
+        raise UsageError(f"{flag} {e}") from e
+
+
+def check_batches(loader: data.ClipLoader, batch_size: int) -> None:
+    """The training episodes give at least one batch of clips (else the first step would fail)."""
+    if len(loader) == 0:
+        raise UsageError(
+            f"--batch_size {batch_size}: above the {len(loader.starts)} training clips of the data; lower it"
+        )
 
 
 def loader_note(loader: data.ClipLoader, workers: int) -> str:
@@ -378,21 +539,60 @@ def save_run(path: str, model: nn.Module, opt: torch.optim.Optimizer, step: int,
         if device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state()
         state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "rng": rng}
-        save_checkpoint(path, {**state, **fields})
+        try:
+            save_checkpoint(path, {**state, **fields})
+        except OSError as e:  # a full disk: the temporary file is gone, the last checkpoint is whole
+            raise UsageError(
+                f"cannot write {path} at step {step} ({e.strerror}); the last checkpoint there is untouched: free "
+                "space and rerun with --resume"
+            ) from e
 
 
-def resume_run(resume: bool, ckpt_path: str, env: str, data_path: str, model_config: dict, model, opt, say) -> tuple:
-    """With --resume and a `save_run` checkpoint, load it into model and optimiser, and its RNG state, refused for
-    another env, dataset or model config. Returns its step and the seconds its optimisation loop had run (0.0 if
-    it does not say); (0, 0.0) when starting afresh."""
+def load_resume(resume: bool, ckpt_path: str, max_steps: int, say) -> dict | None:
+    """With --resume, the checkpoint to continue, its structure checked (None: starting afresh). A finished run
+    (its step is --max_steps) says so and exits 0, changing nothing; a --max_steps below its step is refused."""
     if not resume or not os.path.exists(ckpt_path):
         if resume:
             say(f"--resume: no checkpoint at {ckpt_path}, starting from scratch")
-        return 0, 0.0
+        return None
     try:
         ckpt = load_checkpoint(ckpt_path)
+        check_checkpoint(ckpt, ckpt_path, keys=("optimizer", "rng", "step", "train_config", "env"))
     except ValueError as e:
         raise UsageError(f"--resume: {e}") from e
+    if max_steps < ckpt["step"]:
+        raise UsageError(f"--max_steps {max_steps}: {ckpt_path} is already at step {ckpt['step']}; give that or more")
+    if max_steps == ckpt["step"]:
+        say(f"{ckpt_path}: the run is finished at step {ckpt['step']}; nothing to do (a larger --max_steps goes on)")
+        raise SystemExit(0)
+    return ckpt
+
+
+def held_out_split(num_episodes: int, val_fraction: float, ckpt: dict | None, say) -> tuple[np.ndarray, np.ndarray]:
+    """(train, val) episodes of a dataset: data.split_episodes, except on resume, where the checkpoint's held-out
+    episodes stay held out (another --val_fraction, or a file grown by --append, would move trained-on episodes
+    into the held-out set that evaluation uses); the difference is said. Episodes appended since go to training;
+    the action statistics stay the checkpoint's (train.make_loaders)."""
+    train_eps, val_eps = data.split_episodes(num_episodes, val_fraction)
+    if ckpt is None or "val_episodes" not in ckpt:
+        return train_eps, val_eps
+    held = np.sort(np.asarray(ckpt["val_episodes"], dtype=np.int64))
+    if len(held) and held.max() >= num_episodes:
+        raise UsageError(f"--resume: the checkpoint holds out episode {held.max()}, the data has {num_episodes}")
+    if not np.array_equal(held, val_eps):
+        say(
+            f"--resume: keeping the checkpoint's {len(held)} held-out episodes (--val_fraction {val_fraction} on "
+            f"these {num_episodes} episodes would hold out {len(val_eps)} others)"
+        )
+    return np.setdiff1d(np.arange(num_episodes), held), held
+
+
+def resume_run(ckpt: dict | None, ckpt_path: str, env: str, data_path: str, model_config: dict, model, opt, say):
+    """Load a `load_resume` checkpoint into model and optimiser, and its RNG state, refused for another env,
+    dataset or model config. Returns its step and the seconds its optimisation loop had run (0.0 if it does not
+    say); (0, 0.0) when starting afresh (ckpt None)."""
+    if ckpt is None:
+        return 0, 0.0
     saved_data, saved_model = ckpt["train_config"]["data"], ckpt["model_config"]
     if ckpt["env"] != env:
         raise UsageError(f"--env {env}: {ckpt_path} is a {ckpt['env']} run; resume it with --env {ckpt['env']}")

@@ -5,7 +5,8 @@ Serves train.py (a missing dataset is collected first), evaluate.py (our simulat
 the command line; the layout it writes and every reader of it are data.py's. Episode e is rolled out with
 `np.random.default_rng(seed + e)`; each finished episode is saved at once as its own part file in `<out>.parts/`
 (a temporary name, then a rename), and when all are there they are merged in order into `<out>`. Running the same
-command again after Ctrl-C, SIGTERM, `kill -9` or a crash collects only the missing parts.
+command again after Ctrl-C, SIGTERM, `kill -9` or a crash collects only the missing parts. A collection holds
+`<out>.lock` while it runs: a second one to the same `<out>` is refused.
 
 Run (`python data.py ...` runs the same command):
     python collect.py --env pusht --episodes 1000 --img_size 64 --out data/pusht_64.h5
@@ -23,6 +24,7 @@ import signal
 import sys
 import threading
 import time
+from contextlib import ExitStack
 
 import h5py
 import numpy as np
@@ -30,7 +32,7 @@ from tqdm import tqdm
 
 import data
 import envs
-from cli import HelpFormatter, UsageError, check_writable_file
+from cli import HelpFormatter, UsageError, check_writable_file, lock_file, remove_quietly
 from data import Trajectories, append_episode, default_data_path
 
 # --- one episode, in a worker process
@@ -188,6 +190,7 @@ def check_collect_args(
     noise: float | None,
     workers: int,
     episode_steps: int | None,
+    seed: int = 0,
 ) -> None:
     """Every collection argument checked before any work: a UsageError naming the flag and its value."""
     if env not in envs.REGISTRY:
@@ -197,6 +200,7 @@ def check_collect_args(
     for flag, value, ok, rule in (
         ("--episodes", episodes, episodes >= 1, ">= 1"),
         ("--workers", workers, workers >= 1, ">= 1"),
+        ("--seed", seed, seed >= 0, ">= 0"),
         ("--episode_steps", episode_steps, episode_steps is None or episode_steps >= 1, ">= 1"),
         ("--noise", noise, noise is None or (math.isfinite(noise) and noise >= 0), "finite and >= 0"),
     ):
@@ -259,7 +263,15 @@ def collect(
     command again after any interruption, `kill -9` included, collects only the missing parts.
     """
     out = os.fspath(out)
-    check_collect_args(env, episodes, out, img_size, policy, noise, workers, episode_steps)
+    check_collect_args(env, episodes, out, img_size, policy, noise, workers, episode_steps, seed)
+    with ExitStack() as cleanup:  # a second collection to the same `out` is refused while this one runs
+        lock_file(out + ".lock", f"--out {out}", "collection", cleanup)
+        cleanup.callback(remove_quietly, out + ".lock")  # runs first (LIFO): removed while held
+        return _collect_locked(env, episodes, out, img_size, policy, noise, seed, workers, episode_steps, append)
+
+
+def _collect_locked(env, episodes, out, img_size, policy, noise, seed, workers, episode_steps, append) -> str:
+    """`collect`, its arguments checked and `<out>.lock` held."""
     spec = envs.REGISTRY[env]
     meta = {
         "env": env,

@@ -45,7 +45,7 @@ from charts import save_episode_pictures
 from cli import UsageError, pick_device, save_json
 from collect import simulator_dataset
 from kernels import native_bf16, use_fast_attention
-from model import LeWM, load_checkpoint, model_from_checkpoint
+from model import LeWM, check_checkpoint, load_checkpoint, model_from_checkpoint
 from official import check_official, load_released
 from planner import cem, gradient_plan, make_cost, warm_start
 from policy import act, load_policy, propose
@@ -161,8 +161,8 @@ def check_config(cfg: EvalConfig) -> None:
             raise UsageError("--official needs --env (the environment to evaluate on)")
     cli.check_files({"--ckpt": cfg.ckpt, "--data": cfg.data})
     cli.check_device(cfg.device)
-    if cfg.out:
-        cli.check_writable_file(cfg.out, "--out")
+    if cfg.out:  # never an input (a checkpoint, a dataset, a policy replaced by JSON)
+        cli.check_output(cfg.out, "--out", {"--ckpt": cfg.ckpt, "--data": cfg.data, "--policy_file": cfg.policy_file})
     else:
         folder = os.path.dirname(os.path.abspath(cfg.ckpt)) if cfg.ckpt else "."
         cli.check_writable_file(os.path.join(folder, "eval.json"), "--out (default: next to the checkpoint)")
@@ -193,13 +193,6 @@ class World:
     data_source: str = ""  # where the dataset comes from, in words (printed and saved with the results)
 
 
-def open_dataset(path: str) -> data.Trajectories:
-    try:
-        return data.Trajectories(path)
-    except (ValueError, FileNotFoundError) as e:
-        raise UsageError(f"--data: {e}") from e
-
-
 def load_world(cfg: EvalConfig) -> World:
     """The frozen model and its dataset from `--ckpt` (everything travels with it) or `--official` + `--env`,
     with `--data` or our own simulator's data."""
@@ -209,12 +202,10 @@ def load_world(cfg: EvalConfig) -> World:
     if cfg.ckpt:
         try:
             ckpt = load_checkpoint(cfg.ckpt)  # FileNotFoundError / ValueError with the path in the message
-            missing = [k for k in ("model", "model_config", "action_stats", "env") if k not in ckpt]
-            if missing:
-                raise ValueError(f"{cfg.ckpt} lacks {missing}: not a checkpoint written by train.py")
-            model = model_from_checkpoint(ckpt)
+            check_checkpoint(ckpt, cfg.ckpt, keys=("action_stats", "env"))  # its structure, what planning uses
+            model = model_from_checkpoint(ckpt, source=cfg.ckpt)
         except (ValueError, FileNotFoundError, TypeError) as e:
-            raise UsageError(f"--ckpt {cfg.ckpt}: {e}") from e
+            raise UsageError(f"--ckpt {cfg.ckpt}: " + "; ".join(str(e).split("\n"))) from e
         env = ckpt["env"]
         if cfg.env and cfg.env != env:
             raise UsageError(f"--env {cfg.env}: does not match the checkpoint, which was trained on {env}")
@@ -223,7 +214,7 @@ def load_world(cfg: EvalConfig) -> World:
             raise UsageError(f"--ckpt {cfg.ckpt}: names no dataset; pass --data")
         if not os.path.isfile(path):
             raise UsageError(f"--ckpt {cfg.ckpt}: its dataset {path} is not found from {os.getcwd()}; pass --data")
-        traj = open_dataset(path)
+        traj = cli.open_dataset(path, "--data")
         stats = {k: [float(x) for x in v] for k, v in ckpt["action_stats"].items()}
         val_eps = np.sort(np.asarray(ckpt.get("val_episodes", []), dtype=np.int64))
         if len(val_eps) and val_eps.max() >= traj.num_episodes:
@@ -243,7 +234,7 @@ def load_world(cfg: EvalConfig) -> World:
             path, data_source = cfg.data, f"--data {cfg.data}"
         else:
             path, data_source = simulator_dataset(env, model.cfg.img_size, cfg.collect_episodes)
-        traj = open_dataset(path)
+        traj = cli.open_dataset(path, "--data")
         train_eps, val_eps = data.split_episodes(traj.num_episodes)
         # The released files hold no action statistics: fitted on this dataset's training episodes.
         stats = data.action_stats(traj, train_eps)
@@ -291,7 +282,7 @@ def start_rows(traj: data.Trajectories, episodes, n: int, goal_offset: int, seed
     """
     valid = traj.episode_rows(np.sort(episodes), drop_last=goal_offset)  # (V,)
     if n > len(valid):
-        raise ValueError(
+        raise UsageError(
             f"{traj.path}: only {len(valid)} valid start rows in the chosen episodes (need step + {goal_offset} "
             f"inside the episode), asked for {n}: lower --episodes or use another --split"
         )

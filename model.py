@@ -461,32 +461,69 @@ def check_state_dict(model: nn.Module, state: dict, source: str):
 
 
 def save_checkpoint(path: str, ckpt: dict):
-    """Write plain data (tensors, numbers, strings, dicts) atomically: a crash never leaves a corrupt file."""
+    """Write plain data (tensors, numbers, strings, dicts) atomically: a crash never leaves a corrupt file, and a
+    failed write (a full disk) removes its temporary file."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(ckpt, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def load_checkpoint(path: str) -> dict:
-    """Load a checkpoint written by save_checkpoint; plain data only (weights_only=True)."""
+    """Load a file written by save_checkpoint; plain data only (weights_only=True). A file that is not one raises
+    one ValueError line naming it (never torch's advice to load untrusted files with weights_only off)."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated or foreign files end here
-        raise ValueError(f"{path} is not a readable checkpoint ({e})") from e
+    except Exception as e:  # truncated, foreign or random files end here
+        why = "it holds Python objects, not plain data" if "weights_only" in str(e) else "not a file torch.save wrote"
+        raise ValueError(f"{path} is not a readable checkpoint ({why}, or a truncated one)") from e
 
 
-def model_from_checkpoint(ckpt: dict, cfg: ModelConfig | None = None) -> LeWM:
-    """Build the model a checkpoint describes (or check it against `cfg`) and load its weights, in eval mode."""
-    saved = ModelConfig(**ckpt["model_config"])
+def check_checkpoint(ckpt, source: str, keys: tuple = ()) -> ModelConfig:
+    """Raise one ValueError line naming `source` unless `ckpt` has the structure planning needs (a dict holding a
+    state dict `model`, a `model_config`, and `action_stats`, where present, with a finite mean and positive std per
+    raw action dim) and the extra `keys`; returns its model config. check_state_dict checks the weights against it."""
+    kind = "an empty dict" if isinstance(ckpt, dict) else f"a {type(ckpt).__name__}"
+    if not isinstance(ckpt, dict) or not ckpt:
+        raise ValueError(f"{source} holds {kind}, not a checkpoint written by train.py")
+    missing = [k for k in ("model", "model_config", *keys) if k not in ckpt]
+    if missing:
+        raise ValueError(f"{source} lacks {', '.join(missing)}: not a training checkpoint written by train.py")
+    try:
+        cfg = ModelConfig(**ckpt["model_config"])
+        raw = cfg.action_dim // cfg.frameskip
+        given = ckpt.get("action_stats", {"mean": [0.0] * raw, "std": [1.0] * raw})
+        stats = [torch.as_tensor(given[k], dtype=torch.float64) for k in ("mean", "std")]
+    except (TypeError, KeyError, ValueError, RuntimeError) as e:
+        raise ValueError(f"{source}: malformed model_config or action_stats ({type(e).__name__}: {e})") from None
+    held = ckpt.get("val_episodes", [])
+    if not isinstance(held, list | tuple) or not all(isinstance(e, int) and e >= 0 for e in held):
+        raise ValueError(f"{source}: val_episodes must be a list of episode indices")
+    if any(s.shape != (raw,) for s in stats) or not all(s.isfinite().all() for s in stats) or (stats[1] <= 0).any():
+        raise ValueError(
+            f"{source}: action_stats must hold a finite mean and positive std for each of the {raw} raw actions of "
+            f"the model's action blocks ({cfg.action_dim} = {cfg.frameskip} x {raw})"
+        )
+    return cfg
+
+
+def model_from_checkpoint(ckpt: dict, cfg: ModelConfig | None = None, source: str = "checkpoint") -> LeWM:
+    """Build the model a checkpoint describes (or check it against `cfg`) and load its weights, in eval mode; a
+    malformed checkpoint raises ValueError naming `source`."""
+    saved = check_checkpoint(ckpt, source)
     if cfg is not None and cfg != saved:
         diff = {f.name: (getattr(saved, f.name), getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
         diff = {k: v for k, v in diff.items() if v[0] != v[1]}
         raise ValueError(f"checkpoint was trained with another architecture; (checkpoint, requested): {diff}")
     model = LeWM(saved)
-    check_state_dict(model, ckpt["model"], "checkpoint")
+    check_state_dict(model, ckpt["model"], source)
     model.load_state_dict(ckpt["model"])
     return model.eval()
 

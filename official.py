@@ -4,7 +4,8 @@ load a model by name (our checkpoint, a folder of released files, or a Hugging F
 Serves evaluate.py (`--official`), the README's `load_pretrained` and anyone sharing a trained model. The released
 format (docs/method.md §2) is a `weights.pt` state dict under the official module names (the encoder under
 transformers 4.x or 5.x ViT names, q/k/v as three Linears where model.py fuses them) and a `config.json` with one
-section per module. Nothing here is part of the method; model.py runs without this file.
+section per module. Nothing here is part of the method; model.py runs without this file. An export appears whole or
+not at all (a temporary folder beside it, then a rename), and never lands in a training run's folder.
 
 Run:
     python official.py export --ckpt runs/pusht_cpu/ckpt.pt --out export/   # also: python model.py export ...
@@ -15,9 +16,11 @@ import json
 import math
 import os
 import re
+import shutil
 
 import torch
 
+import cli
 from cli import UsageError
 from model import LeWM, ModelConfig, check_state_dict, load_checkpoint, model_from_checkpoint, save_checkpoint
 
@@ -167,8 +170,10 @@ def load_official(weights_path: str, config_path: str) -> LeWM:
         raise ValueError(f"{config_path} lacks the sections {missing_sections} of an official LeWM config.json")
     try:
         raw = torch.load(weights_path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated or foreign files end here
-        raise ValueError(f"{weights_path} is not a readable weights file ({type(e).__name__}: {e})") from e
+    except Exception as e:  # truncated or foreign files end here; never torch's advice to turn weights_only off
+        first_line = str(e).split("\n")[0]
+        why = "holds Python objects" if "weights_only" in str(e) else f"{type(e).__name__}: {first_line}"
+        raise ValueError(f"{weights_path} is not a readable weights file ({why})") from e
     if isinstance(raw, dict) and "state_dict" in raw:
         raw = raw["state_dict"]
     if not isinstance(raw, dict) or not all(isinstance(k, str) for k in raw):
@@ -292,16 +297,75 @@ def export_weights_only(ckpt: dict, path: str) -> str:
     return path
 
 
+EXPORT_FILES = ("weights.pt", "config.json", "model.pt")  # what an export folder holds
+
+
+def check_export_folder(out: str, ckpt_path: str) -> None:
+    """--out is a new folder or an earlier export (which is replaced): never a file, the checkpoint's own folder,
+    a training run's folder (its config.json is the run's record) or a folder holding anything else."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UsageError(f"--out {out}: is a file, expected a folder")
+    if os.path.realpath(out) == os.path.realpath(os.path.dirname(os.path.abspath(ckpt_path))):
+        raise UsageError(f"--out {out}: is the folder of --ckpt {ckpt_path}; export into a folder of its own")
+    found = sorted(os.listdir(out)) if os.path.isdir(out) else []
+    if {"ckpt.pt", "metrics.jsonl", ".lock", "summary.json"} & set(found):
+        raise UsageError(f"--out {out}: holds a training run; export into a folder of its own")
+    if set(found) - set(EXPORT_FILES):
+        raise UsageError(f"--out {out}: holds other files than an export ({', '.join(found[:4])}); choose another")
+    cli.check_writable_file(os.path.join(os.path.dirname(os.path.abspath(out)), "export.tmp"), "--out")
+
+
+def clean_export_leftovers(out: str) -> None:
+    """Remove what an export killed midway (kill -9) left beside `out`: its temporary folder, and its renamed-away
+    earlier export, put back when the new one never arrived. Only those of processes that are gone."""
+    parent, name = os.path.split(os.path.abspath(out))
+    for entry in sorted(os.listdir(parent)) if os.path.isdir(parent) else []:
+        m = re.fullmatch(re.escape(name) + r"\.(tmp|old)(\d+)", entry)
+        if not m or (int(m[2]) != os.getpid() and cli.pid_alive(int(m[2]))):
+            continue
+        if m[1] == "old" and not os.path.exists(out):
+            os.rename(os.path.join(parent, entry), out)
+            print(f"{out}: put back the earlier export, left as {entry} by an interrupted export")
+        else:
+            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+            print(f"{out}: removed {entry}, left by an interrupted export")
+
+
+def replace_folder(tmp: str, out: str) -> None:
+    """Put the complete folder `tmp` at `out`: an earlier `out` is renamed away first, then removed."""
+    old = f"{out}.old{os.getpid()}"
+    if os.path.exists(out):
+        os.rename(out, old)
+    try:
+        os.rename(tmp, out)
+    except OSError:
+        if os.path.exists(old):
+            os.rename(old, out)  # the earlier export back in place
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def export(ckpt_path: str, out: str) -> dict[str, str]:
-    """Our training checkpoint -> out/weights.pt + out/config.json (released format) and out/model.pt (ours)."""
+    """Our training checkpoint -> out/weights.pt + out/config.json (released format) and out/model.pt (ours). The
+    folder appears whole or not at all: written beside it under a temporary name, then renamed into place."""
+    out = os.path.normpath(out)
     ckpt = load_checkpoint(ckpt_path)
-    model = model_from_checkpoint(ckpt)
-    weights, config = export_official(model, out)
-    reloaded = load_official(weights, config)
-    for name, a in reloaded.state_dict().items():  # the export must load back bit for bit
-        if not torch.equal(a, model.state_dict()[name]):
-            raise RuntimeError(f"exported {name} does not load back identically")
-    return {"weights": weights, "config": config, "model": export_weights_only(ckpt, os.path.join(out, "model.pt"))}
+    model = model_from_checkpoint(ckpt, source=ckpt_path)
+    clean_export_leftovers(out)
+    check_export_folder(out, ckpt_path)
+    tmp = f"{out}.tmp{os.getpid()}"
+    try:
+        weights, config = export_official(model, tmp)
+        reloaded = load_official(weights, config)
+        for name, a in reloaded.state_dict().items():  # the export must load back bit for bit
+            if not torch.equal(a, model.state_dict()[name]):
+                raise RuntimeError(f"exported {name} does not load back identically")
+        export_weights_only(ckpt, os.path.join(tmp, "model.pt"))
+        replace_folder(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {kind: os.path.join(out, name) for kind, name in zip(("weights", "config", "model"), EXPORT_FILES)}
 
 
 # --- loading by name: a checkpoint of ours, a released folder, or a Hugging Face hub repository
@@ -327,7 +391,7 @@ def load_pretrained(name: str) -> LeWM:
     """A model in eval mode from a checkpoint of ours (.pt), a folder with weights.pt + config.json, or a hub
     repository "owner/name" (optionally "hf:owner/name"), downloaded once into the Hugging Face cache."""
     if os.path.isfile(name):
-        return model_from_checkpoint(load_checkpoint(name))
+        return model_from_checkpoint(load_checkpoint(name), source=name)
     if os.path.isdir(name):
         return load_official(os.path.join(name, "weights.pt"), os.path.join(name, "config.json"))
     repo_id = name.removeprefix("hf:")
@@ -378,7 +442,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ckpt", required=True, help="training checkpoint written by train.py")
     p.add_argument("--out", required=True, help="folder to write the three files into")
     args = parser.parse_args(argv)
-    for kind, path in export(args.ckpt, args.out).items():
+    with cli.exit_codes("model.py export"):  # a wrong file or folder: one line, exit code 2
+        try:
+            files = export(args.ckpt, args.out)
+        except (ValueError, FileNotFoundError, RuntimeError) as e:
+            raise UsageError("; ".join(str(e).split("\n"))) from e
+        except OSError as e:
+            raise UsageError(f"--out {args.out}: cannot write the export ({e.strerror}); nothing was changed") from e
+    for kind, path in files.items():
         print(f"{kind:8s} {path} ({os.path.getsize(path) / 1e3:.0f} KB)")
 
 

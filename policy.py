@@ -43,7 +43,7 @@ from tqdm import tqdm
 import cli
 import data
 from cli import UsageError, pick_device
-from model import LeWM, load_checkpoint, model_from_checkpoint, save_checkpoint
+from model import LeWM, check_checkpoint, load_checkpoint, model_from_checkpoint
 
 VAL_SEED = 0  # draw of the fixed validation pairs: the same for every --seed, so runs compare on the same pairs
 EMBED_BATCH = 256  # frames per encoder call
@@ -84,6 +84,7 @@ RANGES = {
     "weight_decay": (">= 0", lambda v: v >= 0),
     "val_pairs": (">= 1", lambda v: v >= 1),
     "val_every": (">= 1", lambda v: v >= 1),
+    "seed": (">= 0", lambda v: v >= 0),
 }
 
 # --- the policy
@@ -276,10 +277,6 @@ def split(ckpt: dict, num_episodes: int, episodes: int = 0) -> tuple[np.ndarray,
     return train_eps[: episodes or None], val_eps
 
 
-def _same_file(a: str, b: str) -> bool:
-    return os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
-
-
 def check_run(cfg: PolicyConfig, ckpt: dict, model: LeWM, traj: data.Trajectories) -> str:
     """The checks that need the checkpoint and its dataset; returns the output path."""
     path = traj.path
@@ -299,10 +296,7 @@ def check_run(cfg: PolicyConfig, ckpt: dict, model: LeWM, traj: data.Trajectorie
         if not (traj.ep_len[eps] > model.cfg.frameskip).any():
             raise UsageError(f"--data {path}: no {name} episode is longer than one block ({model.cfg.frameskip} rows)")
     out = cfg.out or os.path.join(os.path.dirname(cfg.ckpt), "policy.pt")
-    for name, other in (("the world-model checkpoint", cfg.ckpt), ("the dataset", path)):
-        if _same_file(out, other) or os.path.abspath(out) == os.path.abspath(other):
-            raise UsageError(f"--out {out}: is {name}; choose another file")
-    cli.check_writable_file(out, "--out")
+    cli.check_output(out, "--out", {"--ckpt": cfg.ckpt, "--data": path})
     return out
 
 
@@ -315,19 +309,14 @@ def prepare(cfg: PolicyConfig) -> tuple[PolicyConfig, dict, LeWM, data.Trajector
         raise UsageError("--ckpt: required (the world-model checkpoint written by train.py)")
     try:
         ckpt = load_checkpoint(cfg.ckpt)
-        missing = [k for k in ("model", "model_config", "action_stats") if k not in ckpt]
-        if missing:
-            raise ValueError(f"lacks {missing}: not a checkpoint written by train.py")
-        model = model_from_checkpoint(ckpt)
+        check_checkpoint(ckpt, cfg.ckpt, keys=("action_stats",))  # its structure, what planning uses
+        model = model_from_checkpoint(ckpt, source=cfg.ckpt)
     except (FileNotFoundError, ValueError, TypeError) as e:
-        raise UsageError(f"--ckpt {cfg.ckpt}: {str(e).splitlines()[0]}") from e
+        raise UsageError(f"--ckpt {cfg.ckpt}: " + "; ".join(str(e).split("\n"))) from e
     path = cfg.data or ckpt.get("train_config", {}).get("data", "")
     if not path or not os.path.isfile(path):
         raise UsageError(f"--ckpt {cfg.ckpt}: its dataset {path or '(none named)'} is not found; pass --data")
-    try:
-        traj = data.Trajectories(path)
-    except (FileNotFoundError, ValueError) as e:
-        raise UsageError(f"--data {path}: {str(e).splitlines()[0]}") from e
+    traj = cli.open_dataset(path, "--data")
     try:
         out = check_run(cfg, ckpt, model, traj)
     except UsageError:
@@ -402,7 +391,7 @@ def main(cfg: PolicyConfig) -> dict:
     bad = [k for k, v in policy.state_dict().items() if not v.isfinite().all()]
     if bad:  # a non-finite weight never reaches a file
         raise UsageError(f"non-finite policy weights after training ({', '.join(bad[:3])}); not saved: lower --lr")
-    save_checkpoint(
+    cli.save_checkpoint_or_copy(
         cfg.out,
         {
             "policy": {k: v.cpu() for k, v in policy.state_dict().items()},

@@ -13,7 +13,9 @@ import shutil
 import socket
 import subprocess
 import sys
-from contextlib import contextmanager
+import time
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
 
 import gymnasium as gym
 import h5py
@@ -3009,8 +3011,8 @@ def test_policy_main_refuses_bad_arguments(tmp_path, tiny_run):
         ({"ckpt": str(tmp_path / "missing.pt")}, "--ckpt"),
         ({"ckpt": ckpt_path, "steps": 0}, "--steps"),
         ({"ckpt": ckpt_path, "goal_input": "sum"}, "--goal_input"),
-        ({"ckpt": ckpt_path, "out": ckpt_path}, "world-model checkpoint"),
-        ({"ckpt": ckpt_path, "out": data_path}, "the dataset"),
+        ({"ckpt": ckpt_path, "out": ckpt_path}, "is the --ckpt input"),
+        ({"ckpt": ckpt_path, "out": data_path}, "is the --data input"),
     ]
     for kw, message in cases:
         with pytest.raises(cli.UsageError, match=message):
@@ -3244,3 +3246,262 @@ def test_paper_preset_224px_pipeline_smoke(tmp_path, monkeypatch):
         saved = json.load(f)
     assert saved["episodes"] == 1 and len(saved["plan_calls"]) == 1 and res["successes"] in (0, 1)
     assert np.isfinite(saved["per_episode"][0]["final_distance"])
+
+
+# --- hardening
+
+
+def _cli(*args, cwd=None) -> subprocess.CompletedProcess:
+    """Run a project script (`args[0]`, e.g. "train.py") at the real command line, one thread, from `cwd`."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, os.path.join(REPO, args[0]), *map(str, args[1:])]
+    return subprocess.run(cmd, cwd=cwd or REPO, capture_output=True, text=True, timeout=300, env=env, check=False)
+
+
+def _one_line_error(res: subprocess.CompletedProcess, text: str, code: int = 2) -> None:
+    """The run failed with `code` and one stderr line holding `text`: no traceback, no torch advice."""
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip() and not ln.startswith("note:")]
+    assert res.returncode == code and len(lines) == 1 and text in lines[0], res.stderr[-1500:]
+    assert "Traceback" not in res.stderr and "weights_only" not in res.stderr
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+@pytest.mark.slow
+def test_hardening_output_is_never_an_input(tmp_path, tiny_pusht):
+    """Cause 1: an --out naming an input (checkpoint, dataset) is refused in one line and the input survives."""
+    ckpt = _eval_ckpt(tmp_path / "ckpt.pt", tiny_pusht, "pusht")
+    before = {p: Path(p).read_bytes() for p in (ckpt, tiny_pusht)}
+    res = _cli("evaluate.py", "--ckpt", ckpt, "--out", ckpt, "--device", "cpu")
+    _one_line_error(res, "is the --ckpt input")
+    res = _cli("evaluate.py", "--ckpt", ckpt, "--data", tiny_pusht, "--out", tiny_pusht, "--device", "cpu")
+    _one_line_error(res, "is the --data input")
+    with pytest.raises(cli.UsageError, match="is the --data input"):
+        analyses.run_capacity(analyses.CapacityConfig(env="pusht", data=tiny_pusht, out=tiny_pusht, steps=1))
+    with pytest.raises(cli.UsageError, match="is the --ckpt input"):
+        policy.prepare(policy.PolicyConfig(ckpt=ckpt, data=tiny_pusht, out=ckpt, device="cpu"))
+    assert all(Path(p).read_bytes() == b for p, b in before.items())
+
+
+@pytest.mark.slow
+def test_hardening_export_never_overwrites_a_run(tmp_path):
+    """Cause 1: `model.py export --out` the checkpoint's run folder (or another run) is refused; config.json
+    survives."""
+    run = tmp_path / "run"
+    run.mkdir()
+    ckpt = _train_ckpt(run, randomise(tiny_model()).eval())
+    (run / "config.json").write_text('{"train": {}}')
+    (run / "metrics.jsonl").write_text("")
+    _one_line_error(_cli("model.py", "export", "--ckpt", ckpt, "--out", run), "--ckpt")
+    other = tmp_path / "other_run"
+    shutil.copytree(run, other)
+    _one_line_error(_cli("model.py", "export", "--ckpt", ckpt, "--out", other), "holds a training run")
+    assert (run / "config.json").read_text() == '{"train": {}}' == (other / "config.json").read_text()
+
+
+def test_hardening_export_appears_whole_or_not_at_all(tmp_path, monkeypatch):
+    """Cause 1: an export that fails midway leaves the earlier export intact and no temporary folder; a
+    finished one replaces it whole and removes what a killed export left."""
+    import official
+
+    ckpt = _train_ckpt(tmp_path, randomise(tiny_model()).eval())
+    out = tmp_path / "export"
+    official.export(ckpt, str(out))
+    old = {n: (out / n).read_bytes() for n in os.listdir(out)}
+
+    def fail(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(official, "export_weights_only", fail)
+        with pytest.raises(OSError):
+            official.export(ckpt, str(out))
+    assert {n: (out / n).read_bytes() for n in os.listdir(out)} == old
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "export"]
+    (tmp_path / f"export.tmp{_dead_pid()}").mkdir()  # what a kill -9 mid-export leaves
+    official.export(ckpt, str(out))
+    assert sorted(os.listdir(out)) == sorted(old) and sorted(os.listdir(tmp_path)) == ["ckpt.pt", "export"]
+
+
+@pytest.mark.slow
+def test_hardening_output_checked_by_creating_it(tmp_path, tiny_pusht):
+    """Cause 2: an --out where no file can be created (/proc, even for root) is refused before any work."""
+    ckpt = _eval_ckpt(tmp_path / "ckpt.pt", tiny_pusht, "pusht")
+    _one_line_error(_cli("evaluate.py", "--ckpt", ckpt, "--out", "/proc/x.json", "--device", "cpu"), "/proc")
+    with pytest.raises(cli.UsageError, match="cannot create a file"):
+        cli.check_writable_file("/proc/y/x.json", "--video")
+    assert os.listdir(tmp_path) == ["ckpt.pt"]
+
+
+def test_hardening_failed_final_write_keeps_the_results(tmp_path, monkeypatch):
+    """Cause 2: a results write that fails (full disk) leaves no temporary file and says where a copy went."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out").mkdir()
+    real_replace = os.replace
+
+    def full_disk(src, dst):
+        if str(dst).endswith("r.json"):
+            raise OSError(28, "No space left on device")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", full_disk)
+    with pytest.raises(cli.UsageError, match=r"the results are saved in (\S+)") as e:
+        cli.save_json({"success_rate": 0.5}, str(tmp_path / "out" / "r.json"))
+    copy = re.search(r"saved in (\S+)", str(e.value))[1]
+    assert json.loads(Path(copy).read_text()) == {"success_rate": 0.5}
+    with pytest.raises(cli.UsageError, match=r"the result is saved in (\S+)") as e:
+        cli.save_checkpoint_or_copy(str(tmp_path / "out" / "r.json"), {"policy": {"w": torch.ones(2)}})
+    assert torch.equal(load_checkpoint(re.search(r"saved in (\S+)", str(e.value))[1])["policy"]["w"], torch.ones(2))
+    assert os.listdir(tmp_path / "out") == []
+
+
+def test_hardening_checkpoint_write_failure_and_orphans(tmp_path, monkeypatch, capsys):
+    """Cause 2: a failed checkpoint write removes its temporary file; a run folder drops the temporary files of
+    dead processes (only those) when a run starts in it."""
+    real_save = torch.save
+
+    def half_then_full(obj, path):
+        real_save({"x": 1}, path)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", half_then_full)
+    with pytest.raises(OSError):
+        save_checkpoint(str(tmp_path / "ckpt.pt"), {"step": 1})
+    assert os.listdir(tmp_path) == []
+    dead, alive = f"ckpt.pt.tmp{_dead_pid()}", f"ckpt.pt.tmp{os.getppid()}"
+    for name in (dead, alive):
+        (tmp_path / name).write_bytes(b"partial")
+    with ExitStack() as cleanup:
+        cli.prepare_run_folder(str(tmp_path), resume=True, overwrite=False, cleanup=cleanup)
+    assert sorted(os.listdir(tmp_path)) == sorted([".lock", alive])
+    assert f"removed {dead}" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_hardening_data_errors_are_one_line_before_the_run_folder(tmp_path, tiny_pusht):
+    """Cause 3: --val_fraction 0, --batch_size above the clips, episodes shorter than a clip and too many
+    --episodes are one line and exit 2; no run folder is left to block the corrected command."""
+    short = _data_file(tmp_path / "short.h5", lens=(4, 4, 4, 4), img=32)
+    common = ("--env", "pusht", "--preset", "tiny", "--device", "cpu", "--max_steps", "2", "--out_dir")
+    for args, text in (
+        (("--val_fraction", "0", "--data", tiny_pusht), "--val_fraction 0.0: must be in (0, 1)"),
+        (("--batch_size", "5000", "--data", tiny_pusht), "--batch_size 5000: above the"),
+        (("--data", short), "shorter than one clip"),
+    ):
+        _one_line_error(_cli("train.py", *common, tmp_path / "run", *args), text)
+        assert not os.path.exists(tmp_path / "run")  # no config.json, no folder: the corrected command runs
+    ckpt = _eval_ckpt(tmp_path / "ckpt.pt", tiny_pusht, "pusht")
+    res = _cli("evaluate.py", "--ckpt", ckpt, "--episodes", "100000", "--device", "cpu", "--out", tmp_path / "r.json")
+    _one_line_error(res, "valid start rows")
+
+
+@pytest.mark.slow
+def test_hardening_loading_trusts_nothing(tmp_path, tiny_pusht):
+    """Cause 4: a bare tensor, a foreign dict, an exported model.pt or random bytes given as a checkpoint (to
+    --resume, evaluate and export) is one line naming the file, never torch's weights_only advice."""
+    model = randomise(tiny_model()).eval()
+    ckpt = _train_ckpt(tmp_path, model)
+    import official
+
+    official.export(ckpt, str(tmp_path / "export"))
+    bad = {"tensor": torch.zeros(3), "foreign": {"state_dict": {"w": torch.zeros(2)}}}
+    for name, obj in bad.items():
+        torch.save(obj, tmp_path / f"{name}.pt")
+    (tmp_path / "random.pt").write_bytes(os.urandom(4096))
+    shutil.copy(tmp_path / "export" / "model.pt", tmp_path / "exported.pt")
+    for name in ("tensor", "foreign", "random", "exported"):
+        run = tmp_path / f"run_{name}"
+        run.mkdir()
+        shutil.copy(tmp_path / f"{name}.pt", run / "ckpt.pt")
+        res = _cli("train.py", "--env", "pusht", "--preset", "tiny", "--data", tiny_pusht, "--out_dir", run, "--resume")
+        _one_line_error(res, str(run / "ckpt.pt"))
+    _one_line_error(_cli("evaluate.py", "--ckpt", tmp_path / "random.pt", "--device", "cpu"), "random.pt")
+    res = _cli("model.py", "export", "--ckpt", tmp_path / "tensor.pt", "--out", tmp_path / "e2")
+    _one_line_error(res, "tensor.pt holds a Tensor")
+    assert not os.path.exists(tmp_path / "e2")
+
+
+def test_hardening_resume_keeps_the_experiment(tmp_path, tiny_pusht, capsys):
+    """Cause 5: resume keeps the checkpoint's held-out episodes under another --val_fraction; a finished run
+    exits 0 changing nothing; a --max_steps below the checkpoint's step is refused."""
+    cfg = tiny_cfg(tmp_path, tiny_pusht, max_steps=4, val_batches=1, bn_batches=1)
+    train.main(cfg)
+    ckpt_path = tmp_path / "run" / "ckpt.pt"
+    saved = load_checkpoint(str(ckpt_path))
+    train.main(dataclasses.replace(cfg, max_steps=6, val_fraction=0.5, resume=True))
+    assert "keeping the checkpoint's" in capsys.readouterr().out
+    resumed = load_checkpoint(str(ckpt_path))
+    assert resumed["val_episodes"] == saved["val_episodes"] and resumed["action_stats"] == saved["action_stats"]
+    config = (tmp_path / "run" / "config.json").read_text()
+    with pytest.raises(SystemExit) as e:
+        train.main(dataclasses.replace(cfg, max_steps=6, resume=True))
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and "finished" in out and "nan" not in out
+    with pytest.raises(cli.UsageError, match="--max_steps 2: .* already at step 6"):
+        train.main(dataclasses.replace(cfg, max_steps=2, resume=True))
+    assert (tmp_path / "run" / "config.json").read_text() == config
+
+
+@pytest.mark.slow
+def test_hardening_negative_seed_refused_everywhere(tmp_path, tiny_pusht):
+    """Cause 6: a negative --seed is one line and exit 2 in every script, and no folder is left behind."""
+    ckpt = _eval_ckpt(tmp_path / "ckpt.pt", tiny_pusht, "pusht")
+    work = tmp_path / "work"
+    work.mkdir()
+    for args in (
+        ("train.py", "--env", "pusht", "--preset", "tiny", "--data", tiny_pusht),
+        ("data.py", "--env", "pusht", "--episodes", "2", "--out", work / "d.h5"),
+        ("evaluate.py", "--ckpt", ckpt, "--device", "cpu"),
+        ("policy.py", "--ckpt", ckpt, "--device", "cpu"),
+        ("analyses.py", "capacity", "--env", "pusht", "--data", tiny_pusht),
+    ):
+        _one_line_error(_cli(*args, "--seed", "-1", cwd=work), "--seed -1")
+    assert os.listdir(work) == []
+
+
+def test_hardening_second_collection_to_one_out_refused(tmp_path):
+    """Cause 6: a collection to an --out another collection holds is refused in one UsageError line."""
+    out = str(tmp_path / "d.h5")
+    with ExitStack() as cleanup:
+        cli.lock_file(out + ".lock", f"--out {out}", "collection", cleanup)  # as a running collection holds it
+        with pytest.raises(cli.UsageError, match="in use by another collection"):
+            _collect(out, episodes=1)
+    assert not os.path.exists(out) and not os.path.exists(out + ".parts")
+
+
+def test_hardening_non_square_frames_refused(tmp_path, tiny_pusht):
+    """Cause 6: non-square frames are refused in one line at training and evaluation start, not squashed."""
+    n = 77
+    wide = _data_file(tmp_path / "wide.h5", pixels=np.zeros((n, 32, 48, 3), np.uint8))
+    with pytest.raises(cli.UsageError, match="32x48 px, not square"):
+        train.main(tiny_cfg(tmp_path, wide))
+    ckpt = _eval_ckpt(tmp_path / "ckpt.pt", tiny_pusht, "pusht")
+    with pytest.raises(cli.UsageError, match="32x48 px, not square"):
+        evaluate.main(_eval_cfg(ckpt, tmp_path, data=wide))
+    assert not os.path.exists(tmp_path / "run" / "config.json")
+
+
+@pytest.mark.slow
+def test_hardening_two_collections_at_once(tmp_path):
+    """Cause 6: `data.py` to an --out that a running collection writes is refused in one line; the first goes on."""
+    out = tmp_path / "d.h5"
+    cmd = [sys.executable, os.path.join(REPO, "data.py"), "--env", "tworoom", "--episodes", "500", "--img_size", "32"]
+    cmd += ["--workers", "1", "--out", str(out)]
+    first = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    try:
+        for _ in range(600):
+            if os.path.exists(str(out) + ".parts"):
+                break
+            time.sleep(0.1)
+        res = _cli("data.py", "--env", "tworoom", "--episodes", "500", "--img_size", "32", "--out", out)
+        _one_line_error(res, "in use by another collection")
+        assert first.poll() is None  # the first collection is untouched
+    finally:
+        first.terminate()
+        first.wait(timeout=60)

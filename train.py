@@ -26,7 +26,6 @@ import functools
 import json
 import math
 import os
-import shutil
 import sys
 import time
 import warnings
@@ -73,7 +72,7 @@ class TrainConfig:
     num_proj: int = 1024  # SIGReg random directions
     dropout: float | None = None  # predictor dropout (None = the preset's, 0.1 in the paper)
     grad_clip: float = 1.0  # global L2 norm clip
-    val_fraction: float = 0.1  # episodes held out for validation and evaluation
+    val_fraction: float = 0.1  # episodes held out for validation and evaluation, in (0, 1); fixed on resume
     val_batches: int = 20  # batches per validation pass (0 = whole validation split)
     bn_batches: int = 20  # train batches averaged into BN statistics before validating (0 = official running ones)
     log_every: int = 50  # steps between log lines
@@ -137,10 +136,11 @@ RANGES = {
     **dict.fromkeys(AT_LEAST_1.split(), (">= 1", lambda v: v >= 1)),
     **dict.fromkeys(("weight_decay", "lambd", "val_batches", "bn_batches", "keep_every"), (">= 0", lambda v: v >= 0)),
     **dict.fromkeys(("lr", "grad_clip"), ("> 0", lambda v: v > 0)),
-    **dict.fromkeys(("dropout", "val_fraction"), ("in [0, 1)", lambda v: 0 <= v < 1)),
+    "dropout": ("in [0, 1)", lambda v: 0 <= v < 1),
+    "val_fraction": ("in (0, 1): validation and evaluation need held-out episodes", lambda v: 0 < v < 1),
     "warmup": ("in [0, 1]", lambda v: 0 <= v <= 1),
     "img_size": (">= 32", lambda v: v >= 32),
-    "loader_workers": (">= 0", lambda v: v >= 0),
+    **dict.fromkeys(("loader_workers", "seed"), (">= 0", lambda v: v >= 0)),
 }
 
 
@@ -197,8 +197,8 @@ def check_config(cfg: TrainConfig) -> None:
         )
 
 
-def setup_run(cfg: TrainConfig, cleanup: ExitStack, device, rank: int, world: int, say, timings: dict) -> TrainConfig:
-    """The resolved config, checked; rank 0 holds the run folder, refused if it holds another run."""
+def setup_run(cfg: TrainConfig, cleanup: ExitStack, device, rank: int, world: int, say, timings: dict) -> tuple:
+    """(The checked config; the checkpoint to resume or None, cli.load_resume); rank 0 holds the run folder."""
     cuda, native = device.type == "cuda", native_bf16(device)
     if cfg.preset is None:
         say(f"--preset not given: using '{'paper' if cuda else 'cpu'}' ({'CUDA found' if cuda else 'no CUDA'})")
@@ -211,7 +211,7 @@ def setup_run(cfg: TrainConfig, cleanup: ExitStack, device, rank: int, world: in
         raise UsageError(f"--batch_size {cfg.batch_size}: not divisible by the {world} ranks")
     if rank == 0:
         cli.prepare_run_folder(cfg.out_dir, cfg.resume, cfg.overwrite, cleanup)
-    return cfg
+    return cfg, cli.load_resume(cfg.resume, os.path.join(cfg.out_dir, "ckpt.pt"), cfg.max_steps, say)
 
 
 # --- the recipe: schedule, model, BatchNorm statistics and validation
@@ -305,28 +305,28 @@ def clip_shape(mcfg: ModelConfig) -> dict:
     return {"history": mcfg.history, "num_preds": mcfg.num_preds, "frameskip": mcfg.frameskip}
 
 
-def split(cfg: TrainConfig, traj: data.Trajectories) -> tuple[np.ndarray, np.ndarray]:
-    """(train, val) episodes: the dataset's split, and every extra episode (after the dataset's) for training."""
+def split(cfg: TrainConfig, traj: data.Trajectories, ckpt=None, say=print) -> tuple[np.ndarray, np.ndarray]:
+    """(train, val) episodes: the dataset's split (on resume the checkpoint's), every extra episode for training."""
     base = traj.parts[0].num_episodes if isinstance(traj, data.TrajectoryUnion) else traj.num_episodes
-    train_eps, val_eps = data.split_episodes(base, cfg.val_fraction)
+    train_eps, val_eps = cli.held_out_split(base, cfg.val_fraction, ckpt, say)
     return np.concatenate([train_eps, np.arange(base, traj.num_episodes)]), val_eps
 
 
-def make_loaders(cfg: TrainConfig, traj: data.Trajectories, mcfg: ModelConfig, rank: int, world: int) -> tuple:
-    """(train episodes, val episodes, action statistics, train / val / BN-refresh loaders): the episodes split, the
-    action statistics from the training episodes only; the training stream (the long one) by --loader_workers."""
-    train_eps, val_eps = split(cfg, traj)
-    stats = data.action_stats(traj, train_eps)
+def make_loaders(cfg: TrainConfig, traj, mcfg: ModelConfig, rank: int, world: int, ckpt, say) -> tuple:
+    """(train, val episodes, training episodes' action statistics, train / val / BN-refresh loaders) or UsageError."""
     batch, kw = cfg.batch_size // world, {**clip_shape(mcfg), "rank": rank, "world_size": world}
     procs = {"workers": cfg.loader_workers, "pin_memory": cli.pick_device(cfg.device).type == "cuda"}
-    with warnings.catch_warnings(record=True) as caught:  # a note on skipped short episodes, once per message
+    with cli.data_errors("--data"), warnings.catch_warnings(record=True) as caught:  # notes: once per message
         warnings.simplefilter("always")
+        train_eps, val_eps = split(cfg, traj, ckpt, say)
+        stats = ckpt["action_stats"] if ckpt else data.action_stats(traj, train_eps)  # resume: the model's own
         loader = data.ClipLoader(traj, train_eps, stats, batch, seed=cfg.seed, **kw, **procs)
         # Validation draws the same random clips every time (epoch 0 of a fixed seed): consecutive clips of a few
         # episodes would make SIGReg, a test of the batch's distribution, meaningless. BN statistics are refreshed
         # on a fixed draw of training clips.
         val_loader = data.ClipLoader(traj, val_eps, stats, batch, drop_last=False, seed=cfg.seed, **kw)
         bn_loader = data.ClipLoader(traj, train_eps, stats, batch, seed=cfg.seed + 1, **kw)
+    cli.check_batches(loader, cfg.batch_size)
     for message in dict.fromkeys(str(w.message) for w in caught if rank == 0):
         print(f"note: {message}")
     return train_eps, val_eps, stats, (loader, val_loader, bn_loader)
@@ -355,17 +355,16 @@ def run(given: TrainConfig, cleanup: ExitStack) -> dict:
     t_start, timings = time.time(), {"collect_seconds": 0.0}
     device, rank, world = cli.setup_device(given.device)
     say = print if rank == 0 else (lambda *a, **k: None)
-    cfg = setup_run(given, cleanup, device, rank, world, say, timings)
+    cfg, ckpt = setup_run(given, cleanup, device, rank, world, say, timings)
     ckpt_path, metrics_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "metrics.jsonl")
-
     traj = ensure_dataset(cfg, rank, timings, say)
     mcfg = model_config(cfg, traj.action_dim)
-    train_eps, val_eps, stats, (loader, val_loader, bn_loader) = make_loaders(cfg, traj, mcfg, rank, world)
+    train_eps, val_eps, stats, (loader, val_loader, bn_loader) = make_loaders(cfg, traj, mcfg, rank, world, ckpt, say)
     torch.manual_seed(cfg.seed)
     model = use_fast_attention(LeWM(mcfg).to(device))  # same maths, a faster kernel in bf16 on CPUs
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
     sigreg = SIGReg(num_proj=cfg.num_proj).to(device)
-    step, seconds_before = cli.resume_run(cfg.resume, ckpt_path, cfg.env, cfg.data, asdict(mcfg), model, opt, say)
+    step, seconds_before = cli.resume_run(ckpt, ckpt_path, cfg.env, cfg.data, asdict(mcfg), model, opt, say)
     if rank == 0:  # the final config, printed and saved; metrics.jsonl cut back to the step the run starts from
         cli.write_json(os.path.join(cfg.out_dir, "config.json"), {"train": asdict(cfg), "model": asdict(mcfg)})
         cli.trim_metrics(metrics_path, step)
@@ -429,7 +428,7 @@ def run(given: TrainConfig, cleanup: ExitStack) -> dict:
         if step % cfg.ckpt_every == 0 or end or kept or stop:  # a kept copy or a stop needs this step's checkpoint
             save(step, train_seconds=seconds_before + time.time() - t_loop)
         if kept:
-            shutil.copyfile(ckpt_path, os.path.join(cfg.out_dir, f"ckpt_{step}.pt"))
+            cli.copy_file(ckpt_path, os.path.join(cfg.out_dir, f"ckpt_{step}.pt"))
         if stop and not end:
             cli.exit_after_signal(stop[0], step, ckpt_path, cli.resume_command(cfg, "train.py", given), bar, log)
     bar.close()
