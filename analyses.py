@@ -624,6 +624,7 @@ def fresh_encoder_capacity(
         "test_frames": len(rows_test),
         "img_size": mcfg.img_size,
         "patch_size": mcfg.patch_size,
+        "enc_depth": mcfg.enc_depth,
         "tokens": (mcfg.img_size // mcfg.patch_size) ** 2,
         "r": r,
         "median_error": probe_errors(pred, y_test, env),
@@ -793,6 +794,7 @@ class CapacityConfig:
     preset: str = "cpu"  # model preset whose encoder shape is trained (model.PRESETS)
     img_size: int = 0  # frame side the encoder sees (0 = the preset's); the data's frames are resized to it
     patch_size: int = 0  # ViT patch side, img_size a multiple of it (0 = the preset's)
+    enc_depth: int = 0  # encoder layers (0 = the preset's)
     steps: int = 1000  # AdamW steps of batch 64 (diagnose's default budget)
     val_fraction: float = 0.1  # held-out episodes the figures are measured on (data.split_episodes)
     seed: int = 42  # frame draw and initialisation
@@ -808,6 +810,7 @@ def run_capacity(cfg: CapacityConfig) -> dict:
         {
             "img_size": (">= 0", lambda v: v >= 0),
             "patch_size": (">= 0", lambda v: v >= 0),
+            "enc_depth": (">= 0", lambda v: v >= 0),
             "steps": (">= 1", lambda v: v >= 1),
             "val_fraction": ("in (0, 1)", lambda v: 0 < v < 1),
             "seed": (">= 0", lambda v: v >= 0),
@@ -820,7 +823,10 @@ def run_capacity(cfg: CapacityConfig) -> dict:
     cli.check_files({"--data": cfg.data})
     mcfg = PRESETS[cfg.preset]
     mcfg = dataclasses.replace(
-        mcfg, img_size=cfg.img_size or mcfg.img_size, patch_size=cfg.patch_size or mcfg.patch_size
+        mcfg,
+        img_size=cfg.img_size or mcfg.img_size,
+        patch_size=cfg.patch_size or mcfg.patch_size,
+        enc_depth=cfg.enc_depth or mcfg.enc_depth,
     )
     if mcfg.img_size % mcfg.patch_size:
         raise UsageError(f"--patch_size {mcfg.patch_size}: must divide the image size {mcfg.img_size}")

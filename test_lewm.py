@@ -2261,12 +2261,25 @@ def test_capacity_command_before_training(tiny_tworoom, tmp_path):
     its figures, and refuses frames smaller than the image size in one line, before any work."""
     out = tmp_path / "cap.json"
     cfg = analyses.parse_capacity_args(
-        ["capacity", "--env", "tworoom", "--data", tiny_tworoom, "--preset", "tiny", "--patch_size", "4"]
+        [
+            "capacity",
+            "--env",
+            "tworoom",
+            "--data",
+            tiny_tworoom,
+            "--preset",
+            "tiny",
+            "--patch_size",
+            "4",
+            "--enc_depth",
+            "1",
+        ]
         + ["--steps", "3", "--val_fraction", "0.34", "--device", "cpu", "--out", str(out)]
     )
     analyses.run_capacity(cfg)
     saved = json.loads(out.read_text())
     assert (saved["img_size"], saved["patch_size"], saved["tokens"], saved["steps"]) == (32, 4, 64, 3)
+    assert saved["enc_depth"] == 1 and saved["config"]["enc_depth"] == 1
     assert set(saved["r"]) == {"agent_pos"} and saved["units"] == {"agent_pos": "px"}
     res = subprocess.run(
         [sys.executable, "analyses.py", "capacity", "--env", "tworoom", "--data", tiny_tworoom, "--img_size", "64"],
