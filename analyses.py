@@ -787,6 +787,9 @@ def success_curve(
 # --- encoder capacity before training: `python analyses.py capacity`, no checkpoint needed
 
 
+CAPACITY_CHOICES = {"env": list(envs.REGISTRY), "preset": list(PRESETS), "device": cli.DEVICES}
+
+
 @dataclasses.dataclass
 class CapacityConfig:
     env: str = "pusht"  # environment whose probe quantities the fresh encoder regresses
@@ -799,14 +802,14 @@ class CapacityConfig:
     val_fraction: float = 0.1  # held-out episodes the figures are measured on (data.split_episodes)
     seed: int = 42  # frame draw and initialisation
     device: str = "auto"  # auto, cuda, mps or cpu
-    out: str = ""  # JSON results ('' = capacity_<env>_<img>px_p<patch>.json beside --data)
+    out: str = ""  # JSON results ('' = capacity_<env>_<img>px_p<patch>[_depth<d>].json beside --data)
 
 
 def run_capacity(cfg: CapacityConfig) -> dict:
     """The capacity check of `diagnose` (e) for a chosen encoder shape on a dataset, before any training."""
     cli.check_fields(
         cfg,
-        {"env": list(envs.REGISTRY), "preset": list(PRESETS), "device": cli.DEVICES},
+        CAPACITY_CHOICES,
         {
             "img_size": (">= 0", lambda v: v >= 0),
             "patch_size": (">= 0", lambda v: v >= 0),
@@ -830,9 +833,9 @@ def run_capacity(cfg: CapacityConfig) -> dict:
     )
     if mcfg.img_size % mcfg.patch_size:
         raise UsageError(f"--patch_size {mcfg.patch_size}: must divide the image size {mcfg.img_size}")
-    out = cfg.out or os.path.join(
-        os.path.dirname(os.path.abspath(cfg.data)), f"capacity_{cfg.env}_{mcfg.img_size}px_p{mcfg.patch_size}.json"
-    )
+    depth = f"_depth{cfg.enc_depth}" if cfg.enc_depth else ""
+    name = f"capacity_{cfg.env}_{mcfg.img_size}px_p{mcfg.patch_size}{depth}.json"
+    out = cfg.out or os.path.join(os.path.dirname(os.path.abspath(cfg.data)), name)
     cli.check_output(out, "--out", {"--data": cfg.data})
     traj = cli.open_dataset(cfg.data, "--data")
     data.check_env(traj, cfg.env)
@@ -867,17 +870,10 @@ def parse_capacity_args(argv: list[str]) -> CapacityConfig:
     parser = argparse.ArgumentParser(
         prog="analyses.py capacity", description=run_capacity.__doc__, formatter_class=cli.HelpFormatter
     )
-    cli.add_config_flags(
-        parser, CapacityConfig, choices={"env": list(envs.REGISTRY), "preset": list(PRESETS), "device": cli.DEVICES}
-    )
+    cli.add_config_flags(parser, CapacityConfig, choices=CAPACITY_CHOICES)
     return CapacityConfig(**vars(parser.parse_args(argv[1:])))
 
 
 if __name__ == "__main__":
-    try:
+    with cli.exit_codes("analyses.py"):  # a wrong flag or file: one line, exit code 2; Ctrl-C 130
         run_capacity(parse_capacity_args(sys.argv[1:]))
-    except UsageError as e:
-        print(f"analyses.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        sys.exit(130)

@@ -415,10 +415,5 @@ def main(cfg: PolicyConfig) -> dict:
 
 
 if __name__ == "__main__":
-    try:
+    with cli.exit_codes("policy.py"):  # a wrong flag or file: one line, exit code 2; Ctrl-C 130
         main(parse_args(sys.argv[1:]))
-    except UsageError as e:
-        print(f"policy.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        sys.exit(130)
