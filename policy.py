@@ -4,7 +4,9 @@ An MLP maps (z_now, z_goal) to one normalised action block (frameskip raw action
 It is trained with MSE on the training episodes of the world model's dataset, with hindsight goals: the goal of
 frame t is the frame t + frameskip * k of the same episode, k uniform in 1..max_goal_blocks (beyond the planning
 horizon of 5 blocks), and the target is the block of raw actions t..t+frameskip-1, normalised as in training.
-The world model stays frozen: every frame is embedded once, then the policy trains on cached embeddings.
+The world model stays frozen: every frame is embedded once, then the policy trains on cached embeddings. The
+embeddings are kept in a file (embeddings.pt beside the policy), so further runs on the same world model and data
+(other seeds, other shapes) start training at once.
 
 Planning uses it two ways: `act` gives the next block greedily, and `propose` rolls the policy open-loop through
 the world model's predictor for `horizon` blocks, a plan used as CEM's initial mean. The saved file records the
@@ -43,7 +45,7 @@ from tqdm import tqdm
 import cli
 import data
 from cli import UsageError, pick_device
-from model import LeWM, check_checkpoint, load_checkpoint, model_from_checkpoint
+from model import LeWM, check_checkpoint, load_checkpoint, model_from_checkpoint, save_checkpoint
 
 VAL_SEED = 0  # draw of the fixed validation pairs: the same for every --seed, so runs compare on the same pairs
 EMBED_BATCH = 256  # frames per encoder call
@@ -57,6 +59,7 @@ class PolicyConfig:
     ckpt: str = ""  # world-model checkpoint written by train.py (required)
     data: str = ""  # dataset ('' = the one the checkpoint was trained on)
     out: str = ""  # policy file to write ('' = policy.pt next to the checkpoint)
+    embed_cache: str = ""  # frozen embeddings kept for later runs ('' = embeddings.pt next to --out; 'none' = off)
     hidden: int = 512  # width of the hidden layers
     depth: int = 3  # hidden layers (0 = a linear map)
     goal_input: str = "diff"  # diff: the MLP sees [z_now, z_goal - z_now]; pair: [z_now, z_goal]
@@ -219,6 +222,49 @@ def val_mse(policy: nn.Module, z_now: torch.Tensor, z_goal: torch.Tensor, a: tor
     return total / a.numel()
 
 
+# --- embedding cache: later runs on the same world model and dataset (other seeds, other policy shapes) skip the
+# encoder pass. The file holds one embedding per dataset row and which rows are filled; any other world model or
+# dataset replaces it.
+
+
+def cache_key(ckpt: dict, traj: data.Trajectories) -> dict:
+    """What the cached embeddings depend on: the world model's weights and the dataset (path and row count)."""
+    return {**world_model_fingerprint(ckpt), "data": os.path.abspath(traj.path), "rows": int(traj.num_rows)}
+
+
+def cached_embeddings(path: str, key: dict, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(z (rows, D) float32, filled (rows,) bool) from the cache at `path` when it was made with `key`; otherwise
+    (zeros, all False). A missing, unreadable or foreign file is no error: it is recomputed."""
+    empty = torch.zeros(key["rows"], dim), torch.zeros(key["rows"], dtype=torch.bool)
+    if not path or not os.path.isfile(path):
+        return empty
+    try:
+        saved = load_checkpoint(path)
+    except ValueError:
+        return empty
+    if not isinstance(saved, dict) or saved.get("key") != key or saved["z"].shape != empty[0].shape:
+        return empty
+    return saved["z"].float(), saved["filled"].bool()
+
+
+def embed_with_cache(model: LeWM, traj: data.Trajectories, rows: np.ndarray, path: str, key: dict) -> torch.Tensor:
+    """Embeddings z (rows of the file, D) on the model's device, every row in `rows` filled: the cached ones are
+    read, the others embedded and added to the cache (written atomically; a failed write only warns)."""
+    z, filled = cached_embeddings(path, key, model.cfg.embed_dim)  # (N, D), (N,)
+    todo = rows[~filled[torch.from_numpy(rows)].numpy()]  # (R',) rows still to embed
+    if len(todo):
+        z[torch.from_numpy(todo)] = embed_rows(model, traj, todo).cpu()
+        filled[torch.from_numpy(todo)] = True
+        if path:
+            try:
+                save_checkpoint(path, {"key": key, "z": z, "filled": filled})
+            except OSError as e:
+                print(f"warning: embedding cache {path} not written ({e.strerror}); the next run embeds again")
+    else:
+        print(f"embeddings of {len(rows)} frames read from {path}")
+    return z.to(next(model.parameters()).device)
+
+
 # --- checkpoints
 
 
@@ -297,7 +343,17 @@ def check_run(cfg: PolicyConfig, ckpt: dict, model: LeWM, traj: data.Trajectorie
             raise UsageError(f"--data {path}: no {name} episode is longer than one block ({model.cfg.frameskip} rows)")
     out = cfg.out or os.path.join(os.path.dirname(cfg.ckpt), "policy.pt")
     cli.check_output(out, "--out", {"--ckpt": cfg.ckpt, "--data": path})
+    cache = embed_cache_path(cfg, out)
+    if cache:
+        cli.check_output(cache, "--embed_cache", {"--ckpt": cfg.ckpt, "--data": path, "--out": out})
     return out
+
+
+def embed_cache_path(cfg: PolicyConfig, out: str) -> str:
+    """The embedding cache's file: --embed_cache, embeddings.pt beside the policy file, or '' when it is 'none'."""
+    if cfg.embed_cache == "none":
+        return ""
+    return cfg.embed_cache or os.path.join(os.path.dirname(os.path.abspath(out)), "embeddings.pt")
 
 
 def prepare(cfg: PolicyConfig) -> tuple[PolicyConfig, dict, LeWM, data.Trajectories]:
@@ -322,7 +378,8 @@ def prepare(cfg: PolicyConfig) -> tuple[PolicyConfig, dict, LeWM, data.Trajector
     except UsageError:
         traj.close()
         raise
-    return dataclasses.replace(cfg, data=os.path.abspath(path), out=out), ckpt, model, traj
+    resolved = dataclasses.replace(cfg, data=os.path.abspath(path), out=out, embed_cache=embed_cache_path(cfg, out))
+    return resolved, ckpt, model, traj
 
 
 # --- main
@@ -342,8 +399,7 @@ def main(cfg: PolicyConfig) -> dict:
     # Embed every frame of the episodes used, once; rows of unused episodes stay 0 and are never drawn.
     t_start = time.time()
     rows = traj.episode_rows(np.concatenate([train_eps, val_eps]))  # (R,)
-    z = torch.zeros(traj.num_rows, dim, device=device)  # (rows of the file, D)
-    z[torch.from_numpy(rows).to(device)] = embed_rows(model, traj, rows)  # (R, D)
+    z = embed_with_cache(model, traj, rows, cfg.embed_cache, cache_key(ckpt, traj))  # (rows of the file, D)
     action = data.normalize_actions(traj.cache("action"), ckpt["action_stats"])  # (rows, a), NaN -> 0
     blocks = torch.from_numpy(action_blocks(action, f)).to(device)  # (rows, A)
     embed_seconds = time.time() - t_start

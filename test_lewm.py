@@ -3016,6 +3016,39 @@ def test_policy_main_trains_saves_and_checks_world_model(tmp_path, tiny_run):
     assert "\n" not in str(e.value)
 
 
+def test_policy_embedding_cache_is_reused_only_for_its_world_model(tmp_path, tiny_run, monkeypatch):
+    """A second run reads the embeddings the first one cached (the encoder is not called) and trains the very same
+    policy; a cache made for other weights is not used but replaced; 'none' writes no cache."""
+    ckpt_path = tiny_run[0]
+    kw = {"ckpt": ckpt_path, "steps": 10, "val_every": 10, "batch_size": 32, "hidden": 16, "device": "cpu"}
+    first = policy.main(policy.PolicyConfig(out=str(tmp_path / "a.pt"), **kw))
+    cache = tmp_path / "embeddings.pt"
+    assert cache.is_file()
+    embedded = policy.embed_rows
+
+    def no_encoder(*args, **kwargs):
+        raise AssertionError("the encoder ran although the cache holds every row")
+
+    monkeypatch.setattr(policy, "embed_rows", no_encoder)
+    second = policy.main(policy.PolicyConfig(out=str(tmp_path / "b.pt"), **kw))
+    assert second["val_mse"] == first["val_mse"]
+    a, b = load_checkpoint(str(tmp_path / "a.pt"))["policy"], load_checkpoint(str(tmp_path / "b.pt"))["policy"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    saved = load_checkpoint(str(cache))
+    saved["key"] = {**saved["key"], "sha256": "0" * 64}  # as if another world model had written it
+    saved["z"] = torch.randn_like(saved["z"])
+    save_checkpoint(str(cache), saved)
+    calls = []
+    monkeypatch.setattr(policy, "embed_rows", lambda *a, **k: calls.append(1) or embedded(*a, **k))
+    third = policy.main(policy.PolicyConfig(out=str(tmp_path / "c.pt"), **kw))
+    assert calls and third["val_mse"] == first["val_mse"]
+    assert load_checkpoint(str(cache))["key"]["sha256"] != "0" * 64
+
+    policy.main(policy.PolicyConfig(out=str(tmp_path / "off" / "d.pt"), embed_cache="none", **kw))
+    assert not (tmp_path / "off" / "embeddings.pt").exists()
+
+
 def test_policy_main_refuses_bad_arguments(tmp_path, tiny_run):
     """main() refuses, before any work, a missing checkpoint, an out-of-range field and --out onto the world-model
     checkpoint or the dataset."""
