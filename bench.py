@@ -1,8 +1,9 @@
-"""Benchmarks: simulator steps/s, loader clips/s, training samples/s and FLOP/s, seconds per CEM plan; and how
-close our renderers come to a frame of the reference renderer (SSIM and mean absolute difference).
+"""Benchmarks: simulator steps/s, loader clips/s, size and clip read time per pixel storage format, training
+samples/s and FLOP/s, seconds per CEM plan; and how close our renderers come to a frame of the reference renderer
+(SSIM and mean absolute difference).
 
 Run: python bench.py            (everything)
-     python bench.py --only envs (one area: envs, data, train, plan)
+     python bench.py --only envs (one area: envs, data, decode, train, plan)
      python bench.py render-match --env pusht --image FRAME.png   (fit our renderer's state to a 224 px frame)
 """
 
@@ -13,8 +14,10 @@ import sys
 import tempfile
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import replace
 
+import h5py
 import numpy as np
 import torch
 
@@ -114,6 +117,134 @@ def bench_data(
             + "".join(f"{r[f'clips_per_s_{w}']:>{widths[name]}.0f}" for w, name in names.items())
         )
     print("(clips/s by the background thread and by worker processes; a cached loader always uses the thread)")
+    return rows
+
+
+# --- pixel storage formats: bytes per frame and clip read time
+
+
+def _storage_options(frame_shape: tuple, chunk_rows: int) -> dict[str, dict | None]:
+    """h5py `create_dataset` keywords of the pixels for each storage format, by name; None: a raw .npy file.
+
+    Chunks of `chunk_rows` frames of `frame_shape` (H, W, 3), as data.append_episode writes them, unless the name
+    says otherwise; gzip-1 with those chunks is the format collect.py writes (data.PIXEL_COMPRESSION). The Blosc
+    formats need the optional hdf5plugin package and are left out, with a note, without it.
+    """
+    chunks = (chunk_rows, *frame_shape)
+    gzip = {f"gzip-{level}": {"compression": "gzip", "compression_opts": level} for level in (1, 4, 9)}
+    options = {name: {"chunks": chunks, **opts} for name, opts in gzip.items()}
+    options["lzf"] = {"chunks": chunks, "compression": "lzf"}
+    options["none"] = {"chunks": chunks}
+    options["gzip-1 1 frame/chunk"] = {"chunks": (1, *frame_shape), **gzip["gzip-1"]}
+    try:
+        import hdf5plugin  # optional: registers the Blosc filter with HDF5
+    except ImportError:
+        print("hdf5plugin is not installed: no Blosc rows (pip install hdf5plugin)")
+    else:
+        for cname in ("lz4", "zstd"):  # byte shuffle (Blosc's default) leaves 1-byte pixels as they are
+            blosc = hdf5plugin.Blosc(cname=cname, clevel=5, shuffle=hdf5plugin.Blosc.SHUFFLE)
+            options[f"blosc-{cname}"] = {"chunks": chunks, "compression": blosc}
+    options["npy (raw, mmap)"] = None
+    return options
+
+
+def _write_pixels(src: str, dst: str, pixels: np.ndarray, opts: dict) -> None:
+    """Copy the trajectory file `src` to `dst`, its pixels (N, H, W, 3) uint8 stored with the `create_dataset`
+    keywords `opts`; every other column and the file's attributes as they are."""
+    with h5py.File(src, "r") as s, h5py.File(dst, "w") as d:
+        d.attrs.update(s.attrs)
+        for name in s:
+            if name != "pixels":
+                s.copy(s[name], d)
+        d.create_dataset("pixels", data=pixels, **opts)
+
+
+def _clip_rows(traj: data.Trajectories, clips: int, seed: int) -> np.ndarray:
+    """Rows (clips, T) int64 of random training clips of the paper preset (T = 4 frames, frameskip rows apart),
+    drawn from np.random.default_rng(seed) among data.ClipLoader's starts (a whole clip ahead in the episode)."""
+    shape = clip_shape(PRESETS["paper"])
+    T, f = shape["history"] + shape["num_preds"], shape["frameskip"]
+    starts = traj.episode_rows(range(traj.num_episodes), drop_last=T * f - 1)  # (R,) every clip start
+    return np.random.default_rng(seed).choice(starts, clips)[:, None] + f * np.arange(T)  # (clips, T)
+
+
+def _time_clips(read: Callable[[np.ndarray], np.ndarray], pixels: np.ndarray, clip_rows: np.ndarray) -> float:
+    """Seconds per clip of `read(rows)` -> (T, H, W, 3) over `clip_rows` (K, T), after one untimed warm-up read.
+    Outside the timing each clip must equal the original frames `pixels` (N, H, W, 3) uint8 bit for bit."""
+    read(clip_rows[0])
+    seconds = 0.0
+    for rows in clip_rows:
+        start = time.perf_counter()
+        clip = read(rows)  # (T, H, W, 3)
+        seconds += time.perf_counter() - start
+        if clip.dtype != np.uint8 or not np.array_equal(clip, pixels[rows]):
+            raise RuntimeError(f"rows {rows.tolist()} read back differ from the frames written")
+    return seconds / len(clip_rows)
+
+
+def _read_clips(path: str, pixels: np.ndarray, clip_rows: np.ndarray) -> tuple[int, float]:
+    """(bytes of pixels on disk, seconds per clip) of a rewritten file: an .h5 read through data.Trajectories.read
+    with no chunk cache (as the loader streams), a .npy through a read-only memory map (frames already decoded)."""
+    if path.endswith(".npy"):
+        frames = np.load(path, mmap_mode="r")  # (N, H, W, 3) uint8
+        return os.path.getsize(path), _time_clips(lambda rows: frames[rows], pixels, clip_rows)
+    with data.Trajectories(path, chunk_cache_bytes=0) as traj:
+        size = traj.file["pixels"].id.get_storage_size()  # allocated chunks, so a partly filled last one counts whole
+        return size, _time_clips(lambda rows: traj.read("pixels", rows), pixels, clip_rows)
+
+
+def bench_decode(
+    env: str = "pusht", episodes: int = 30, img_size: int = 224, clips: int = 1000, seed: int = 0
+) -> list[dict]:
+    """Collection speed of one worker, then the size on disk and the clip read time of each pixel storage format.
+
+    Collects `episodes` episodes at `img_size` px with one worker process (episodes/s per worker), loads their
+    pixels (N, H, W, 3) uint8 into RAM and rewrites them once per format of `_storage_options`, one file at a time.
+    Per format: KB per frame on disk (1 KB = 1000 bytes), write ms per frame, and the time to read `clips` training
+    clips one at a time on one core (ms/clip, clips/s), the clips as data.ClipLoader reads them (`_clip_rows`), from
+    starts drawn with `seed`, the same for every format. Every clip read is checked bit-identical to the original
+    frames. The files sit in the OS page cache, so this times decoding and assembly, not the disk.
+    """
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, f"{env}_{img_size}.h5")
+        start = time.perf_counter()
+        collect.collect(env, episodes, path, img_size=img_size, workers=1)
+        collect_s = time.perf_counter() - start
+        with data.Trajectories(path) as traj:
+            pixels = traj.cache("pixels")  # (N, H, W, 3) uint8: the original frames
+            chunk_rows = traj.file["pixels"].chunks[0]
+            clip_rows = _clip_rows(traj, clips, seed)  # (clips, T)
+        n = len(pixels)
+        info = {"env": env, "img_size": img_size, "episodes": episodes, "frames": n}
+        info["collect_episodes_per_s"] = episodes / collect_s
+        for name, opts in _storage_options(pixels.shape[1:], chunk_rows).items():
+            out = os.path.join(tmp, f"{len(rows)}.npy" if opts is None else f"{len(rows)}.h5")
+            start = time.perf_counter()
+            if opts is None:
+                np.save(out, pixels)
+            else:
+                _write_pixels(path, out, pixels, opts)
+            write_s = time.perf_counter() - start
+            size, clip_s = _read_clips(out, pixels, clip_rows)
+            os.remove(out)  # one rewritten copy on disk at a time
+            row = {**info, "option": name, "kb_per_frame": size / n / 1e3, "write_ms_per_frame": 1e3 * write_s / n}
+            rows.append(row | {"ms_per_clip": 1e3 * clip_s, "clips_per_s": 1 / clip_s})
+    base = next(r for r in rows if r["option"] == "gzip-1")
+    for r in rows:
+        r["size_vs_gzip1"] = r["kb_per_frame"] / base["kb_per_frame"]
+        r["speed_vs_gzip1"] = r["clips_per_s"] / base["clips_per_s"]
+    print(
+        f"collect: {episodes} {env} episodes ({n} frames) at {img_size} px by 1 worker in {collect_s:.1f} s, "
+        f"{info['collect_episodes_per_s']:.2f} episodes/s per worker"
+    )
+    print(f"{'option':<22}{'KB/frame':>10}{'size':>7}{'write ms/frame':>16}{'ms/clip':>9}{'clips/s':>10}{'speed':>9}")
+    for r in rows:
+        print(
+            f"{r['option']:<22}{r['kb_per_frame']:>10.2f}{r['size_vs_gzip1']:>6.2f}x{r['write_ms_per_frame']:>16.3f}"
+            f"{r['ms_per_clip']:>9.3f}{r['clips_per_s']:>10.0f}{r['speed_vs_gzip1']:>8.2f}x"
+        )
+    print("(size and speed relative to gzip-1, the format collect.py writes; one core, clips read one at a time)")
     return rows
 
 
@@ -555,7 +686,7 @@ def render_match(name: str, image_path: str) -> dict:
     return result
 
 
-BENCHES = {"envs": bench_envs, "data": bench_data, "train": bench_train, "plan": bench_plan}
+BENCHES = {"envs": bench_envs, "data": bench_data, "decode": bench_decode, "train": bench_train, "plan": bench_plan}
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["render-match"]:

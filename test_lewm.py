@@ -2830,6 +2830,24 @@ def test_bench_render_match_recovers_known_states(tmp_path):
             assert abs((res["state"][4] - state[4] + np.pi) % (2 * np.pi) - np.pi) < 0.05
 
 
+def test_bench_decode_reports_every_storage_format():
+    """bench_decode on 2 tiny episodes gives a row per storage format with positive sizes and times (each format
+    read back bit-identical), the uncompressed pixels at H*W*3 bytes per frame, and every gzip level smaller."""
+    import importlib.util
+
+    import bench
+
+    rows = {r["option"]: r for r in bench.bench_decode(episodes=2, img_size=64, clips=10)}
+    names = ["gzip-1", "gzip-4", "gzip-9", "lzf", "none", "gzip-1 1 frame/chunk", "npy (raw, mmap)"]
+    if importlib.util.find_spec("hdf5plugin"):
+        names += ["blosc-lz4", "blosc-zstd"]
+    assert sorted(rows) == sorted(names)
+    for r in rows.values():
+        assert r["kb_per_frame"] > 0 and r["ms_per_clip"] > 0 and r["clips_per_s"] > 0
+    assert rows["none"]["kb_per_frame"] * 1e3 == pytest.approx(64 * 64 * 3, rel=0.1)
+    assert all(rows[f"gzip-{level}"]["kb_per_frame"] < rows["none"]["kb_per_frame"] for level in (1, 4, 9))
+
+
 # --- docs and project: the README runs, the project stands alone
 
 
