@@ -9,7 +9,6 @@ Run: python bench.py            (everything)
 
 import argparse
 import os
-import struct
 import sys
 import tempfile
 import time
@@ -24,6 +23,7 @@ import torch
 import collect
 import data
 import envs
+from charts import load_png
 from kernels import native_bf16, use_fast_attention
 from model import PRESETS, LeWM
 from planner import cem, make_cost
@@ -515,57 +515,6 @@ def bench_plan(presets: tuple[str, ...] | None = None, batches: tuple[int, ...] 
 # --- main
 
 # --- render similarity: our renderer against a frame of the reference renderer at a fitted state
-
-
-def load_png(path: str) -> np.ndarray:
-    """Read an 8-bit, non-interlaced grey, RGB or RGBA PNG as (H, W, 3) uint8 (zlib only, no imaging library)."""
-    with open(path, "rb") as f:
-        raw = f.read()
-    if raw[:8] != b"\x89PNG\r\n\x1a\n":
-        raise ValueError(f"{path}: not a PNG file")
-    pos, idat, header = 8, [], None
-    while pos + 8 <= len(raw):
-        length, kind = struct.unpack(">I4s", raw[pos : pos + 8])
-        body = raw[pos + 8 : pos + 8 + length]
-        if kind == b"IHDR":
-            header = struct.unpack(">IIBBBBB", body)
-        elif kind == b"IDAT":
-            idat.append(body)
-        pos += 12 + length
-    if header is None:
-        raise ValueError(f"{path}: PNG without a header chunk")
-    w, h, depth, colour, _, _, interlace = header
-    channels = {0: 1, 2: 3, 6: 4}.get(colour)
-    if depth != 8 or channels is None or interlace:
-        raise ValueError(
-            f"{path}: only 8-bit non-interlaced grey, RGB or RGBA PNGs are read (bit depth {depth}, "
-            f"colour type {colour}, interlace {interlace})"
-        )
-    stride = w * channels
-    data_rows = np.frombuffer(zlib.decompress(b"".join(idat)), np.uint8).reshape(h, stride + 1)
-    out = np.zeros((h, stride), np.int32)
-    prev = np.zeros(stride, np.int32)
-    for y in range(h):  # undo the per-row filters (PNG spec: none, sub, up, average, Paeth)
-        kind, line = data_rows[y, 0], data_rows[y, 1:].astype(np.int32)
-        if kind in (0, 2):
-            cur = (line + (prev if kind == 2 else 0)) & 255
-        else:
-            cur = np.zeros(stride, np.int32)
-            for x in range(stride):
-                left = cur[x - channels] if x >= channels else 0
-                up_left = prev[x - channels] if x >= channels else 0
-                if kind == 1:
-                    pred = left
-                elif kind == 3:
-                    pred = (left + prev[x]) // 2
-                else:
-                    p = left + prev[x] - up_left
-                    pa, pb, pc = abs(p - left), abs(p - prev[x]), abs(p - up_left)
-                    pred = left if pa <= pb and pa <= pc else prev[x] if pb <= pc else up_left
-                cur[x] = (line[x] + pred) & 255
-        out[y], prev = cur, cur
-    img = out.astype(np.uint8).reshape(h, w, channels)
-    return np.repeat(img, 3, axis=2) if channels == 1 else img[..., :3]
 
 
 def _gaussian_filter(x: np.ndarray, size: int, sigma: float) -> np.ndarray:

@@ -2,12 +2,18 @@
 of train.py's metrics.jsonl, and filmstrips of planning episodes (observation beside goal).
 
 Serves train.py (metrics.png), evaluate.py (--video filmstrips and summary.png) and analyses.py (the surprise plot
-and the success-against-training-time curve). Only numpy: images are (H, W, 3) uint8 arrays written with
+and the success-against-training-time curve). `python charts.py compare --pair N --out F.png DIR:LABEL ...` stacks
+one pair's filmstrips from several --video folders (say, CEM's and the policy's). Only numpy: images are (H, W, 3) uint8 arrays written with
 envs.save_png; GIFs need Pillow or imageio and are skipped without them. Nothing here is part of the method.
 """
 
+import argparse
+import glob
 import math
 import os
+import struct
+import sys
+import zlib
 
 import numpy as np
 
@@ -265,3 +271,95 @@ def save_episode_pictures(folder: str, env: str, videos, goal_frames, per_episod
         f"episodes: {folder}/episode_*.png (every 5th step, observation beside goal), summary.png"
         + ("" if gifs else "; GIFs need Pillow or imageio (pip install pillow)")
     )
+
+
+# --- comparing two ways of planning on one pair
+
+
+def load_png(path: str) -> np.ndarray:
+    """Read an 8-bit, non-interlaced grey, RGB or RGBA PNG as (H, W, 3) uint8 (zlib only, no imaging library)."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    if raw[:8] != b"\x89PNG\r\n\x1a\n":
+        raise ValueError(f"{path}: not a PNG file")
+    pos, idat, header = 8, [], None
+    while pos + 8 <= len(raw):
+        length, kind = struct.unpack(">I4s", raw[pos : pos + 8])
+        body = raw[pos + 8 : pos + 8 + length]
+        if kind == b"IHDR":
+            header = struct.unpack(">IIBBBBB", body)
+        elif kind == b"IDAT":
+            idat.append(body)
+        pos += 12 + length
+    if header is None:
+        raise ValueError(f"{path}: PNG without a header chunk")
+    w, h, depth, colour, _, _, interlace = header
+    channels = {0: 1, 2: 3, 6: 4}.get(colour)
+    if depth != 8 or channels is None or interlace:
+        raise ValueError(
+            f"{path}: only 8-bit non-interlaced grey, RGB or RGBA PNGs are read (bit depth {depth}, "
+            f"colour type {colour}, interlace {interlace})"
+        )
+    stride = w * channels
+    data_rows = np.frombuffer(zlib.decompress(b"".join(idat)), np.uint8).reshape(h, stride + 1)
+    out = np.zeros((h, stride), np.int32)
+    prev = np.zeros(stride, np.int32)
+    for y in range(h):  # undo the per-row filters (PNG spec: none, sub, up, average, Paeth)
+        kind, line = data_rows[y, 0], data_rows[y, 1:].astype(np.int32)
+        if kind in (0, 2):
+            cur = (line + (prev if kind == 2 else 0)) & 255
+        else:
+            cur = np.zeros(stride, np.int32)
+            for x in range(stride):
+                left = cur[x - channels] if x >= channels else 0
+                up_left = prev[x - channels] if x >= channels else 0
+                if kind == 1:
+                    pred = left
+                elif kind == 3:
+                    pred = (left + prev[x]) // 2
+                else:
+                    p = left + prev[x] - up_left
+                    pa, pb, pc = abs(p - left), abs(p - prev[x]), abs(p - up_left)
+                    pred = left if pa <= pb and pa <= pc else prev[x] if pb <= pc else up_left
+                cur[x] = (line[x] + pred) & 255
+        out[y], prev = cur, cur
+    img = out.astype(np.uint8).reshape(h, w, channels)
+    return np.repeat(img, 3, axis=2) if channels == 1 else img[..., :3]
+
+
+def compare_episodes(folders: list[str], labels: list[str], pair: int) -> np.ndarray:
+    """The filmstrips of one pair from several --video folders (episode_NNN_ok/fail.png), one above another, each
+    under its label (say, the planner that made it). (H, W, 3) uint8; ValueError (one line) when one is missing."""
+    sheets = []
+    for folder, label in zip(folders, labels, strict=True):
+        hits = sorted(glob.glob(os.path.join(folder, f"episode_{pair:03d}_*.png")))
+        if not hits:
+            raise ValueError(f"{folder}: no filmstrip of pair {pair} (episode_{pair:03d}_ok.png or _fail.png)")
+        sheet = load_png(hits[0])  # (h, w, 3)
+        band = np.full((22, sheet.shape[1], 3), 255, np.uint8)
+        draw_text(band, 0, 2, label, (0, 0, 160), scale=2)
+        sheets.append(np.concatenate([band, sheet]))
+    return stack_sheets(sheets)
+
+
+def main(argv: list[str]) -> None:
+    """python charts.py compare --pair N --out FILE.png DIR:LABEL DIR:LABEL ..."""
+    parser = argparse.ArgumentParser(prog="charts.py", description="Pictures from files other commands wrote.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    comp = sub.add_parser("compare", help="one pair's filmstrips from several evaluate.py --video folders, stacked")
+    comp.add_argument("folders", nargs="+", metavar="DIR:LABEL", help="a --video folder and the label above it")
+    comp.add_argument("--pair", type=int, required=True, help="the pair's index (the NNN of episode_NNN_*.png)")
+    comp.add_argument("--out", required=True, help="PNG to write")
+    args = parser.parse_args(argv)
+    split = [f.rsplit(":", 1) if ":" in f else (f, os.path.basename(os.path.normpath(f))) for f in args.folders]
+    try:
+        sheet = compare_episodes([d for d, _ in split], [label for _, label in split], args.pair)
+    except (OSError, ValueError, zlib.error) as e:
+        parser.error(str(e).splitlines()[0])
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    envs.save_png(args.out, sheet)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -2782,18 +2782,38 @@ def _png_bytes(image: np.ndarray, filters: list[int]) -> bytes:
     )
 
 
-def test_bench_load_png_undoes_every_filter(tmp_path):
+def test_charts_load_png_undoes_every_filter(tmp_path):
     """load_png reads back envs.save_png output and rows written with each of the five PNG filters, exactly."""
-    import bench
-
     image = np.random.default_rng(0).integers(0, 256, (10, 7, 3), dtype=np.uint8)
     envs.save_png(str(tmp_path / "a.png"), image)
-    np.testing.assert_array_equal(bench.load_png(str(tmp_path / "a.png")), image)
+    np.testing.assert_array_equal(charts.load_png(str(tmp_path / "a.png")), image)
     (tmp_path / "b.png").write_bytes(_png_bytes(image, [0, 1, 2, 3, 4, 4, 3, 2, 1, 0]))
-    np.testing.assert_array_equal(bench.load_png(str(tmp_path / "b.png")), image)
+    np.testing.assert_array_equal(charts.load_png(str(tmp_path / "b.png")), image)
     (tmp_path / "c.png").write_bytes(b"GIF89a")
     with pytest.raises(ValueError, match="not a PNG"):
-        bench.load_png(str(tmp_path / "c.png"))
+        charts.load_png(str(tmp_path / "c.png"))
+
+
+def test_charts_compare_stacks_one_pairs_filmstrips_under_labels(tmp_path):
+    """compare_episodes puts each folder's filmstrip of the pair, pixel for pixel, under a label band, one above
+    another; a folder without that pair is named in one line, and the CLI writes the PNG."""
+    rng = np.random.default_rng(0)
+    strips = {}
+    for name, success in (("cem", False), ("idm", True)):
+        frames = [rng.integers(0, 256, (16, 16, 3), dtype=np.uint8) for _ in range(11)]
+        record = {"index": 3, "success": success, "first_success_step": 7 if success else None}
+        charts.save_episode_pictures(str(tmp_path / name), "cube", [frames], [frames[-1]], [record])
+        strips[name] = charts.load_png(str(tmp_path / name / f"episode_003_{'ok' if success else 'fail'}.png"))
+    sheet = charts.compare_episodes([str(tmp_path / "cem"), str(tmp_path / "idm")], ["CEM", "policy"], 3)
+    h = strips["cem"].shape[0]
+    np.testing.assert_array_equal(sheet[22 : 22 + h, : strips["cem"].shape[1]], strips["cem"])
+    np.testing.assert_array_equal(sheet[-strips["idm"].shape[0] :, : strips["idm"].shape[1]], strips["idm"])
+    assert (sheet[:22] != 255).any()  # the label is drawn
+    with pytest.raises(ValueError, match="no filmstrip of pair 4") as e:
+        charts.compare_episodes([str(tmp_path / "cem")], ["CEM"], 4)
+    assert "\n" not in str(e.value)
+    charts.main(["compare", "--pair", "3", "--out", str(tmp_path / "c.png"), f"{tmp_path / 'cem'}:CEM"])
+    assert charts.load_png(str(tmp_path / "c.png")).shape[0] == 22 + h
 
 
 def test_bench_ssim_known_properties():
