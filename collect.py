@@ -144,9 +144,12 @@ def _write_json(path: str, obj: dict) -> None:
     os.replace(tmp, path)
 
 
-def _merge(parts: str, base: str | None, first: int, target: int, tmp: str, meta: dict) -> list[int]:
-    """Write `tmp`: the episodes of `base` (appending) then the parts first..target-1, in order. Returns the indices
-    of unreadable part files (deleted, to be collected again); empty when `tmp` is complete."""
+def _merge(
+    parts: str, base: str | None, first: int, target: int, tmp: str, meta: dict, pixel_format: str = "gzip"
+) -> list[int]:
+    """Write `tmp`: the episodes of `base` (appending) then the parts first..target-1, in order, a new file's pixels
+    in `pixel_format` (the parts are always gzip). Returns the indices of unreadable part files (deleted, to be
+    collected again); empty when `tmp` is complete."""
     if base:
         shutil.copyfile(base, tmp)
     bad = []
@@ -162,7 +165,7 @@ def _merge(parts: str, base: str | None, first: int, target: int, tmp: str, meta
                 os.remove(_part_path(parts, e))
                 continue
             if not bad:
-                append_episode(f, episode)
+                append_episode(f, episode, pixel_format)
     return bad
 
 
@@ -191,6 +194,7 @@ def check_collect_args(
     workers: int,
     episode_steps: int | None,
     seed: int = 0,
+    pixel_format: str = "gzip",
 ) -> None:
     """Every collection argument checked before any work: a UsageError naming the flag and its value."""
     if env not in envs.REGISTRY:
@@ -206,6 +210,10 @@ def check_collect_args(
     ):
         if not ok:
             raise UsageError(f"{flag} {value}: must be {rule}")
+    try:
+        data.pixel_compression(pixel_format)
+    except ValueError as e:
+        raise UsageError(f"--compression {pixel_format}: {e}") from e
     try:
         envs.make_env(env, img_size=img_size).close()
     except ValueError as e:
@@ -253,8 +261,10 @@ def collect(
     workers: int = 2,
     episode_steps: int | None = None,
     append: bool = False,
+    pixel_format: str = "gzip",
 ) -> str:
-    """Collect `episodes` episodes of `env` into `out` (or add them to it with `append`); returns `out`.
+    """Collect `episodes` episodes of `env` into `out` (or add them to it with `append`); returns `out`. A new file
+    stores its pixels in `pixel_format` (data.PIXEL_FORMATS; appending keeps the file's own).
 
     Episode e (its position in the file) is rolled out with `np.random.default_rng(seed + e)`, so the content
     depends neither on `workers` nor on interruptions. Each finished episode is saved at once as its own part file
@@ -263,14 +273,15 @@ def collect(
     command again after any interruption, `kill -9` included, collects only the missing parts.
     """
     out = os.fspath(out)
-    check_collect_args(env, episodes, out, img_size, policy, noise, workers, episode_steps, seed)
+    check_collect_args(env, episodes, out, img_size, policy, noise, workers, episode_steps, seed, pixel_format)
     with ExitStack() as cleanup:  # a second collection to the same `out` is refused while this one runs
         lock_file(out + ".lock", f"--out {out}", "collection", cleanup)
         cleanup.callback(remove_quietly, out + ".lock")  # runs first (LIFO): removed while held
-        return _collect_locked(env, episodes, out, img_size, policy, noise, seed, workers, episode_steps, append)
+        settings = (img_size, policy, noise, seed, workers, episode_steps, append, pixel_format)
+        return _collect_locked(env, episodes, out, *settings)
 
 
-def _collect_locked(env, episodes, out, img_size, policy, noise, seed, workers, episode_steps, append) -> str:
+def _collect_locked(env, episodes, out, img_size, policy, noise, seed, workers, episode_steps, append, pixel_format):
     """`collect`, its arguments checked and `<out>.lock` held."""
     spec = envs.REGISTRY[env]
     meta = {
@@ -309,7 +320,7 @@ def _collect_locked(env, episodes, out, img_size, policy, noise, seed, workers, 
                 pool.close()
                 pool.join()
                 pool = None
-            bad = _merge(parts, out if append else None, first, target, tmp, meta)
+            bad = _merge(parts, out if append else None, first, target, tmp, meta, pixel_format)
             if not bad:
                 break
             print(f"{parts}: unreadable part files for episodes {bad}; collecting them again")
@@ -392,6 +403,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="episode e uses np.random.default_rng(seed + e)")
     parser.add_argument("--workers", type=int, default=2, help="worker processes rolling out episodes")
     parser.add_argument("--append", action="store_true", help="add --episodes episodes to an existing --out")
+    parser.add_argument(
+        "--compression",
+        default="gzip",
+        choices=data.PIXEL_FORMATS,
+        help="pixel storage: gzip level 1 (any h5py reads it) or blosc-zstd (smaller and faster to read; needs "
+        "pip install hdf5plugin to write and to read); --append keeps the file's own",
+    )
     args = parser.parse_args(argv)
     out = args.out or default_data_path(args.env, args.img_size, args.episodes)
     try:
@@ -406,6 +424,7 @@ def main(argv: list[str] | None = None) -> None:
             args.workers,
             args.episode_steps,
             args.append,
+            args.compression,
         )
     except UsageError as e:
         parser.exit(2, f"{os.path.basename(sys.argv[0])}: error: {e}\n")

@@ -1218,6 +1218,23 @@ def test_data_official_layout_loads(tmp_path):
         assert pixels.shape == (16, 4, 4, 4, 3) and actions.shape == (16, 4, 10)
 
 
+def test_collect_blosc_zstd_stores_the_same_frames(tmp_path, pusht_file, monkeypatch):
+    """--compression blosc-zstd writes the Blosc filter (id 32001) and exactly the frames the gzip default writes;
+    an unknown format, or Blosc without hdf5plugin, is refused in one line before any episode is collected."""
+    pytest.importorskip("hdf5plugin")
+    path = _collect(tmp_path / "zstd.h5", workers=1, pixel_format="blosc-zstd")
+    with h5py.File(path) as f, h5py.File(pusht_file) as ref:
+        plist = f["pixels"].id.get_create_plist()
+        assert 32001 in [plist.get_filter(i)[0] for i in range(plist.get_nfilters())]
+        np.testing.assert_array_equal(f["pixels"][()], ref["pixels"][()])
+    monkeypatch.setattr(data, "_import_hdf5plugin", lambda: False)
+    for fmt, message in (("lz4", "unknown pixel format"), ("blosc-zstd", "pip install hdf5plugin")):
+        with pytest.raises(cli.UsageError, match=message) as e:
+            _collect(tmp_path / f"{fmt}.h5", workers=1, pixel_format=fmt)
+        assert "\n" not in str(e.value) and str(e.value).startswith(f"--compression {fmt}")
+        assert not os.path.exists(tmp_path / f"{fmt}.h5.parts")
+
+
 def test_data_official_blosc_file_reads_like_gzip(tmp_path):
     """An official-layout file with Blosc/lz4 + byte-shuffle pixels (hdf5plugin) reads clip for clip equal to the
     same data gzip-compressed."""
