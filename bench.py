@@ -66,10 +66,12 @@ def bench_data(
     batches: int = 20,
     workers: tuple = (0, 1, 2),
     decode_frames: int = 512,
+    pixel_format: str = "gzip",
 ) -> list[dict]:
-    """Collect a small dataset per frame size, then time the clip loader (batch 64) with pixels cached and streamed,
-    each with the background thread (0) and with `workers` worker processes (1, 2), in clips/s; and the decode
-    time per frame: `decode_frames` frames read in order (each chunk decompressed once) / frames.
+    """Collect a small dataset per frame size (pixels stored in `pixel_format`, data.PIXEL_FORMATS), then time the
+    clip loader (batch 64) with pixels cached and streamed, each with the background thread (0) and with `workers`
+    worker processes (1, 2), in clips/s; and the decode time per frame: `decode_frames` frames read in order (each
+    chunk decompressed once) / frames.
 
     Streamed reads run with no HDF5 chunk cache, as for a dataset far larger than RAM (the small file itself still
     sits in the OS page cache, so this measures decompression and assembly, not the disk). A cached loader uses
@@ -79,8 +81,10 @@ def bench_data(
     with tempfile.TemporaryDirectory() as tmp:
         for size in sizes:
             start = time.perf_counter()
-            path = collect.collect(env, episodes, os.path.join(tmp, f"{env}_{size}.h5"), img_size=size, workers=2)
+            out = os.path.join(tmp, f"{env}_{size}.h5")
+            path = collect.collect(env, episodes, out, img_size=size, workers=2, pixel_format=pixel_format)
             info = {"env": env, "img_size": size, "episodes": episodes, "collect_s": time.perf_counter() - start}
+            info["pixel_format"] = pixel_format
             info["file_MB"] = os.path.getsize(path) / 1e6
             with data.Trajectories(path, chunk_cache_bytes=0) as traj:
                 n = min(decode_frames, traj.num_rows)
