@@ -135,19 +135,22 @@ def _storage_options(frame_shape: tuple, chunk_rows: int) -> dict[str, dict | No
     formats need the optional hdf5plugin package and are left out, with a note, without it.
     """
     chunks = (chunk_rows, *frame_shape)
-    gzip = {f"gzip-{level}": {"compression": "gzip", "compression_opts": level} for level in (1, 4, 9)}
+    gzip = {f"gzip-{level}": {"compression": "gzip", "compression_opts": level} for level in (4, 9)}
+    gzip = {"gzip-1": data.pixel_compression("gzip"), **gzip}  # gzip 1: what data.py writes
     options = {name: {"chunks": chunks, **opts} for name, opts in gzip.items()}
     options["lzf"] = {"chunks": chunks, "compression": "lzf"}
     options["none"] = {"chunks": chunks}
     options["gzip-1 1 frame/chunk"] = {"chunks": (1, *frame_shape), **gzip["gzip-1"]}
     try:
-        import hdf5plugin  # optional: registers the Blosc filter with HDF5
-    except ImportError:
+        zstd = data.pixel_compression("blosc-zstd")  # what data.py --compression blosc-zstd writes
+    except ValueError:
         print("hdf5plugin is not installed: no Blosc rows (pip install hdf5plugin)")
     else:
-        for cname in ("lz4", "zstd"):  # byte shuffle (Blosc's default) leaves 1-byte pixels as they are
-            blosc = hdf5plugin.Blosc(cname=cname, clevel=5, shuffle=hdf5plugin.Blosc.SHUFFLE)
-            options[f"blosc-{cname}"] = {"chunks": chunks, "compression": blosc}
+        import hdf5plugin  # byte shuffle (Blosc's default) leaves 1-byte pixels as they are
+
+        lz4 = hdf5plugin.Blosc(cname="lz4", clevel=5, shuffle=hdf5plugin.Blosc.SHUFFLE)
+        options["blosc-lz4"] = {"chunks": chunks, "compression": lz4}
+        options["blosc-zstd"] = {"chunks": chunks, **zstd}
     options["npy (raw, mmap)"] = None
     return options
 

@@ -3,8 +3,9 @@ of train.py's metrics.jsonl, and filmstrips of planning episodes (observation be
 
 Serves train.py (metrics.png), evaluate.py (--video filmstrips and summary.png) and analyses.py (the surprise plot
 and the success-against-training-time curve). `python charts.py compare --pair N --out F.png DIR:LABEL ...` stacks
-one pair's filmstrips from several --video folders (say, CEM's and the policy's). Only numpy: images are (H, W, 3) uint8 arrays written with
-envs.save_png; GIFs need Pillow or imageio and are skipped without them. Nothing here is part of the method.
+one pair's filmstrips from several --video folders (say, CEM's and the policy's). Only numpy: images are (H, W, 3)
+uint8 arrays written with envs.save_png; GIFs need Pillow or imageio and are skipped without them. Nothing here is
+part of the method.
 """
 
 import argparse

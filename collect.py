@@ -281,7 +281,9 @@ def collect(
         return _collect_locked(env, episodes, out, *settings)
 
 
-def _collect_locked(env, episodes, out, img_size, policy, noise, seed, workers, episode_steps, append, pixel_format):
+def _collect_locked(
+    env, episodes, out, img_size, policy, noise, seed, workers, episode_steps, append, pixel_format
+) -> str:
     """`collect`, its arguments checked and `<out>.lock` held."""
     spec = envs.REGISTRY[env]
     meta = {

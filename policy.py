@@ -227,9 +227,10 @@ def val_mse(policy: nn.Module, z_now: torch.Tensor, z_goal: torch.Tensor, a: tor
 # dataset replaces it.
 
 
-def cache_key(ckpt: dict, traj: data.Trajectories) -> dict:
-    """What the cached embeddings depend on: the world model's weights and the dataset (path and row count)."""
-    return {**world_model_fingerprint(ckpt), "data": os.path.abspath(traj.path), "rows": int(traj.num_rows)}
+def cache_key(fingerprint: dict, traj: data.Trajectories) -> dict:
+    """What the cached embeddings depend on: the world model (its `world_model_fingerprint`) and the dataset (path
+    and row count)."""
+    return {**fingerprint, "data": os.path.abspath(traj.path), "rows": int(traj.num_rows)}
 
 
 def cached_embeddings(path: str, key: dict, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -323,8 +324,8 @@ def split(ckpt: dict, num_episodes: int, episodes: int = 0) -> tuple[np.ndarray,
     return train_eps[: episodes or None], val_eps
 
 
-def check_run(cfg: PolicyConfig, ckpt: dict, model: LeWM, traj: data.Trajectories) -> str:
-    """The checks that need the checkpoint and its dataset; returns the output path."""
+def check_run(cfg: PolicyConfig, ckpt: dict, model: LeWM, traj: data.Trajectories) -> tuple[str, str]:
+    """The checks that need the checkpoint and its dataset; returns the output and embedding cache paths."""
     path = traj.path
     if "env" in ckpt:
         data.check_env(traj, ckpt["env"])
@@ -346,7 +347,7 @@ def check_run(cfg: PolicyConfig, ckpt: dict, model: LeWM, traj: data.Trajectorie
     cache = embed_cache_path(cfg, out)
     if cache:
         cli.check_output(cache, "--embed_cache", {"--ckpt": cfg.ckpt, "--data": path, "--out": out})
-    return out
+    return out, cache
 
 
 def embed_cache_path(cfg: PolicyConfig, out: str) -> str:
@@ -374,11 +375,11 @@ def prepare(cfg: PolicyConfig) -> tuple[PolicyConfig, dict, LeWM, data.Trajector
         raise UsageError(f"--ckpt {cfg.ckpt}: its dataset {path or '(none named)'} is not found; pass --data")
     traj = cli.open_dataset(path, "--data")
     try:
-        out = check_run(cfg, ckpt, model, traj)
+        out, cache = check_run(cfg, ckpt, model, traj)
     except UsageError:
         traj.close()
         raise
-    resolved = dataclasses.replace(cfg, data=os.path.abspath(path), out=out, embed_cache=embed_cache_path(cfg, out))
+    resolved = dataclasses.replace(cfg, data=os.path.abspath(path), out=out, embed_cache=cache)
     return resolved, ckpt, model, traj
 
 
@@ -399,7 +400,8 @@ def main(cfg: PolicyConfig) -> dict:
     # Embed every frame of the episodes used, once; rows of unused episodes stay 0 and are never drawn.
     t_start = time.time()
     rows = traj.episode_rows(np.concatenate([train_eps, val_eps]))  # (R,)
-    z = embed_with_cache(model, traj, rows, cfg.embed_cache, cache_key(ckpt, traj))  # (rows of the file, D)
+    fingerprint = world_model_fingerprint(ckpt)  # a hash of every weight: computed once, for the cache and the file
+    z = embed_with_cache(model, traj, rows, cfg.embed_cache, cache_key(fingerprint, traj))  # (rows of the file, D)
     action = data.normalize_actions(traj.cache("action"), ckpt["action_stats"])  # (rows, a), NaN -> 0
     blocks = torch.from_numpy(action_blocks(action, f)).to(device)  # (rows, A)
     embed_seconds = time.time() - t_start
@@ -453,7 +455,7 @@ def main(cfg: PolicyConfig) -> dict:
             "policy": {k: v.cpu() for k, v in policy.state_dict().items()},
             "policy_config": policy_kwargs,
             "train_config": dataclasses.asdict(cfg),
-            "world_model": world_model_fingerprint(ckpt),
+            "world_model": fingerprint,
             "val_mse": mse,
             "val_mse_mean_action": mean_action_mse,
             "seconds": seconds,
