@@ -1264,6 +1264,54 @@ def test_data_official_blosc_file_reads_like_gzip(tmp_path):
         assert batches == len(loaders[0]) > 0
 
 
+@pytest.mark.parametrize(
+    "layout, direct",
+    [
+        ({"compression": "gzip", "compression_opts": 1}, True),  # what collect.py writes
+        ({"compression": "gzip", "shuffle": True}, True),  # byte shuffle of uint8: the identity
+        ({}, True),  # chunked, no filter
+        ({"compression": "lzf"}, False),
+        ({"compression": "gzip", "fletcher32": True}, False),
+        ({"contiguous": True}, False),
+    ],
+)
+def test_data_read_decodes_gzip_chunks_itself_and_h5py_the_rest(tmp_path, monkeypatch, layout, direct):
+    """Trajectories.read decodes gzip (or unfiltered) chunks without h5py's selection, and returns exactly what
+    h5py returns for any rows (unsorted, repeated, in the partly filled last chunk, in a chunk stored with gzip
+    skipped, in a chunk never written); other layouts go through h5py."""
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (75, 6, 5, 3), dtype=np.uint8)
+    pixels[:40] //= 64  # compressible rows as well as noise
+    path = _data_file(tmp_path / "f.h5", lens=(25, 30, 20), pixels=None)
+    with h5py.File(path, "a") as f:
+        opts = dict(layout)
+        chunks = None if opts.pop("contiguous", False) else (7, 6, 5, 3)  # 75 rows: the last chunk holds 5
+        ds = f.create_dataset("pixels", shape=pixels.shape, dtype=np.uint8, chunks=chunks, **opts)
+        ds[:63] = pixels[:63]  # rows 63..69 (chunk 9) are never written: read back as the fill value 0
+        ds[70:] = pixels[70:]
+        if chunks is not None and not opts:
+            ds.id.write_direct_chunk((14, 0, 0, 0), pixels[14:21].tobytes())
+        elif "compression_opts" in opts:  # chunk 2 stored raw, its gzip filter marked skipped in the mask
+            ds.id.write_direct_chunk((14, 0, 0, 0), pixels[14:21].tobytes(), filter_mask=1)
+    expected = pixels.copy()
+    expected[63:70] = 0
+    rows = np.concatenate([rng.integers(0, 75, 60), [74, 74, 0, 15, 63, 69, 70]])
+    with data.Trajectories(path, chunk_cache_bytes=0) as traj:
+        assert np.array_equal(traj.file["pixels"][()], expected)  # h5py's own reading of the file
+        got = traj.read("pixels", rows)
+        assert (traj._decoders["pixels"] is not None) == direct
+        np.testing.assert_array_equal(got, expected[rows])
+        if direct:  # written chunks never touch h5py's selection
+
+            def h5py_selection(*args, **kwargs):
+                raise AssertionError("read through h5py's selection")
+
+            monkeypatch.setattr(h5py.Dataset, "read_direct", h5py_selection)
+            monkeypatch.setattr(h5py.Dataset, "__getitem__", h5py_selection)
+            written = rows[(rows < 63) | (rows >= 70)]
+            np.testing.assert_array_equal(traj.read("pixels", written[::-1]), expected[written[::-1]])
+
+
 def test_data_split_is_disjoint_and_deterministic():
     """split_episodes covers every episode exactly once, is seeded, and leaves both sets non-empty."""
     for num, frac, seed in [(2, 0.1, 0), (10, 0.1, 1), (101, 0.2, 3072), (1000, 0.1, 5)]:
