@@ -90,6 +90,15 @@ def pixel_compression(name: str) -> dict:
 # --- reading
 
 
+def _take(array: np.ndarray, rows: np.ndarray, out: np.ndarray | None) -> np.ndarray:
+    """array[rows], into `out` when given (np.take with mode="raise" would copy through a temporary buffer)."""
+    if out is None:
+        return array[rows]
+    if len(rows) and (rows.min() < 0 or rows.max() >= len(array)):
+        raise IndexError(f"rows {rows.min()}..{rows.max()} out of range 0..{len(array) - 1}")
+    return np.take(array, rows, axis=0, out=out, mode="clip")
+
+
 class Trajectories:
     """Read-only view of one trajectory file: validated on open, any column readable by rows or by episode.
 
@@ -193,24 +202,30 @@ class Trajectories:
             return self._cache[column][start:stop]
         return self.file[column][start:stop]
 
-    def read(self, column: str, rows: np.ndarray) -> np.ndarray:
-        """Rows at arbitrary indices (any order, repeats allowed), reading each touched chunk once. A gzip-compressed
-        (or uncompressed) chunked column is decoded here, chunk by chunk (`_chunk_decoder`); any other goes through
-        h5py's selection, whose fixed cost per read (~0.2 ms) exceeded gzip's decompression of a 224 px frame."""
+    def read(self, column: str, rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows at arbitrary indices (any order, repeats allowed), reading each touched chunk once, into `out` if
+        given (len(rows), *row shape). A gzip-compressed (or uncompressed) chunked column is decoded here, chunk by
+        chunk (`_chunk_decoder`), straight into place; any other goes through h5py's selection, whose fixed cost per
+        read (~0.2 ms) exceeded gzip's decompression of a 224 px frame."""
         rows = np.asarray(rows, dtype=np.int64)
         if column in self._cache:
-            return self._cache[column][rows]
+            return _take(self._cache[column], rows, out)
         ds = self.file[column]
+        if out is None:
+            out = np.empty((len(rows), *ds.shape[1:]), ds.dtype)
         if column not in self._decoders:
             self._decoders[column] = _chunk_decoder(ds)
         decode = self._decoders[column]
-        uniq, inverse = np.unique(rows, return_inverse=True)  # sorted, so rows in one chunk are neighbours
+        uniq, inverse, counts = np.unique(rows, return_inverse=True, return_counts=True)  # sorted
+        at = np.argsort(inverse.reshape(-1), kind="stable")  # positions in `rows` of uniq[0], then of uniq[1], ...
+        ends = np.cumsum(counts)  # at[ends[k] - counts[k] : ends[k]] are those of uniq[k]
         chunk = ds.chunks[0] if ds.chunks else 1
-        out = np.empty((len(uniq),) + ds.shape[1:], ds.dtype)
         breaks = np.flatnonzero(np.diff(uniq // chunk)) + 1  # start of each run of rows sharing a chunk
         for group in np.split(np.arange(len(uniq)), breaks):
             i, j = group[0], group[-1] + 1
             lo, hi = int(uniq[i]), int(uniq[j - 1]) + 1
+            where = at[ends[i] - counts[i] : ends[j - 1]]  # (n,) the output positions of this group's rows
+            row = np.repeat(uniq[i:j], counts[i:j])  # (n,) the row each of them holds
             if decode is not None:  # one raw chunk read (no HDF5 chunk cache), decompressed here
                 first = lo // chunk * chunk
                 try:
@@ -218,13 +233,10 @@ class Trajectories:
                 except RuntimeError:  # a chunk never written (no storage): h5py below fills it in
                     pass
                 else:
-                    out[i:j] = np.frombuffer(decode(raw, mask), ds.dtype).reshape(ds.chunks)[uniq[i:j] - first]
+                    out[where] = np.frombuffer(decode(raw, mask), ds.dtype).reshape(ds.chunks)[row - first]
                     continue
-            if hi - lo == j - i:  # a contiguous run: read straight into the output
-                ds.read_direct(out, np.s_[lo:hi], np.s_[i:j])
-            else:  # scattered rows inside one chunk: one read of the span (the chunk is decompressed once anyway)
-                out[i:j] = ds[lo:hi][uniq[i:j] - lo]
-        return out[inverse.reshape(-1)]
+            out[where] = ds[lo:hi][row - lo]  # one read of the span (its chunk is decompressed once anyway)
+        return out
 
     def episode_rows(self, episodes: Sequence[int], drop_last: int = 0) -> np.ndarray:
         """Global rows (R,) int64 of `episodes`, in the given order, each episode without its last `drop_last` rows."""
@@ -282,12 +294,13 @@ class TrajectoryUnion(Trajectories):
     def rows(self, column: str, start: int, stop: int) -> np.ndarray:
         return self.read(column, np.arange(start, stop))
 
-    def read(self, column: str, rows: np.ndarray) -> np.ndarray:
+    def read(self, column: str, rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         rows = np.asarray(rows, dtype=np.int64)
         if column in self._cache:
-            return self._cache[column][rows]
+            return _take(self._cache[column], rows, out)
+        if out is None:
+            out = np.empty((len(rows), *self.shape(column)[1:]), self.parts[0].file[column].dtype)
         part = np.searchsorted(self._row0, rows, side="right") - 1  # (R,) file of each row
-        out = np.empty((len(rows), *self.shape(column)[1:]), self.parts[0].file[column].dtype)
         for k in np.unique(part):
             mask = part == k
             out[mask] = self.parts[k].read(column, rows[mask] - self._row0[k])
@@ -584,9 +597,14 @@ class ClipLoader:
         B, T, f = len(starts), self.num_frames, self.frameskip
         obs_rows = starts[:, None] + f * np.arange(T)  # (B, T): rows s, s+5, s+10, s+15
         act_rows = starts[:, None] + np.arange(T * f)  # (B, T*f): rows s..s+19
-        pixels = traj.read("pixels", obs_rows.reshape(-1)).reshape(B, T, *traj.img_shape)  # (B, T, H, W, 3)
+        pixels = torch.empty((B, T, *traj.img_shape), dtype=torch.uint8)  # (B, T, H, W, 3)
+        if torch.utils.data.get_worker_info() is not None:
+            # a worker's batch reaches the main process through shared memory: decode straight into it, not into
+            # private memory that the transfer would then copy
+            pixels.set_(torch.UntypedStorage._new_shared(pixels.nbytes), 0, pixels.shape)
+        traj.read("pixels", obs_rows.reshape(-1), out=pixels.view(B * T, *traj.img_shape).numpy())
         actions = self.action[act_rows].reshape(B, T, -1)  # (B, T, f*A): block k = raw actions 5k..5k+4, row-major
-        return torch.from_numpy(pixels), torch.from_numpy(actions)
+        return pixels, torch.from_numpy(actions)
 
     def _from_workers(self, batch_starts: Iterator[np.ndarray]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The batches of `batch_starts`, in order, assembled by `self.processes` forked worker processes."""

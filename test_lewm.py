@@ -1301,6 +1301,9 @@ def test_data_read_decodes_gzip_chunks_itself_and_h5py_the_rest(tmp_path, monkey
         got = traj.read("pixels", rows)
         assert (traj._decoders["pixels"] is not None) == direct
         np.testing.assert_array_equal(got, expected[rows])
+        out = np.full((len(rows), 6, 5, 3), 255, np.uint8)
+        assert traj.read("pixels", rows, out=out) is out  # decoded into the caller's array (the loader's batch)
+        np.testing.assert_array_equal(out, expected[rows])
         if direct:  # written chunks never touch h5py's selection
 
             def h5py_selection(*args, **kwargs):
@@ -1310,6 +1313,12 @@ def test_data_read_decodes_gzip_chunks_itself_and_h5py_the_rest(tmp_path, monkey
             monkeypatch.setattr(h5py.Dataset, "__getitem__", h5py_selection)
             written = rows[(rows < 63) | (rows >= 70)]
             np.testing.assert_array_equal(traj.read("pixels", written[::-1]), expected[written[::-1]])
+        monkeypatch.undo()
+        traj.cache("pixels")
+        out[:] = 255
+        np.testing.assert_array_equal(traj.read("pixels", rows, out=out), expected[rows])
+        with pytest.raises(IndexError):
+            traj.read("pixels", np.array([3, 75]), out=out[:2])
 
 
 def test_data_split_is_disjoint_and_deterministic():
