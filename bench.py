@@ -59,6 +59,18 @@ def bench_envs(sizes: tuple[int, ...] = (64, 224), seconds: float = 2.0) -> list
 # --- data loading
 
 
+def _inflaters() -> dict[str, Callable[..., bytes]]:
+    """The gzip inflaters data.Trajectories.read can use, by name: zlib's always, ISA-L's when isal is installed."""
+    found = {"zlib": zlib.decompress}
+    try:
+        from isal import isal_zlib
+    except ImportError:
+        print("isal is not installed: no ISA-L rows (pip install isal)")
+    else:
+        found["isal"] = isal_zlib.decompress
+    return found
+
+
 def bench_data(
     env: str = "pusht",
     episodes: int = 30,
@@ -71,13 +83,14 @@ def bench_data(
     """Collect a small dataset per frame size (pixels stored in `pixel_format`, data.PIXEL_FORMATS), then time the
     clip loader (batch 64) with pixels cached and streamed, each with the background thread (0) and with `workers`
     worker processes (1, 2), in clips/s; and the decode time per frame: `decode_frames` frames read in order (each
-    chunk decompressed once) / frames.
+    chunk decompressed once) / frames. Streamed rows and decode times are given for each gzip inflater (`_inflaters`:
+    zlib, and ISA-L when installed); a cached loader reads through h5py, so its row has none.
 
     Streamed reads run with no HDF5 chunk cache, as for a dataset far larger than RAM (the small file itself still
     sits in the OS page cache, so this measures decompression and assembly, not the disk). A cached loader uses
     the thread whatever its `workers` (data.ClipLoader), so its columns should agree.
     """
-    rows = []
+    rows, chosen, inflaters = [], data.inflater(), _inflaters()
     with tempfile.TemporaryDirectory() as tmp:
         for size in sizes:
             start = time.perf_counter()
@@ -86,38 +99,45 @@ def bench_data(
             info = {"env": env, "img_size": size, "episodes": episodes, "collect_s": time.perf_counter() - start}
             info["pixel_format"] = pixel_format
             info["file_MB"] = os.path.getsize(path) / 1e6
-            with data.Trajectories(path, chunk_cache_bytes=0) as traj:
-                n = min(decode_frames, traj.num_rows)
-                block = traj.file["pixels"].chunks[0] * max(1, 64 // traj.file["pixels"].chunks[0])  # whole chunks
-                start = time.perf_counter()
-                for lo in range(0, n, block):
-                    traj.read("pixels", np.arange(lo, min(lo + block, n)))
-                info["decode_ms_per_frame"] = 1000 * (time.perf_counter() - start) / n
-            for mode, cache, chunk_cache in (("cached", True, data.READ_CACHE_BYTES), ("streamed", False, 0)):
-                row = {**info, "mode": mode}
-                with data.Trajectories(path, chunk_cache_bytes=chunk_cache) as traj:
-                    episodes_all = range(traj.num_episodes)
-                    stats = data.action_stats(traj, episodes_all)
-                    for w in workers:
-                        loader = data.ClipLoader(
-                            traj, episodes_all, stats, cache=cache, workers=w, **clip_shape(PRESETS["paper"])
-                        )
-                        stream = loader.steps()
-                        next(stream)  # warm-up: thread or worker start (and the RAM cache is already filled)
-                        start = time.perf_counter()
-                        for _ in range(batches):
-                            next(stream)
-                        row[f"clips_per_s_{w}"] = batches * loader.batch_size / (time.perf_counter() - start)
-                        stream.close()
-                rows.append(row)
+            runs = [("cached", None)] + [("streamed", name) for name in inflaters]
+            try:
+                for mode, name in runs:
+                    row = {**info, "mode": mode, "inflate": name}
+                    cache = mode == "cached"
+                    data.INFLATE = inflaters.get(name, chosen)  # set before the readers (and workers) exist
+                    with data.Trajectories(path, chunk_cache_bytes=data.READ_CACHE_BYTES if cache else 0) as traj:
+                        if not cache:
+                            n = min(decode_frames, traj.num_rows)
+                            block = traj.file["pixels"].chunks[0] * max(1, 64 // traj.file["pixels"].chunks[0])
+                            start = time.perf_counter()
+                            for lo in range(0, n, block):  # whole chunks, in order
+                                traj.read("pixels", np.arange(lo, min(lo + block, n)))
+                            row["decode_ms_per_frame"] = 1000 * (time.perf_counter() - start) / n
+                        episodes_all = range(traj.num_episodes)
+                        stats = data.action_stats(traj, episodes_all)
+                        for w in workers:
+                            loader = data.ClipLoader(
+                                traj, episodes_all, stats, cache=cache, workers=w, **clip_shape(PRESETS["paper"])
+                            )
+                            stream = loader.steps()
+                            next(stream)  # warm-up: thread or worker start (and the RAM cache is already filled)
+                            start = time.perf_counter()
+                            for _ in range(batches):
+                                next(stream)
+                            row[f"clips_per_s_{w}"] = batches * loader.batch_size / (time.perf_counter() - start)
+                            stream.close()
+                    rows.append(row)
+            finally:
+                data.INFLATE = chosen
     names = {w: "thread" if w == 0 else f"{w} worker{'s' if w > 1 else ''}" for w in workers}
-    widths = {"img": 5, "episodes": 10, "collect s": 11, "file MB": 9, "decode ms/frame": 17, "pixels": 10}
-    widths |= {name: len(name) + 2 for name in names.values()}
+    widths = {"img": 5, "episodes": 10, "collect s": 11, "file MB": 9, "pixels": 10, "inflate": 9}
+    widths |= {"decode ms/frame": 17} | {name: len(name) + 2 for name in names.values()}
     print(f"{'env':<8}" + "".join(f"{h:>{w}}" for h, w in widths.items()))
     for r in rows:
+        decode = f"{r['decode_ms_per_frame']:>17.3f}" if "decode_ms_per_frame" in r else f"{'-':>17}"
         print(
             f"{r['env']:<8}{r['img_size']:>5}{r['episodes']:>10}{r['collect_s']:>11.1f}{r['file_MB']:>9.1f}"
-            f"{r['decode_ms_per_frame']:>17.3f}{r['mode']:>10}"
+            f"{r['mode']:>10}{r['inflate'] or '-':>9}{decode}"
             + "".join(f"{r[f'clips_per_s_{w}']:>{widths[name]}.0f}" for w, name in names.items())
         )
     print("(clips/s by the background thread and by worker processes; a cached loader always uses the thread)")
@@ -210,9 +230,10 @@ def bench_decode(
     Per format: KB per frame on disk (1 KB = 1000 bytes), write ms per frame, and the time to read `clips` training
     clips one at a time on one core (ms/clip, clips/s), the clips as data.ClipLoader reads them (`_clip_rows`), from
     starts drawn with `seed`, the same for every format. Every clip read is checked bit-identical to the original
-    frames. The files sit in the OS page cache, so this times decoding and assembly, not the disk.
+    frames. The files sit in the OS page cache, so this times decoding and assembly, not the disk. A gzip format is
+    read once with each inflater of `_inflaters` (zlib's; ', isal' names ISA-L's).
     """
-    rows = []
+    rows, chosen, inflaters = [], data.inflater(), _inflaters()
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, f"{env}_{img_size}.h5")
         start = time.perf_counter()
@@ -233,10 +254,17 @@ def bench_decode(
             else:
                 _write_pixels(path, out, pixels, opts)
             write_s = time.perf_counter() - start
-            size, clip_s = _read_clips(out, pixels, clip_rows)
+            gzip = opts is not None and opts.get("compression") == "gzip"
+            for inflate, fn in (inflaters if gzip else {"": None}).items():  # gzip: read once per inflater
+                data.INFLATE = fn or chosen
+                try:
+                    size, clip_s = _read_clips(out, pixels, clip_rows)
+                finally:
+                    data.INFLATE = chosen
+                row = {**info, "option": name + (f", {inflate}" if inflate not in ("", "zlib") else "")}
+                row |= {"kb_per_frame": size / n / 1e3, "write_ms_per_frame": 1e3 * write_s / n}
+                rows.append(row | {"ms_per_clip": 1e3 * clip_s, "clips_per_s": 1 / clip_s})
             os.remove(out)  # one rewritten copy on disk at a time
-            row = {**info, "option": name, "kb_per_frame": size / n / 1e3, "write_ms_per_frame": 1e3 * write_s / n}
-            rows.append(row | {"ms_per_clip": 1e3 * clip_s, "clips_per_s": 1 / clip_s})
     base = next(r for r in rows if r["option"] == "gzip-1")
     for r in rows:
         r["size_vs_gzip1"] = r["kb_per_frame"] / base["kb_per_frame"]
@@ -245,10 +273,10 @@ def bench_decode(
         f"collect: {episodes} {env} episodes ({n} frames) at {img_size} px by 1 worker in {collect_s:.1f} s, "
         f"{info['collect_episodes_per_s']:.2f} episodes/s per worker"
     )
-    print(f"{'option':<22}{'KB/frame':>10}{'size':>7}{'write ms/frame':>16}{'ms/clip':>9}{'clips/s':>10}{'speed':>9}")
+    print(f"{'option':<30}{'KB/frame':>10}{'size':>7}{'write ms/frame':>16}{'ms/clip':>9}{'clips/s':>10}{'speed':>9}")
     for r in rows:
         print(
-            f"{r['option']:<22}{r['kb_per_frame']:>10.2f}{r['size_vs_gzip1']:>6.2f}x{r['write_ms_per_frame']:>16.3f}"
+            f"{r['option']:<30}{r['kb_per_frame']:>10.2f}{r['size_vs_gzip1']:>6.2f}x{r['write_ms_per_frame']:>16.3f}"
             f"{r['ms_per_clip']:>9.3f}{r['clips_per_s']:>10.0f}{r['speed_vs_gzip1']:>8.2f}x"
         )
     print("(size and speed relative to gzip-1, the format collect.py writes; one core, clips read one at a time)")

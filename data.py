@@ -332,6 +332,25 @@ def _check_filters(ds: h5py.Dataset, name: str) -> None:
             )
 
 
+# The function that inflates a gzip chunk (zlib.decompress's signature): ISA-L's (the optional isal package) when
+# it is installed, else zlib's. Both return the same bytes; ISA-L's is several times faster on 224 px frames
+# (BENCHMARKS.md, "Data loading"). Chosen on first use; bench.py sets it to compare the two.
+INFLATE: Callable[..., bytes] | None = None
+
+
+def inflater() -> Callable[..., bytes]:
+    """`INFLATE`, choosing it on the first call: isal.isal_zlib.decompress if importable, else zlib.decompress."""
+    global INFLATE
+    if INFLATE is None:
+        try:
+            from isal import isal_zlib
+        except ImportError:  # optional: pip install isal
+            INFLATE = zlib.decompress
+        else:
+            INFLATE = isal_zlib.decompress
+    return INFLATE
+
+
 def _chunk_decoder(ds: h5py.Dataset) -> Callable[[bytes, int], bytes] | None:
     """A function (raw chunk bytes, filter mask) -> the chunk's bytes, for a column whose chunks hold whole rows and
     whose only filters are gzip and a byte shuffle of 1-byte items (the identity); None for any other column (lzf,
@@ -347,10 +366,12 @@ def _chunk_decoder(ds: h5py.Dataset) -> Callable[[bytes, int], bytes] | None:
         elif not (code == h5py.h5z.FILTER_SHUFFLE and ds.dtype.itemsize == 1):
             return None
 
+    inflate, size = inflater(), int(np.prod(ds.chunks)) * ds.dtype.itemsize  # a chunk's bytes, decoded
+
     def decode(raw: bytes, mask: int) -> bytes:
         for i in deflate:
             if not mask >> i & 1:
-                raw = zlib.decompress(raw)  # releases the GIL, so other threads run meanwhile
+                raw = inflate(raw, bufsize=size)  # one output buffer of the right size, never grown
         return raw
 
     return decode

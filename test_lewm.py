@@ -146,19 +146,19 @@ def _assert_same_file(a, b):
 
 
 def tiny_cfg(tmp_path, data_path, **kw) -> "train.TrainConfig":
-    base = dict(
-        env="pusht",
-        preset="tiny",
-        data=data_path,
-        out_dir=str(tmp_path / "run"),
-        max_steps=8,
-        log_every=1,
-        eval_every=4,
-        ckpt_every=4,
-        val_batches=2,
-        num_proj=128,
-        device="cpu",
-    )
+    base = {
+        "env": "pusht",
+        "preset": "tiny",
+        "data": data_path,
+        "out_dir": str(tmp_path / "run"),
+        "max_steps": 8,
+        "log_every": 1,
+        "eval_every": 4,
+        "ckpt_every": 4,
+        "val_batches": 2,
+        "num_proj": 128,
+        "device": "cpu",
+    }
     return train.TrainConfig(**{**base, **kw})
 
 
@@ -190,7 +190,15 @@ def _eval_ckpt(path, data_path, env, block_dims=None, seed=0) -> str:
 
 
 def _eval_cfg(ckpt, tmp_path, **kw) -> "evaluate.EvalConfig":
-    base = dict(ckpt=ckpt, episodes=4, samples=16, iterations=2, topk=4, device="cpu", out=str(tmp_path / "r.json"))
+    base = {
+        "ckpt": ckpt,
+        "episodes": 4,
+        "samples": 16,
+        "iterations": 2,
+        "topk": 4,
+        "device": "cpu",
+        "out": str(tmp_path / "r.json"),
+    }
     return evaluate.EvalConfig(**{**base, **kw})
 
 
@@ -1321,6 +1329,43 @@ def test_data_read_decodes_gzip_chunks_itself_and_h5py_the_rest(tmp_path, monkey
             traj.read("pixels", np.array([3, 75]), out=out[:2])
 
 
+def test_data_gzip_inflater_is_isal_when_installed_and_every_one_reads_the_same(tmp_path, monkeypatch):
+    """data.inflater() picks ISA-L's inflate when isal imports and zlib's when it does not; the direct chunk reads
+    go through the chosen one, and zlib's and ISA-L's (when installed) return what h5py returns."""
+    import zlib
+
+    monkeypatch.setattr(data, "INFLATE", None)
+    monkeypatch.setitem(sys.modules, "isal", None)  # import isal now raises ImportError
+    assert data.inflater() is zlib.decompress
+    candidates = {"zlib": zlib.decompress}
+    monkeypatch.undo()
+    try:
+        from isal import isal_zlib
+    except ImportError:
+        pass
+    else:
+        monkeypatch.setattr(data, "INFLATE", None)
+        assert data.inflater() is isal_zlib.decompress
+        candidates["isal"] = isal_zlib.decompress
+    rng = np.random.default_rng(1)
+    pixels = (rng.integers(0, 256, (60, 8, 8, 3)) // rng.integers(1, 128, (60, 1, 1, 1))).astype(np.uint8)
+    path = _data_file(tmp_path / "f.h5", lens=(30, 30), pixels=None)
+    with h5py.File(path, "a") as f:
+        f.create_dataset("pixels", data=pixels, chunks=(9, 8, 8, 3), compression="gzip", compression_opts=1)
+    rows = rng.integers(0, 60, 40)
+    for name, fn in candidates.items():
+        calls = []
+
+        def counted(raw, bufsize=0, fn=fn, calls=calls):
+            calls.append(bufsize)
+            return fn(raw, bufsize=bufsize)
+
+        monkeypatch.setattr(data, "INFLATE", counted)
+        with data.Trajectories(path, chunk_cache_bytes=0) as traj:
+            np.testing.assert_array_equal(traj.read("pixels", rows), pixels[rows], err_msg=name)
+        assert len(calls) == len(np.unique(rows // 9)) and set(calls) == {9 * 8 * 8 * 3}, name
+
+
 def test_data_split_is_disjoint_and_deterministic():
     """split_episodes covers every episode exactly once, is seeded, and leaves both sets non-empty."""
     for num, frac, seed in [(2, 0.1, 0), (10, 0.1, 1), (101, 0.2, 3072), (1000, 0.1, 5)]:
@@ -1843,7 +1888,7 @@ def test_train_cli_end_to_end_collects_data(tmp_path):
         "--val_batches",
         "1",
     ]
-    out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(cmd, check=False, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert os.path.exists(tmp_path / "data" / "tworoom_32px_6ep.h5")
     assert load_checkpoint(str(tmp_path / "runs" / "tworoom_tiny" / "ckpt.pt"))["step"] == 3
@@ -1887,7 +1932,9 @@ def test_train_torchrun_matches_single_process(tmp_path, tiny_pusht):
         "--out_dir",
         str(tmp_path / "two"),
     ]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    out = subprocess.run(
+        cmd, check=False, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
     assert sorted(one) == sorted(two) == [1, 2, 3]
@@ -2706,6 +2753,7 @@ def test_fail_cli_errors_are_one_line_exit_2(tmp_path):
     ):
         res = subprocess.run(
             [sys.executable, os.path.join(REPO, script), *args],
+            check=False,
             cwd=tmp_path,
             capture_output=True,
             text=True,
@@ -2741,6 +2789,7 @@ def test_fail_eval_help_shows_each_subcommands_flags_and_defaults():
     """Case 9: `evaluate.py probe --help` run for real lists the probe's flags with their defaults, not plan's."""
     helps = subprocess.run(
         [sys.executable, os.path.join(REPO, "evaluate.py"), "probe", "--help"],
+        check=False,
         capture_output=True,
         text=True,
         timeout=300,
@@ -2759,7 +2808,7 @@ def test_fail_nonfinite_weights_refused_on_load(tmp_path, tiny_pusht):
     with pytest.raises(cli.UsageError, match="non-finite"):
         evaluate.main(_eval_cfg(str(tmp_path / "nan.pt"), tmp_path))
     weights, config = export_official(model, tmp_path)
-    good = open(weights, "rb").read()
+    good = Path(weights).read_bytes()
     state = torch.load(weights, weights_only=True)
     state["projector.net.0.weight"][0, 0] = float("inf")
     torch.save(state, weights)
@@ -2769,10 +2818,10 @@ def test_fail_nonfinite_weights_refused_on_load(tmp_path, tiny_pusht):
         if content is None:
             torch.save(torch.zeros(3), weights)
         else:
-            open(weights, "wb").write(content)
+            Path(weights).write_bytes(content)
         with pytest.raises(ValueError, match=text):
             load_official(weights, config)
-    open(config, "w").write("not json {")
+    Path(config).write_text("not json {")
     with pytest.raises(ValueError, match="not a JSON"):
         load_official(weights, config)
 
@@ -2925,8 +2974,9 @@ def test_bench_render_match_recovers_known_states(tmp_path):
 
 
 def test_bench_decode_reports_every_storage_format():
-    """bench_decode on 2 tiny episodes gives a row per storage format with positive sizes and times (each format
-    read back bit-identical), the uncompressed pixels at H*W*3 bytes per frame, and every gzip level smaller."""
+    """bench_decode on 2 tiny episodes gives a row per storage format (gzip ones per inflater) with positive sizes
+    and times (each read back bit-identical), the uncompressed pixels at H*W*3 bytes per frame, and every gzip level
+    smaller."""
     import importlib.util
 
     import bench
@@ -2935,6 +2985,8 @@ def test_bench_decode_reports_every_storage_format():
     names = ["gzip-1", "gzip-4", "gzip-9", "lzf", "none", "gzip-1 1 frame/chunk", "npy (raw, mmap)"]
     if importlib.util.find_spec("hdf5plugin"):
         names += ["blosc-lz4", "blosc-zstd"]
+    if importlib.util.find_spec("isal"):  # each gzip file read again with ISA-L's inflate
+        names += [f"{name}, isal" for name in names if name.startswith("gzip")]
     assert sorted(rows) == sorted(names)
     for r in rows.values():
         assert r["kb_per_frame"] > 0 and r["ms_per_clip"] > 0 and r["clips_per_s"] > 0
@@ -2987,7 +3039,7 @@ def test_docs_every_cited_document_and_section_exists():
     for name, text in texts.items():
         for doc, sections in re.findall(r"(docs/[\w-]+\.md)((?:\s*§\s*\d+(?:\s*,\s*§?\s*\d+)*)?)", text):
             assert os.path.isfile(os.path.join(REPO, doc)), f"{name} cites {doc}, which does not exist"
-            heads = set(re.findall(r"^## (\d+)\.", texts[doc], flags=re.M))
+            heads = set(re.findall(r"^## (\d+)\.", texts[doc], flags=re.MULTILINE))
             for n in re.findall(r"\d+", sections):
                 assert n in heads, f"{name} cites {doc} §{n}; its sections are {sorted(heads, key=int)}"
             cited += 1
