@@ -1832,6 +1832,22 @@ def test_train_resume_equals_uninterrupted(tmp_path, tiny_pusht, monkeypatch):
         assert abs(a[step]["loss"] - b[step]["loss"]) < 1e-6, step
 
 
+def test_train_logged_step_time_leaves_out_validation(tmp_path, tiny_pusht, monkeypatch):
+    """ms_per_step times the training steps alone: a validation that takes 1 s (here, at steps 4 and 8) does not
+    show in the log interval after it."""
+    real_validate = train.validate
+
+    def slow_validate(*args, **kw):
+        time.sleep(1.0)
+        return real_validate(*args, **kw)
+
+    monkeypatch.setattr(train, "validate", slow_validate)
+    out = train.main(tiny_cfg(tmp_path, tiny_pusht, log_every=2, bn_batches=0))
+    rows = read_metrics(os.path.dirname(out["checkpoint"]))
+    assert [s for s in rows if "ms_per_step" in rows[s]] == [2, 4, 6, 8]
+    assert all(rows[s]["ms_per_step"] < 400 for s in (2, 4, 6, 8)), {s: rows[s]["ms_per_step"] for s in rows}
+
+
 def test_train_nan_loss_keeps_last_checkpoint(tmp_path, tiny_pusht, monkeypatch):
     """A NaN loss stops training with a clear error and leaves the last good checkpoint byte-for-byte intact."""
     train.main(tiny_cfg(tmp_path, tiny_pusht, max_steps=4))

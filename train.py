@@ -383,9 +383,13 @@ def run(given: TrainConfig, cleanup: ExitStack) -> dict:
     log = bar.write if rank == 0 else say
     stop = cli.stop_on_signals(cleanup, log)
     model.train()
-    batches, t_log, last = loader.steps(step), time.time(), {}
+    batches, last = loader.steps(step), {}
+    # ms_per_step times the steps alone (the wait for the batch included), over the steps since the last log line:
+    # validation, checkpoints and a resume in the middle of an interval leave it as it is.
+    busy, since_log = 0.0, 0
     t_loop = time.time()  # train_seconds: this loop's wall time plus seconds_before, the resumed runs' loops
     while step < cfg.max_steps:
+        t_step = time.time()
         lr = lr_at(step, cfg.lr, warmup_steps, cfg.schedule_steps)
         for group in opt.param_groups:
             group["lr"] = lr
@@ -400,18 +404,18 @@ def run(given: TrainConfig, cleanup: ExitStack) -> dict:
         cli.check_finite(loss, parts, grad_norm, step, ckpt_path)
         opt.step()
         step += 1
+        busy, since_log = busy + time.time() - t_step, since_log + 1
         bar.update(1)
 
         end = step == cfg.max_steps
         if step % cfg.log_every == 0 or end:
-            dt = (time.time() - t_log) / (cfg.log_every if step % cfg.log_every == 0 else step % cfg.log_every)
+            dt, busy, since_log = busy / since_log, 0.0, 0
             last = cli.metrics_row(step, loss, parts, grad_norm, lr, dt, cfg.batch_size, cfg.lambd)
             log(
                 f"step {step:6d} | loss {last['loss']:.4f} | pred {last['pred_loss']:.4f} | sigreg "
                 f"{last['sigreg_loss']:.3f} | lr {lr:.2e} | {last['ms_per_step']:.0f} ms/step | "
                 f"{last['samples_per_s']:.0f} samples/s"
             )
-            t_log = time.time()
         if step % cfg.eval_every == 0 or end:
             if cfg.bn_batches:
                 refresh_bn_stats(raw_model, bn_loader, cfg, device, cfg.bn_batches)
