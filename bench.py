@@ -84,7 +84,8 @@ def bench_data(
     clip loader (batch 64) with pixels cached and streamed, each with the background thread (0) and with `workers`
     worker processes (1, 2), in clips/s; and the decode time per frame: `decode_frames` frames read in order (each
     chunk decompressed once) / frames. Streamed rows and decode times are given for each gzip inflater (`_inflaters`:
-    zlib, and ISA-L when installed); a cached loader reads through h5py, so its row has none.
+    zlib, and ISA-L when installed), as the main thread and worker processes use it; the background thread always
+    inflates with zlib (data.inflater). A cached loader reads through h5py, so its row has none.
 
     Streamed reads run with no HDF5 chunk cache, as for a dataset far larger than RAM (the small file itself still
     sits in the OS page cache, so this measures decompression and assembly, not the disk). A cached loader uses

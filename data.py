@@ -332,15 +332,21 @@ def _check_filters(ds: h5py.Dataset, name: str) -> None:
             )
 
 
-# The function that inflates a gzip chunk (zlib.decompress's signature): ISA-L's (the optional isal package) when
-# it is installed, else zlib's. Both return the same bytes; ISA-L's is several times faster on 224 px frames
-# (BENCHMARKS.md, "Data loading"). Chosen on first use; bench.py sets it to compare the two.
+# Inflating a gzip chunk: zlib's decompress releases the GIL while it works; ISA-L's (the optional isal package) is
+# about 2.5x faster on 224 px frames but holds the GIL (BENCHMARKS.md, "Data loading"). So a read in the main thread
+# (a loader worker process, an evaluation) takes ISA-L's when it is installed, and a read in any other thread (the
+# loader's background thread, beside the training loop) takes zlib's. INFLATE is the main thread's choice, made on
+# first use; bench.py sets it to compare the two.
 INFLATE: Callable[..., bytes] | None = None
 
 
 def inflater() -> Callable[..., bytes]:
-    """`INFLATE`, choosing it on the first call: isal.isal_zlib.decompress if importable, else zlib.decompress."""
+    """The inflate function (zlib.decompress's signature) for a read in the calling thread: zlib.decompress outside
+    the main thread; in it `INFLATE`, chosen on the first call: isal.isal_zlib.decompress if importable, else
+    zlib.decompress."""
     global INFLATE
+    if threading.current_thread() is not threading.main_thread():
+        return zlib.decompress
     if INFLATE is None:
         try:
             from isal import isal_zlib
@@ -366,12 +372,12 @@ def _chunk_decoder(ds: h5py.Dataset) -> Callable[[bytes, int], bytes] | None:
         elif not (code == h5py.h5z.FILTER_SHUFFLE and ds.dtype.itemsize == 1):
             return None
 
-    inflate, size = inflater(), int(np.prod(ds.chunks)) * ds.dtype.itemsize  # a chunk's bytes, decoded
+    size = int(np.prod(ds.chunks)) * ds.dtype.itemsize  # a chunk's bytes, decoded
 
     def decode(raw: bytes, mask: int) -> bytes:
         for i in deflate:
             if not mask >> i & 1:
-                raw = inflate(raw, bufsize=size)  # one output buffer of the right size, never grown
+                raw = inflater()(raw, bufsize=size)  # one output buffer of the right size, never grown
         return raw
 
     return decode

@@ -1330,8 +1330,10 @@ def test_data_read_decodes_gzip_chunks_itself_and_h5py_the_rest(tmp_path, monkey
 
 
 def test_data_gzip_inflater_is_isal_when_installed_and_every_one_reads_the_same(tmp_path, monkeypatch):
-    """data.inflater() picks ISA-L's inflate when isal imports and zlib's when it does not; the direct chunk reads
-    go through the chosen one, and zlib's and ISA-L's (when installed) return what h5py returns."""
+    """data.inflater() picks ISA-L's inflate in the main thread when isal imports, zlib's when it does not, and
+    zlib's (which releases the GIL) in any other thread; the direct chunk reads go through the chosen one, and zlib's
+    and ISA-L's (when installed) return what h5py returns."""
+    import threading
     import zlib
 
     monkeypatch.setattr(data, "INFLATE", None)
@@ -1347,6 +1349,11 @@ def test_data_gzip_inflater_is_isal_when_installed_and_every_one_reads_the_same(
         monkeypatch.setattr(data, "INFLATE", None)
         assert data.inflater() is isal_zlib.decompress
         candidates["isal"] = isal_zlib.decompress
+    in_thread = []
+    worker = threading.Thread(target=lambda: in_thread.append(data.inflater()))
+    worker.start()
+    worker.join()
+    assert in_thread == [zlib.decompress]
     rng = np.random.default_rng(1)
     pixels = (rng.integers(0, 256, (60, 8, 8, 3)) // rng.integers(1, 128, (60, 1, 1, 1))).astype(np.uint8)
     path = _data_file(tmp_path / "f.h5", lens=(30, 30), pixels=None)

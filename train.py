@@ -115,7 +115,7 @@ RECIPES = {
     # DEVIATION: 2-core CPU recipe: a few thousand steps instead of ~100k, so a larger peak lr and a full cosine
     # over the run (chosen on validation loss). Batch 64: SIGReg tests the batch, keep it >= 64. 6000 steps for
     # every env, chosen on validation loss and `evaluate.py diagnose` (docs/results.md: TwoRoom against 3000 steps,
-    # Reacher against 3000 steps at 96 px and at 64 px). 27 to 90 min of training each on 2 CPU cores (BENCHMARKS.md).
+    # Reacher against 3000 steps at 96 px and at 64 px). 77 to 90 min of training each on 2 AVX2 cores (BENCHMARKS.md).
     # DEVIATION (PushT): 3000 demonstration episodes, with the exploration episodes above.
     "cpu": Recipe(
         batch_size=64, lr=3e-4, episodes=2000, max_steps=6000, env={"pusht": {"episodes": 3000, "extra": PUSHT_PLAY}}
