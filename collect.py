@@ -409,7 +409,7 @@ def main(argv: list[str] | None = None) -> None:
         "--compression",
         default="gzip",
         choices=data.PIXEL_FORMATS,
-        help="pixel storage: gzip level 1 (any h5py reads it) or blosc-zstd (smaller and faster to read; needs "
+        help="pixel storage: gzip level 1 (any h5py reads it) or blosc-zstd (0.64x the size; needs "
         "pip install hdf5plugin to write and to read); --append keeps the file's own",
     )
     args = parser.parse_args(argv)

@@ -49,8 +49,8 @@ PIXEL_CHUNK_BYTES = 1 << 18  # ~256 KB of raw pixels per chunk: 21 frames at 64 
 # uncached clip reads as fast as or faster than lzf; level 4 saves another ~20% but writes at half the speed.
 PIXEL_COMPRESSION = {"compression": "gzip", "compression_opts": 1}
 # Pixel storage formats a collection can write (`python data.py --compression`). gzip 1 is the default, which any
-# h5py reads; Blosc zstd (the optional hdf5plugin to write and to read) is 0.64x its size and 1.5x faster to read
-# at 224 px (BENCHMARKS.md, "Pixel storage formats").
+# h5py reads; Blosc zstd (the optional hdf5plugin to write and to read) is 0.64x its size and reads about as fast at
+# 224 px (BENCHMARKS.md, "Pixel storage formats").
 PIXEL_FORMATS = ("gzip", "blosc-zstd")
 TABLE_CHUNK_ROWS = 1024  # chunk rows of the small per-row columns (uncompressed, as in the official files)
 CACHE_FRACTION = 0.4  # ClipLoader keeps pixels in RAM when they take at most this fraction of the available memory
