@@ -61,14 +61,10 @@ def bench_envs(sizes: tuple[int, ...] = (64, 224), seconds: float = 2.0) -> list
 
 def _inflaters() -> dict[str, Callable[..., bytes]]:
     """The gzip inflaters data.Trajectories.read can use, by name: zlib's always, ISA-L's when isal is installed."""
-    found = {"zlib": zlib.decompress}
-    try:
-        from isal import isal_zlib
-    except ImportError:
+    isal = data.isal_inflate()
+    if isal is None:
         print("isal is not installed: no ISA-L rows (pip install isal)")
-    else:
-        found["isal"] = isal_zlib.decompress
-    return found
+    return {"zlib": zlib.decompress} | ({"isal": isal} if isal else {})
 
 
 def bench_data(

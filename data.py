@@ -340,20 +340,23 @@ def _check_filters(ds: h5py.Dataset, name: str) -> None:
 INFLATE: Callable[..., bytes] | None = None
 
 
+def isal_inflate() -> Callable[..., bytes] | None:
+    """ISA-L's inflate, isal.isal_zlib.decompress, or None when the optional isal package is not installed."""
+    try:
+        from isal import isal_zlib
+    except ImportError:  # optional: pip install isal
+        return None
+    return isal_zlib.decompress
+
+
 def inflater() -> Callable[..., bytes]:
     """The inflate function (zlib.decompress's signature) for a read in the calling thread: zlib.decompress outside
-    the main thread; in it `INFLATE`, chosen on the first call: isal.isal_zlib.decompress if importable, else
-    zlib.decompress."""
+    the main thread; in it `INFLATE`, chosen on the first call: `isal_inflate()` if installed, else zlib.decompress."""
     global INFLATE
     if threading.current_thread() is not threading.main_thread():
         return zlib.decompress
     if INFLATE is None:
-        try:
-            from isal import isal_zlib
-        except ImportError:  # optional: pip install isal
-            INFLATE = zlib.decompress
-        else:
-            INFLATE = isal_zlib.decompress
+        INFLATE = isal_inflate() or zlib.decompress
     return INFLATE
 
 
@@ -627,8 +630,9 @@ class ClipLoader:
         if torch.utils.data.get_worker_info() is not None:
             # a worker's batch reaches the main process through shared memory: decode straight into it, not into
             # private memory that the transfer would then copy
-            pixels = torch.empty((B, T, *traj.img_shape), dtype=torch.uint8)  # (B, T, H, W, 3)
-            pixels.set_(torch.UntypedStorage._new_shared(pixels.nbytes), 0, pixels.shape)
+            shape = (B, T, *traj.img_shape)  # (B, T, H, W, 3)
+            shared = torch.UntypedStorage._new_shared(int(np.prod(shape)))  # uint8: one byte per element
+            pixels = torch.empty(0, dtype=torch.uint8).set_(shared, 0, shape)
         else:  # numpy asks for huge pages for large arrays: a fresh 224 px batch is first written 3-4x faster
             pixels = torch.from_numpy(np.empty((B, T, *traj.img_shape), np.uint8))
         traj.read("pixels", obs_rows.reshape(-1), out=pixels.view(B * T, *traj.img_shape).numpy())
