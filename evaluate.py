@@ -55,7 +55,7 @@ from policy import act, load_policy, propose
 # COMMANDS: subcommand -> (help, its flags, space-separated). A new subcommand is one entry.
 COMMON = "ckpt official data collect_episodes env episodes out seed device"  # every subcommand's flags
 PLANNER = "goal_offset horizon samples iterations topk plan_chunk"  # how plans are made, for plan and diagnose
-PLAN = "split budget receding_horizon policy policy_file solver lr warm_start bf16 planner_seed video"  # plan's own
+PLAN = "split budget receding_horizon policy policy_file act_steps solver lr warm_start bf16 planner_seed video"
 COMMANDS = {
     "plan": ("MPC success rate (default)", f"{COMMON} {PLANNER} {PLAN}"),
     "probe": ("probes on frozen embeddings", f"{COMMON} frames probe_epochs"),
@@ -83,6 +83,7 @@ class EvalConfig:
     receding_horizon: int = 5  # blocks executed before replanning (= horizon in the reference: no leftover plan)
     policy: str = "planner"  # planner, random (uniform in [-1, 1]: the floor), idm or idm+cem (policy.py's policy)
     policy_file: str = ""  # --policy idm / idm+cem: the file policy.py wrote ('' = policy.pt next to --ckpt)
+    act_steps: int = 0  # --policy idm: raw actions of each policy block executed before it acts again (0 = all)
     solver: str = "cem"  # cem or adam (gradient planner), docs/method.md §9
     samples: int = 0  # candidates per plan (0 = 300 for cem, 100 for adam)
     iterations: int = 30  # CEM iterations / Adam steps
@@ -114,7 +115,7 @@ CHOICES = {
     "device": cli.DEVICES,
 }
 AT_LEAST_1 = "episodes goal_offset budget horizon iterations topk probe_epochs perturb_steps pairs"
-AT_LEAST_0 = "samples seed planner_seed eval_pairs anatomy_pairs capacity_steps plan_chunk"
+AT_LEAST_0 = "act_steps samples seed planner_seed eval_pairs anatomy_pairs capacity_steps plan_chunk"
 RANGES = {
     **dict.fromkeys(AT_LEAST_1.split(), (">= 1", lambda v: v >= 1)),
     **dict.fromkeys(AT_LEAST_0.split(), (">= 0", lambda v: v >= 0)),
@@ -492,6 +493,7 @@ def plan_results(cfg: EvalConfig, world: World, pairs: Pairs, outcome: dict, pla
         "plan_calls": plan_calls,
         **({"planner": solver} if cfg.policy in ("planner", "idm+cem") else {}),
         **({"policy_file": goal_policy_path(cfg)} if cfg.policy in ("idm", "idm+cem") else {}),
+        **({"act_steps": cfg.act_steps or world.frameskip} if cfg.policy == "idm" else {}),
         "per_episode": [
             {
                 "index": i,
@@ -564,6 +566,8 @@ def run_plan(cfg: EvalConfig) -> dict:
     goal_policy = load_goal_policy(cfg, world) if cfg.policy in ("idm", "idm+cem") else None
     if cfg.bf16 and cfg.policy == "planner" and not native_bf16(world.device):
         print(f"--bf16: {world.device.type} has no native bf16 here, so the rollout is emulated and far slower")
+    if cfg.act_steps > world.frameskip:
+        raise UsageError(f"--act_steps {cfg.act_steps}: must be in [0, {world.frameskip}] (the raw actions of a block)")
     pairs = draw_pairs(world, cfg)
     env_list, solved0, dist0, errors0 = reset_envs(world, cfg, pairs)
     b, name, a_dim, fs = len(pairs.rows), world.env, world.action_dim, world.frameskip
@@ -618,8 +622,8 @@ def run_plan(cfg: EvalConfig) -> dict:
                 block = act(goal_policy, z_now, z_goal[need]).float().cpu().numpy()  # (B', fs*A_raw) normalised
             plan_calls.append({"step": t, "episodes": len(need), "seconds": time.perf_counter() - t0})
             raw = data.denormalize_actions(block.reshape(len(need), fs, a_dim), world.stats)  # (B', fs, A_raw)
-            for j, i in enumerate(need):
-                queues[i] = raw[j]
+            for j, i in enumerate(need):  # the first act_steps of the block; the policy then acts from the new frame
+                queues[i] = raw[j][: cfg.act_steps or fs]
         elif need:
             for i in need:
                 queues[i] = rngs[i].uniform(-1, 1, (fs, a_dim)).astype(np.float32)

@@ -3284,6 +3284,21 @@ def test_policy_evaluate_plans_with_it_end_to_end(tmp_path, tiny_run, kind):
     assert ("planner" in saved) == (kind == "idm+cem")
 
 
+def test_policy_act_steps_sets_how_often_the_policy_acts(tmp_path, tiny_run):
+    """`--act_steps 2`: the policy acts again after the first 2 raw actions of each block (calls at steps 0, 2, 4,
+    ...; the default acts every 5), and the JSON records it; more than a block's actions is refused before work."""
+    ckpt, _ = tiny_run
+    policy.main(policy.PolicyConfig(ckpt=ckpt, out=str(tmp_path / "p.pt"), steps=5, val_every=5, device="cpu"))
+    argv = ["--ckpt", ckpt, "--policy", "idm", "--policy_file", str(tmp_path / "p.pt"), "--episodes", "2"]
+    argv += ["--budget", "12", "--device", "cpu", "--out", str(tmp_path / "r.json")]
+    evaluate.main(evaluate.parse_args([*argv, "--act_steps", "2"]))
+    saved = json.loads((tmp_path / "r.json").read_text())
+    steps = [c["step"] for c in saved["plan_calls"]]
+    assert saved["act_steps"] == 2 and steps[:2] == [0, 2] and set(steps) <= set(range(0, 12, 2))
+    with pytest.raises(cli.UsageError, match="--act_steps 6: must be in \\[0, 5\\]"):
+        evaluate.main(evaluate.parse_args([*argv, "--act_steps", "6"]))
+
+
 # --- loader workers
 
 
